@@ -1,0 +1,5 @@
+"""`python -m job <command>`."""
+
+from job.cli import main
+
+main()

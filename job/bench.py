@@ -1,0 +1,156 @@
+"""`python -m job bench`: input pipeline and training throughput on the same data and model config.
+
+1. seed_pipeline_samples_per_sec: the reference notebook's input path (image_dataset_from_directory →
+   per-image resize, scale and one random rotation → batch(128) → prefetch), rebuilt for comparison only;
+2. pipeline_samples_per_sec: this project's pretext pipeline exactly as training consumes it;
+3. train_samples_per_sec_synthetic: the training step on a batch already in memory;
+4. train_samples_per_sec: the training step fed by the real pipeline;
+5. pipeline_speedup = 2 / 1, input_efficiency = 4 / 3, peak RSS, and the first-epoch decode rate.
+Each measurement excludes warm-up, is repeated, and the median is reported.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import statistics
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from job.data import ROOT_NAME
+
+log = logging.getLogger(__name__)
+
+SEED_BATCH = 128
+SEED_IMAGE_SIZE = 64
+
+
+def _median_rate(run: Callable[[], int], repeats: int) -> float:
+    """Median samples/s over `repeats` calls of `run` (each returns the samples it processed)."""
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        samples = run()
+        rates.append(samples / (time.perf_counter() - start))
+    return statistics.median(rates)
+
+
+def _drain(iterator: Iterator, batches: int, samples_of: Callable) -> int:
+    total = 0
+    for _ in range(batches):
+        total += samples_of(next(iterator))
+    return total
+
+
+def seed_pipeline(train_dir: Path, image_size: int = SEED_IMAGE_SIZE) -> tf.data.Dataset:
+    """The reference notebook's input path, for comparison only."""
+    import keras
+
+    images = keras.utils.image_dataset_from_directory(
+        str(train_dir), image_size=(image_size, image_size), batch_size=None, label_mode=None, shuffle=True, seed=0
+    )
+
+    def rotate(image):
+        image = tf.image.resize(image, (image_size, image_size)) / 255.0
+        k = tf.random.uniform((), 0, 4, dtype=tf.int32)
+        return tf.image.rot90(image, k), k
+
+    return images.map(rotate, num_parallel_calls=tf.data.AUTOTUNE).batch(SEED_BATCH).prefetch(tf.data.AUTOTUNE)
+
+
+def _extracted_train_dir(data_path: Path, workdir: Path) -> Path:
+    """A directory with train/<wnid>/images/*.JPEG for image_dataset_from_directory."""
+    if data_path.is_dir():
+        root = data_path / ROOT_NAME if (data_path / ROOT_NAME).is_dir() else data_path
+        return root / "train"
+    with zipfile.ZipFile(data_path) as archive:
+        members = [m for m in archive.namelist() if "/train/" in m and m.lower().endswith((".jpeg", ".jpg"))]
+        archive.extractall(workdir, members)  # data.py has already refused unsafe member names
+    return workdir / ROOT_NAME / "train"
+
+
+def run_bench(ctx, batches: int, repeats: int) -> dict:
+    """All measurements on the data and config of `ctx` (a stages.Context)."""
+    from job.data import load_dataset
+    from job.stages import pretext_task
+    from job.train import ParamGroup, Trainer
+
+    results: dict = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch_dir = Path(scratch)
+        start = time.perf_counter()
+        fresh = load_dataset(ctx.data_path, ctx.config.data.image_size, cache_dir=None,
+                             threads=ctx.config.data.decode_threads)
+        decoded = len(fresh.train) + len(fresh.val)
+        results["decode_images_per_sec"] = decoded / (time.perf_counter() - start)
+        del fresh
+
+        seed = seed_pipeline(_extracted_train_dir(ctx.data_path, scratch_dir))
+        seed_iter = iter(seed.repeat())
+        _drain(seed_iter, 2, lambda b: 0)
+        results["seed_pipeline_samples_per_sec"] = _median_rate(
+            lambda: _drain(seed_iter, batches, lambda b: int(b[0].shape[0])), repeats
+        )
+
+        task = pretext_task(ctx)
+        samples = lambda b: int(b["images"].shape[0])  # noqa: E731
+        pipeline = iter(task.dataset_fn(0, 0, None).repeat())
+        _drain(pipeline, 2, samples)
+        results["pipeline_samples_per_sec"] = _median_rate(lambda: _drain(pipeline, batches, samples), repeats)
+
+        trainer = Trainer(
+            ctx.cluster, task.model, task.objective, [ParamGroup(task.model.trainable_variables, task.optimizer)],
+            scratch_dir / "bench", scratch_dir / "tb", task.loop,
+        )
+        strategy = ctx.cluster.strategy
+        fixed = next(iter(strategy.distribute_datasets_from_function(lambda c: task.dataset_fn(0, 0, c))))
+        per_step = task.loop.samples_per_step
+
+        def synthetic() -> int:
+            for _ in range(batches):
+                trainer.train_step(fixed)
+            return batches * per_step
+
+        synthetic()  # warm-up: traces the step
+        results["train_samples_per_sec_synthetic"] = _median_rate(synthetic, repeats)
+
+        distributed = iter(
+            strategy.distribute_datasets_from_function(lambda c: task.dataset_fn(0, 0, c).repeat())
+        )
+
+        def fed() -> int:
+            for _ in range(batches):
+                trainer.train_step(next(distributed))
+            return batches * per_step
+
+        fed()
+        results["train_samples_per_sec"] = _median_rate(fed, repeats)
+        trainer.close()
+
+    results["pipeline_speedup"] = results["pipeline_samples_per_sec"] / results["seed_pipeline_samples_per_sec"]
+    results["input_efficiency"] = results["train_samples_per_sec"] / results["train_samples_per_sec_synthetic"]
+    results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    results["train_images"] = int(len(ctx.dataset.train))
+    results["image_size"] = ctx.config.data.image_size
+    results["batch_images"] = ctx.config.pretext.batch_images
+    return results
+
+
+def format_table(results: dict) -> str:
+    width = max(len(k) for k in results)
+    lines = [f"{'metric':<{width}}  value", f"{'-' * width}  -----"]
+    for key, value in results.items():
+        shown = f"{value:,.2f}" if isinstance(value, float) else str(value)
+        lines.append(f"{key:<{width}}  {shown}")
+    return "\n".join(lines)
+
+
+def to_json(results: dict) -> str:
+    return json.dumps({k: (float(v) if isinstance(v, np.floating) else v) for k, v in results.items()}, indent=2)

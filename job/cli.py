@@ -1,0 +1,194 @@
+"""Command line: `python -m job run | pretrain | finetune | evaluate | synth`."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import click
+
+from job.config import DEFAULT_CONFIG, available_configs, load_config
+from job.errors import JobError
+
+log = logging.getLogger("job")
+
+EXIT_PREEMPTED = 143  # stopped by SIGTERM/SIGUSR1 after checkpointing; rerun to resume
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.getLogger("absl").setLevel(logging.WARNING)
+
+
+def _user_errors(function: Callable) -> Callable:
+    """Turn JobError into one line on stderr and its exit code; SIGTERM into a clean exit."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        from job.train import Preempted
+
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, _request_stop)
+        try:
+            return function(*args, **kwargs)
+        except JobError as err:
+            click.echo(f"error: {err}", err=True)
+            sys.exit(err.exit_code)
+        except Preempted as stop:
+            click.echo(f"preempted: {stop}; rerun the same command to resume.", err=True)
+            sys.exit(EXIT_PREEMPTED)
+
+    return wrapper
+
+
+def _request_stop(signum, frame):
+    """First signal: checkpoint after the current step and exit. Second: exit at once."""
+    from job.train import STOP_REQUESTED
+
+    if STOP_REQUESTED.is_set():
+        log.warning("Received signal %d again: exiting now", signum)
+        sys.exit(EXIT_PREEMPTED)
+    log.warning("Received signal %d: saving a checkpoint after this step, then exiting", signum)
+    STOP_REQUESTED.set()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("--log-level", default="INFO", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]),
+              help="Logging verbosity.")
+def main(log_level: str) -> None:
+    """Self-supervised rotation pretraining of MobileNetV2 on Tiny ImageNet, then fish-vs-duck transfer."""
+    _setup_logging(log_level)
+
+
+def _job_options(function: Callable) -> Callable:
+    options = [
+        click.option("--data", required=True,
+                     help="Tiny ImageNet: a local zip or directory, gs://bucket/file.zip, gs://bucket/prefix/ "
+                          "or an https:// URL."),
+        click.option("--output", required=True, help="Run directory: a local path or gs://bucket/prefix."),
+        click.option("--config", "config_name", default=DEFAULT_CONFIG,
+                     help=f"Config name ({', '.join(available_configs())}) or path to a TOML file."),
+        click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+                     help="Override one config value; repeatable (e.g. --set pretext.epochs=5)."),
+        click.option("--force", is_flag=True, default=False, help="Redo stages whose results are already in --output."),
+    ]
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
+def _execute(stage_names: list[str], data: str, output: str, config_name: str, overrides: tuple[str, ...],
+             force: bool) -> None:
+    from job import stages
+    from job.distribute import make_cluster
+    from job.layout import RunLayout
+    from job.storage import fetch_dataset
+    from job.sync import open_output
+
+    config = load_config(config_name, overrides)
+    cache = Path(config.data.cache_dir).expanduser()
+    local_output, syncer = open_output(output, cache / "runs")
+    if syncer is not None:
+        pulled = syncer.pull()
+        log.info("Pulled %d files of %s into %s", pulled, output, local_output)
+    data_path = fetch_dataset(data, cache / "downloads")
+    cluster = make_cluster(config.runtime.slurm_port_base)
+    layout = RunLayout(local_output)
+    context = stages.Context(config, layout, data_path, cluster, force)
+    stages.check_inputs(context)
+    if cluster.is_chief:
+        local_output.mkdir(parents=True, exist_ok=True)
+        layout.config.write_text(json.dumps(config.to_dict(), indent=2))
+    if syncer is not None and cluster.is_chief:
+        syncer.start()
+    steps = {"pretrain": stages.pretrain, "finetune": stages.finetune, "evaluate": stages.evaluate}
+    try:
+        for name in stage_names:
+            log.info("== %s ==", name)
+            steps[name](context)
+    finally:
+        if syncer is not None and cluster.is_chief:
+            stats = syncer.close()
+            log.info("Synced %s: %s", output, stats)
+    if "evaluate" in stage_names and cluster.is_chief:
+        click.echo(f"Report: {output.rstrip('/')}/report/report.md")
+
+
+def _stage_command(name: str, stage_names: list[str], help_text: str) -> None:
+    @main.command(name=name, help=help_text)
+    @_job_options
+    @_user_errors
+    def command(data, output, config_name, overrides, force):
+        _execute(stage_names, data, output, config_name, overrides, force)
+
+
+_stage_command("run", ["pretrain", "finetune", "evaluate"],
+               "The whole job: pretrain, finetune, evaluate and report (complete stages are skipped).")
+_stage_command("pretrain", ["pretrain"], "Rotation pretext training of the backbone.")
+_stage_command("finetune", ["finetune"], "Transfer the pretrained backbone to the downstream task.")
+_stage_command("evaluate", ["evaluate"], "Probes, k-NN, scratch baseline, label efficiency and the report.")
+
+
+@main.command()
+@click.option("--output", required=True, type=click.Path(path_type=Path),
+              help="Where to write: FILE.zip, or a directory that will hold tiny-imagenet-200/.")
+@click.option("--classes", default=10, help="Number of classes (the two downstream wnids first).")
+@click.option("--per-class", default=40, help="Train images per class.")
+@click.option("--downstream-per-class", default=None, type=int,
+              help="Train images for each of the two downstream classes (default: --per-class).")
+@click.option("--val-per-class", default=10, help="Val images per class.")
+@click.option("--test-images", default=10, help="Unlabelled test images.")
+@click.option("--image-size", default=64, help="Image side in pixels.")
+@click.option("--seed", default=0, help="Random seed; the same seed gives the same files.")
+@_user_errors
+def synth(output: Path, classes: int, per_class: int, downstream_per_class: int | None, val_per_class: int,
+          test_images: int, image_size: int, seed: int) -> None:
+    """Generate a synthetic dataset in the Tiny ImageNet layout (learnable orientation, fish vs duck)."""
+    from job.synth import make_synthetic_dataset
+
+    try:
+        summary = make_synthetic_dataset(
+            output, classes=classes, per_class=per_class, val_per_class=val_per_class, test_images=test_images,
+            image_size=image_size, seed=seed, downstream_per_class=downstream_per_class,
+        )
+    except (ValueError, FileExistsError) as err:
+        raise JobError(f"cannot write {output}: {err}") from err
+    click.echo(f"Wrote {summary.train_images} train, {summary.val_images} val and {summary.test_images} test "
+               f"images of {len(summary.wnids)} classes to {summary.path}")
+
+
+@main.command()
+@click.option("--data", required=True, help="Tiny ImageNet as for `run` (local path, gs://, https://).")
+@click.option("--config", "config_name", default=DEFAULT_CONFIG, help="Config name or TOML file.")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override one config value.")
+@click.option("--batches", default=20, help="Batches per measurement.")
+@click.option("--repeats", default=3, help="Measurements per quantity; the median is reported.")
+@click.option("--json", "as_json", is_flag=True, default=False, help="Print JSON instead of a table.")
+@_user_errors
+def bench(data: str, config_name: str, overrides: tuple[str, ...], batches: int, repeats: int, as_json: bool) -> None:
+    """Measure input pipeline and training throughput (seed pipeline vs this one, step with and without input)."""
+    import tempfile
+
+    from job import bench as benchmark
+    from job import stages
+    from job.distribute import make_cluster
+    from job.layout import RunLayout
+    from job.storage import fetch_dataset
+
+    config = load_config(config_name, overrides)
+    cache = Path(config.data.cache_dir).expanduser()
+    data_path = fetch_dataset(data, cache / "downloads")
+    with tempfile.TemporaryDirectory() as scratch:
+        context = stages.Context(config, RunLayout(Path(scratch)), data_path, make_cluster())
+        results = benchmark.run_bench(context, batches, repeats)
+    click.echo(benchmark.to_json(results) if as_json else benchmark.format_table(results))

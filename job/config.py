@@ -1,0 +1,266 @@
+"""The job's configuration: typed dataclasses, TOML files in `job/configs/`, `--set a.b=c` overrides.
+
+Every tunable number of the job lives here, with its default and a one-line meaning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from job.errors import JobError
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+DEFAULT_CONFIG = "demo"
+
+
+@dataclass
+class DataConfig:
+    """Where images come from and how they are shaped."""
+
+    image_size: int = 64  # side in pixels every image is decoded/resized to
+    downstream_wnids: list[str] = field(default_factory=lambda: ["n01443537", "n01855672"])
+    downstream_names: list[str] = field(default_factory=lambda: ["fish", "duck"])
+    cache_dir: str = "~/.cache/rotnet-job"  # downloads and decoded uint8 arrays, reused across runs
+    decode_threads: int = 0  # 0 = one per CPU core
+    crop_padding: int = 4  # random crop after padding this many pixels (reflect) on each side
+    prefetch_batches: int = 4
+
+
+@dataclass
+class ModelConfig:
+    """The MobileNetV2 backbone and its heads."""
+
+    alpha: float = 1.0  # MobileNetV2 width multiplier
+    weights: str = "none"  # "none" (random init), "imagenet", or a path to a .weights.h5 / .keras file
+    bn_momentum: float = 0.9  # Keras' 0.999 leaves moving statistics unusable after short runs
+    stem_stride: int = 2  # 1 halves the total stride (32 → 16): a 4x4 final map at 64 px
+    input_scale: int = 1  # upsample the input by this factor before the backbone (2: 128 px)
+    head_hidden_units: int = 0  # rotation head: 0 = linear on pooled features, else one hidden layer
+    classifier_dropout: float = 0.0
+
+
+@dataclass
+class PretextConfig:
+    """Self-supervised rotation prediction (0/90/180/270 degrees)."""
+
+    epochs: int = 30
+    batch_images: int = 128  # images per global batch; each appears in all 4 rotations (4x samples)
+    max_images: int = 0  # cap on train images used (0 = all)
+    steps_per_epoch: int = 0  # 0 = one pass over the images
+    optimizer: str = "adamw"  # "adamw" or "sgd" (Nesterov momentum)
+    learning_rate: float = 2e-3  # peak learning rate, reached after warmup
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    early_stopping_patience: int = 0  # epochs without val improvement before stopping (0 = off)
+    online_probe: bool = True  # stop-gradient linear classifier on train labels, for monitoring only
+    val_max_images: int = 0  # cap on val images for the per-epoch rotation eval (0 = all)
+
+
+@dataclass
+class FinetuneConfig:
+    """Transfer to the binary downstream task."""
+
+    epochs: int = 20
+    min_steps: int = 100  # small label fractions still get this many steps
+    batch_size: int = 64
+    mode: str = "finetune"  # "finetune" (all layers, backbone at a lower rate) or "linear" (frozen)
+    label_fraction: float = 1.0  # stratified, seeded share of labelled train images used
+    optimizer: str = "adamw"
+    learning_rate: float = 1e-3
+    backbone_lr_scale: float = 0.1  # pretrained backbone's learning rate = learning_rate * this ("finetune" mode)
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    early_stopping_patience: int = 0
+    seeds: int = 1  # the downstream stage is repeated with this many seeds; mean and std reported
+
+
+@dataclass
+class EvaluateConfig:
+    """Evaluations of the pretrained backbone."""
+
+    knn_k: int = 20
+    probe_steps: int = 300  # full-batch steps of the logistic-regression probes
+    probe_learning_rate: float = 0.05
+    probe_weight_decay: float = 1e-4
+    scratch_baseline: bool = True  # the downstream recipe from random init
+    label_fractions: list[float] = field(default_factory=lambda: [1.0])
+    linear_probe_200: bool = False  # 200-way linear probe on Tiny ImageNet val
+    report_examples: int = 16  # images shown in the report's example grids
+
+
+@dataclass
+class RuntimeConfig:
+    """How the job runs: seeds, checkpoints, logging, precision."""
+
+    seed: int = 0
+    checkpoint_every_steps: int = 200
+    keep_checkpoints: int = 2
+    log_every_steps: int = 20
+    mixed_precision: str = "auto"  # "auto" (on with a GPU), "on", "off"
+    xla: str = "auto"  # "auto" (on with a GPU), "on", "off"
+    sync_interval_s: float = 60.0  # upload interval when --output is gs://
+    slurm_port_base: int = 8888
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretext: PretextConfig = field(default_factory=PretextConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_CHOICES = {
+    ("pretext", "optimizer"): ("adamw", "sgd"),
+    ("finetune", "optimizer"): ("adamw", "sgd"),
+    ("finetune", "mode"): ("finetune", "linear"),
+    ("runtime", "mixed_precision"): ("auto", "on", "off"),
+    ("runtime", "xla"): ("auto", "on", "off"),
+    ("model", "stem_stride"): (1, 2),
+}
+
+
+def available_configs() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.toml"))
+
+
+def load_config(source: str | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Load a named config (`demo`) or a TOML path, then apply `section.key=value` overrides."""
+    path = _config_path(source or DEFAULT_CONFIG)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise JobError(f"{path} is not valid TOML ({err}): fix the file or pick another --config.") from err
+    config = Config()
+    for section, values in raw.items():
+        if not isinstance(values, dict):
+            raise JobError(f"{path}: top-level key '{section}' must be a [section]; see job/configs/demo.toml.")
+        for key, value in values.items():
+            _assign(config, section, key, value, where=str(path))
+    for item in overrides:
+        section, key, value = _parse_override(item)
+        _assign(config, section, key, _parse_value(value), where=f"--set {item}")
+    validate(config)
+    return config
+
+
+def _config_path(source: str) -> Path:
+    path = Path(source)
+    if path.suffix == ".toml":
+        if not path.is_file():
+            raise JobError(f"config file {path} does not exist: pass an existing TOML file or a name.")
+        return path
+    named = CONFIG_DIR / f"{source}.toml"
+    if not named.is_file():
+        raise JobError(
+            f"unknown config '{source}': use one of {', '.join(available_configs())} or a path to a .toml file."
+        )
+    return named
+
+
+def _parse_override(item: str) -> tuple[str, str, str]:
+    name, sep, value = item.partition("=")
+    section, dot, key = name.strip().partition(".")
+    if not sep or not dot or not key:
+        raise JobError(f"--set {item!r} is malformed: write it as section.key=value, e.g. pretext.epochs=5.")
+    return section, key, value.strip()
+
+
+def _parse_value(text: str) -> Any:
+    """Read an override value as TOML (numbers, booleans, lists, quoted strings), else as a bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _assign(config: Config, section: str, key: str, value: Any, where: str) -> None:
+    sections = {f.name for f in dataclasses.fields(Config)}
+    if section not in sections:
+        raise JobError(f"{where}: unknown section '{section}': use one of {', '.join(sorted(sections))}.")
+    target = getattr(config, section)
+    hints = typing.get_type_hints(type(target))
+    if key not in hints:
+        raise JobError(f"{where}: unknown key '{section}.{key}': valid keys are {', '.join(sorted(hints))}.")
+    setattr(target, key, _coerce(value, hints[key], f"{where}: {section}.{key}"))
+
+
+def _coerce(value: Any, hint: Any, name: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is list:
+        (item_type,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise JobError(f"{name} must be a list like [1, 2], got {value!r}.")
+        return [_coerce(v, item_type, name) for v in value]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    raise JobError(f"{name} must be of type {hint.__name__}, got {value!r}.")
+
+
+def validate(config: Config) -> None:
+    """Check ranges and choices; raise one JobError naming the key and the allowed values."""
+    for (section, key), choices in _CHOICES.items():
+        value = getattr(getattr(config, section), key)
+        if value not in choices:
+            raise JobError(f"{section}.{key} = {value!r} is not allowed: use one of {list(choices)}.")
+    positive = {
+        "data.image_size": config.data.image_size,
+        "model.alpha": config.model.alpha,
+        "model.input_scale": config.model.input_scale,
+        "pretext.batch_images": config.pretext.batch_images,
+        "pretext.learning_rate": config.pretext.learning_rate,
+        "finetune.batch_size": config.finetune.batch_size,
+        "finetune.learning_rate": config.finetune.learning_rate,
+        "finetune.seeds": config.finetune.seeds,
+        "evaluate.knn_k": config.evaluate.knn_k,
+        "runtime.checkpoint_every_steps": config.runtime.checkpoint_every_steps,
+        "runtime.log_every_steps": config.runtime.log_every_steps,
+    }
+    for name, value in positive.items():
+        if value <= 0:
+            raise JobError(f"{name} = {value} must be positive.")
+    non_negative = {
+        "pretext.epochs": config.pretext.epochs,
+        "pretext.max_images": config.pretext.max_images,
+        "pretext.steps_per_epoch": config.pretext.steps_per_epoch,
+        "pretext.weight_decay": config.pretext.weight_decay,
+        "finetune.epochs": config.finetune.epochs,
+        "finetune.weight_decay": config.finetune.weight_decay,
+        "data.crop_padding": config.data.crop_padding,
+    }
+    for name, value in non_negative.items():
+        if value < 0:
+            raise JobError(f"{name} = {value} must be zero or positive.")
+    if config.data.image_size < 32:
+        raise JobError(f"data.image_size = {config.data.image_size} is too small: MobileNetV2 needs >= 32.")
+    fractions = [config.finetune.label_fraction, *config.evaluate.label_fractions]
+    if any(not 0.0 < f <= 1.0 for f in fractions):
+        raise JobError(f"label fractions {fractions} must each be in (0, 1].")
+    wnids, names = config.data.downstream_wnids, config.data.downstream_names
+    if len(wnids) != 2 or len(names) != 2 or wnids[0] == wnids[1]:
+        raise JobError(
+            f"data.downstream_wnids {wnids} and data.downstream_names {names} must name two different classes."
+        )
+    weights = config.model.weights
+    if weights not in ("none", "imagenet") and not Path(weights).expanduser().is_file():
+        raise JobError(f"model.weights = {weights!r}: use 'none', 'imagenet' or the path of an existing file.")

@@ -1,0 +1,303 @@
+"""Tiny ImageNet in its original layout (zip or directory) → decoded uint8 arrays, wnids and labels.
+
+Knows nothing of models or training. Decoding happens once; the arrays are cached as `.npy` files keyed
+by the source's identity and image size, and later runs memory-map them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import stat
+import tempfile
+import time
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from job.errors import JobError
+
+log = logging.getLogger(__name__)
+
+ROOT_NAME = "tiny-imagenet-200"
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
+CACHE_FORMAT_VERSION = 2
+DECODE_CHUNK = 512
+PROGRESS_EVERY_S = 10.0
+HINT = "point --data at the tiny-imagenet-200 zip or directory (or make one with `python -m job synth`)"
+
+
+@dataclass
+class ImageSet:
+    """Decoded images of one split: uint8 [N, H, W, 3], int32 class indices into `wnids`."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    files: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class Dataset:
+    """Tiny ImageNet decoded: class ids, names, train and val splits, and what could not be read."""
+
+    wnids: list[str]
+    names: dict[str, str]
+    train: ImageSet
+    val: ImageSet
+    skipped: list[str] = field(default_factory=list)
+    decode_seconds: float = 0.0  # time the first decode of this source took (kept in the cache)
+    source: str = ""
+    from_cache: bool = False
+
+    def class_index(self, wnid: str) -> int:
+        """Index of a wnid, or a JobError naming it and the data."""
+        if wnid not in self.wnids:
+            raise JobError(
+                f"class {wnid} is not in {self.source}/wnids.txt: set data.downstream_wnids to wnids of this data."
+            )
+        return self.wnids.index(wnid)
+
+
+class _Tree:
+    """Read-only view of the dataset files in a zip or a directory, rooted at `tiny-imagenet-200/`."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        if path.is_dir():
+            self._zip = None
+            root = path / ROOT_NAME if (path / ROOT_NAME).is_dir() else path
+            self._root = root
+            self._names = {
+                str(p.relative_to(root).as_posix()) for p in root.rglob("*") if p.is_file() and not p.is_symlink()
+            }
+        elif zipfile.is_zipfile(path):
+            self._zip = zipfile.ZipFile(path)
+            self._check_members(self._zip)
+            names = [n for n in self._zip.namelist() if not n.endswith("/")]
+            prefix = f"{ROOT_NAME}/" if any(n.startswith(f"{ROOT_NAME}/") for n in names) else ""
+            self._root = prefix
+            self._names = {n[len(prefix) :] for n in names if n.startswith(prefix)}
+        elif path.exists():
+            raise JobError(f"{path} is neither a zip file nor a directory: {HINT}.")
+        else:
+            raise JobError(f"{path} does not exist: {HINT}.")
+
+    def _check_members(self, archive: zipfile.ZipFile) -> None:
+        for info in archive.infolist():
+            parts = PurePosixPath(info.filename).parts
+            is_link = stat.S_ISLNK(info.external_attr >> 16)
+            if info.filename.startswith(("/", "\\")) or ".." in parts or is_link or ":" in info.filename:
+                raise JobError(
+                    f"{self.path} holds an unsafe entry {info.filename!r} (absolute path, '..' or link): "
+                    "refusing to read it; re-create the zip from the dataset directory."
+                )
+
+    def close(self) -> None:
+        if self._zip is not None:
+            self._zip.close()
+
+    def has(self, name: str) -> bool:
+        return name in self._names
+
+    def read(self, name: str) -> bytes:
+        if self._zip is not None:
+            return self._zip.read(f"{self._root}{name}")
+        return (self._root / name).read_bytes()
+
+    def text(self, name: str) -> str:
+        return self.read(name).decode("utf-8", errors="replace")
+
+    def files_under(self, prefix: str) -> list[str]:
+        return sorted(n for n in self._names if n.startswith(prefix) and n.lower().endswith(IMAGE_SUFFIXES))
+
+    def describe(self, name: str) -> str:
+        return f"{self.path}:{ROOT_NAME}/{name}" if self._zip is not None else str(self._root / name)
+
+
+def load_dataset(path: Path, image_size: int, cache_dir: Path | None = None, threads: int = 0) -> Dataset:
+    """Read, validate and decode the dataset; reuse the decoded cache when the source is unchanged."""
+    path = Path(path)
+    cache = _cache_dir(path, image_size, cache_dir) if cache_dir is not None else None
+    if cache is not None and (cache / "meta.json").is_file():
+        log.info("Using decoded images cached in %s", cache)
+        return _load_cache(cache, str(path))
+    tree = _Tree(path)
+    wnids, names = _read_classes(tree)
+    train_files, train_labels = _train_files(tree, wnids)
+    val_files, val_labels = _val_files(tree, wnids)
+    start = time.perf_counter()
+    skipped: list[str] = []
+    train = _decode_split(tree, train_files, train_labels, image_size, skipped, "train", threads)
+    val = _decode_split(tree, val_files, val_labels, image_size, skipped, "val", threads)
+    seconds = time.perf_counter() - start
+    log.info(
+        "Decoded %d train + %d val images in %.1f s (%.0f images/s); skipped %d unreadable",
+        len(train), len(val), seconds, (len(train) + len(val)) / max(seconds, 1e-9), len(skipped),
+    )
+    empty = sorted(set(range(len(wnids))) - set(train.labels.tolist()))
+    if empty:
+        wnid = wnids[empty[0]]
+        raise JobError(
+            f"class {wnid} has no readable train images in {tree.describe(f'train/{wnid}/images/')}: "
+            "add its images or remove it from wnids.txt."
+        )
+    tree.close()
+    dataset = Dataset(wnids, names, train, val, skipped, seconds, str(path))
+    if cache is not None:
+        _save_cache(cache, dataset)
+    return dataset
+
+
+def _read_classes(tree: _Tree) -> tuple[list[str], dict[str, str]]:
+    if not tree.has("wnids.txt"):
+        raise JobError(f"{tree.describe('wnids.txt')} is missing: {HINT}.")
+    wnids = [line.strip() for line in tree.text("wnids.txt").splitlines() if line.strip()]
+    if not wnids:
+        raise JobError(f"{tree.describe('wnids.txt')} lists no classes: {HINT}.")
+    names = {w: w for w in wnids}
+    if tree.has("words.txt"):
+        wanted = set(wnids)
+        for line in tree.text("words.txt").splitlines():
+            wnid, _, words = line.partition("\t")
+            if wnid in wanted:
+                names[wnid] = words.strip()
+    return wnids, names
+
+
+def _train_files(tree: _Tree, wnids: list[str]) -> tuple[list[str], list[int]]:
+    files, labels = [], []
+    for index, wnid in enumerate(wnids):
+        found = tree.files_under(f"train/{wnid}/images/")
+        if not found:
+            raise JobError(
+                f"class {wnid} has no images in {tree.describe(f'train/{wnid}/images/')}: "
+                "add its images or remove it from wnids.txt."
+            )
+        files += found
+        labels += [index] * len(found)
+    return files, labels
+
+
+def _val_files(tree: _Tree, wnids: list[str]) -> tuple[list[str], list[int]]:
+    name = "val/val_annotations.txt"
+    if not tree.has(name):
+        raise JobError(f"{tree.describe(name)} is missing: the val split needs its labels; {HINT}.")
+    index = {w: i for i, w in enumerate(wnids)}
+    files, labels = [], []
+    for number, line in enumerate(tree.text(name).splitlines(), start=1):
+        fields = line.split("\t")
+        if len(fields) < 2:
+            continue
+        image, wnid = fields[0].strip(), fields[1].strip()
+        if wnid not in index:
+            raise JobError(
+                f"{tree.describe(name)} line {number} names class {wnid}, absent from wnids.txt: fix either file."
+            )
+        files.append(f"val/images/{image}")
+        labels.append(index[wnid])
+    return files, labels
+
+
+def _decode_split(
+    tree: _Tree, files: list[str], labels: list[int], size: int, skipped: list[str], split: str, threads: int
+) -> ImageSet:
+    """Decode every image to RGB uint8 `size`x`size`; unreadable files are appended to `skipped`."""
+    images = np.zeros((len(files), size, size, 3), np.uint8)
+    ok = np.zeros(len(files), bool)
+    workers = threads or os.cpu_count() or 1
+
+    def decode(i: int) -> None:
+        name = files[i]
+        try:
+            data = tree.read(name)
+            with Image.open(io.BytesIO(data)) as image:
+                image = image.convert("RGB")
+                if image.size != (size, size):
+                    image = image.resize((size, size), Image.Resampling.BILINEAR)
+                images[i] = np.asarray(image)
+            ok[i] = True
+        except (OSError, UnidentifiedImageError, KeyError, ValueError, SyntaxError) as err:
+            log.warning("Skipping unreadable image %s (%s)", tree.describe(name), err)
+
+    last_report = time.perf_counter()
+    with ThreadPoolExecutor(workers) as pool:
+        for begin in range(0, len(files), DECODE_CHUNK):
+            list(pool.map(decode, range(begin, min(begin + DECODE_CHUNK, len(files)))))
+            if time.perf_counter() - last_report > PROGRESS_EVERY_S:
+                last_report = time.perf_counter()
+                log.info("Decoding %s: %d/%d images", split, begin + DECODE_CHUNK, len(files))
+    skipped += [tree.describe(f) for f, good in zip(files, ok) if not good]
+    kept = np.flatnonzero(ok)
+    return ImageSet(
+        images[kept] if len(kept) < len(files) else images,
+        np.asarray(labels, np.int32)[kept],
+        [files[i] for i in kept],
+    )
+
+
+def _source_identity(path: Path) -> str:
+    """What changes when the data changes: a file's size and mtime, or those of every file in a tree."""
+    if path.is_dir():
+        digest = hashlib.sha1()
+        for file in sorted(p for p in path.rglob("*") if p.is_file()):
+            status = file.stat()
+            digest.update(f"{file.relative_to(path)}|{status.st_size}|{status.st_mtime_ns}\n".encode())
+        return f"{path.resolve()}|{digest.hexdigest()}"
+    status = path.stat() if path.exists() else None
+    return f"{path.resolve()}|{status.st_size if status else 0}|{status.st_mtime_ns if status else 0}"
+
+
+def _cache_dir(path: Path, image_size: int, cache_root: Path) -> Path:
+    identity = _source_identity(path)
+    key = hashlib.sha1(f"{identity}|{image_size}|{CACHE_FORMAT_VERSION}".encode()).hexdigest()[:16]
+    return Path(cache_root).expanduser() / "decoded" / key
+
+
+def _save_cache(cache: Path, dataset: Dataset) -> None:
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(dir=cache.parent, prefix=f"{cache.name}.partial-"))
+    for split in ("train", "val"):
+        subset: ImageSet = getattr(dataset, split)
+        np.save(partial / f"{split}_images.npy", subset.images)
+        np.save(partial / f"{split}_labels.npy", subset.labels)
+    meta = {
+        "wnids": dataset.wnids,
+        "names": dataset.names,
+        "skipped": dataset.skipped,
+        "train_files": dataset.train.files,
+        "val_files": dataset.val.files,
+        "decode_seconds": dataset.decode_seconds,
+    }
+    (partial / "meta.json").write_text(json.dumps(meta))
+    try:
+        os.replace(partial, cache)
+        log.info("Cached decoded images in %s", cache)
+    except OSError:  # another worker cached the same source first
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def _load_cache(cache: Path, source: str) -> Dataset:
+    meta = json.loads((cache / "meta.json").read_text())
+
+    def split(name: str) -> ImageSet:
+        return ImageSet(
+            np.load(cache / f"{name}_images.npy", mmap_mode="r"),
+            np.load(cache / f"{name}_labels.npy"),
+            meta[f"{name}_files"],
+        )
+
+    return Dataset(
+        meta["wnids"], meta["names"], split("train"), split("val"), meta["skipped"], meta["decode_seconds"], source,
+        from_cache=True,
+    )

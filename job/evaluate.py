@@ -1,0 +1,97 @@
+"""Small evaluators of a backbone: batched prediction, frozen features, logistic-regression probe, k-NN."""
+
+from __future__ import annotations
+
+import weakref
+
+import numpy as np
+import tensorflow as tf
+
+from job.pipelines import eval_batches
+
+EVAL_BATCH = 256
+_compiled: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _inference_fn(model):
+    """One traced inference function per model, so repeated evaluations do not re-trace."""
+    if model not in _compiled:
+        _compiled[model] = tf.function(lambda x: model(tf.cast(x, tf.float32), training=False), reduce_retracing=True)
+    return _compiled[model]
+
+
+def predict(model, images: np.ndarray, rotations: bool = False, batch_size: int = EVAL_BATCH):
+    """Run `model` in inference mode over uint8 images; returns outputs (and rotation labels if asked).
+
+    With `rotations=True` each batch holds all four rotations of its images (block k = k*90°).
+    """
+    call = _inference_fn(model)
+    outputs, angles = [], []
+    labels = np.zeros(len(images), np.int32)
+    for x, _, angle in eval_batches(images, labels, batch_size, rotations):
+        result = call(x)
+        outputs.append(tf.nest.map_structure(lambda t: t.numpy(), result))
+        angles.append(angle)
+    merged = tf.nest.map_structure(lambda *parts: np.concatenate(parts), *outputs)
+    return (merged, np.concatenate(angles)) if rotations else merged
+
+
+def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float(np.mean(np.argmax(logits, axis=-1) == labels)) if len(labels) else 0.0
+
+
+def confusion_matrix(predicted: np.ndarray, labels: np.ndarray, num_classes: int) -> list[list[int]]:
+    """Rows: true class, columns: predicted class."""
+    matrix = np.zeros((num_classes, num_classes), np.int64)
+    np.add.at(matrix, (labels, predicted), 1)
+    return matrix.tolist()
+
+
+def linear_probe(
+    train_features: np.ndarray,
+    train_labels: np.ndarray,
+    val_features: np.ndarray,
+    val_labels: np.ndarray,
+    num_classes: int,
+    steps: int,
+    learning_rate: float,
+    weight_decay: float,
+    seed: int = 0,
+) -> float:
+    """Multinomial logistic regression on standardised frozen features (full-batch Adam); val accuracy."""
+    mean, std = train_features.mean(0), train_features.std(0) + 1e-6
+    x_train = tf.constant((train_features - mean) / std, tf.float32)
+    x_val = (val_features - mean) / std
+    y_train = tf.constant(train_labels, tf.int32)
+    init = tf.keras.initializers.GlorotUniform(seed=seed)
+    weights = tf.Variable(init((x_train.shape[1], num_classes)))
+    bias = tf.Variable(tf.zeros(num_classes))
+    optimizer = tf.keras.optimizers.Adam(learning_rate)
+
+    @tf.function
+    def step():
+        with tf.GradientTape() as tape:
+            logits = x_train @ weights + bias
+            loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y_train, logits))
+            loss += weight_decay * tf.reduce_sum(weights**2)
+        optimizer.apply_gradients(zip(tape.gradient(loss, [weights, bias]), [weights, bias]))
+
+    for _ in range(steps):
+        step()
+    return accuracy(x_val @ weights.numpy() + bias.numpy(), val_labels)
+
+
+def knn_accuracy(
+    train_features: np.ndarray, train_labels: np.ndarray, val_features: np.ndarray, val_labels: np.ndarray, k: int
+) -> float:
+    """Cosine k-NN: each val image takes the class with the largest summed similarity among its k neighbours."""
+    train = train_features / (np.linalg.norm(train_features, axis=1, keepdims=True) + 1e-12)
+    val = val_features / (np.linalg.norm(val_features, axis=1, keepdims=True) + 1e-12)
+    similarity = val @ train.T
+    k = min(k, len(train_labels))
+    neighbours = np.argpartition(-similarity, k - 1, axis=1)[:, :k]
+    num_classes = int(max(train_labels.max(), val_labels.max())) + 1
+    votes = np.zeros((len(val_labels), num_classes))
+    rows = np.repeat(np.arange(len(val_labels)), k)
+    np.add.at(votes, (rows, train_labels[neighbours].ravel()), np.take_along_axis(similarity, neighbours, 1).ravel())
+    return float(np.mean(votes.argmax(1) == val_labels))

@@ -1,0 +1,78 @@
+"""The run directory layout, defined once and used by every stage, the syncer and the report.
+
+    <output>/
+      config.json                          the resolved configuration of the last invocation
+      checkpoints/pretext/                 ckpt/ (CheckpointManager), history.json, best.weights.h5, done.json
+      checkpoints/downstream/<run>/        one per downstream training (init, mode, labels, seed): same files
+      checkpoints/evaluate/done.json       probe, k-NN and baseline results
+      model/backbone.keras                 the pretrained backbone (pixels in [0, 255] → pooled features)
+      model/rotation_model.keras           backbone + rotation head
+      model/classifier.keras               fish-vs-duck classifier (seed 0 of the finetune stage)
+      logs/pretext, logs/finetune/<run>    TensorBoard event files
+      report/metrics.json, report/report.md, report/*.png
+
+The names `model/`, `checkpoints/` and `logs/` are Vertex AI's: with `--output` set to a custom job's
+base output directory they are exactly AIP_MODEL_DIR, AIP_CHECKPOINT_DIR and AIP_TENSORBOARD_LOG_DIR.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+DONE = "done.json"
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def pretext(self) -> Path:
+        return self.checkpoints / "pretext"
+
+    def downstream(self, init: str, mode: str, fraction: float, seed: int) -> Path:
+        return self.checkpoints / "downstream" / f"{init}-{mode}-labels{fraction:g}-seed{seed}"
+
+    @property
+    def evaluate(self) -> Path:
+        return self.checkpoints / "evaluate"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def export(self) -> Path:
+        return self.root / "model"
+
+    @property
+    def backbone(self) -> Path:
+        return self.export / "backbone.keras"
+
+    @property
+    def rotation_model(self) -> Path:
+        return self.export / "rotation_model.keras"
+
+    @property
+    def classifier(self) -> Path:
+        return self.export / "classifier.keras"
+
+    def tensorboard(self, stage: str) -> Path:
+        return self.root / "logs" / stage
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report"
+
+    @property
+    def metrics(self) -> Path:
+        return self.report / "metrics.json"
+
+    @staticmethod
+    def done(stage_dir: Path) -> Path:
+        return stage_dir / DONE

@@ -1,0 +1,259 @@
+"""metrics.json (the job's result interface), report.md and its PNG figures. No TensorFlow here.
+
+metrics.json keys are documented in the README; `METRIC_KEYS` lists the dotted keys always present.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+LISTED_SKIPPED = 20
+METRIC_KEYS = (
+    "pretext.val_rotation_accuracy",
+    "pretext.online_probe_val_accuracy",
+    "pretext.linear_probe_200_top1",
+    "pretext.epochs",
+    "pretext.train_seconds",
+    "pretext.samples_per_sec",
+    "downstream.val_accuracy",
+    "downstream.val_accuracy_std",
+    "downstream.val_accuracy_seeds",
+    "downstream.best_epoch_val_accuracy",
+    "downstream.linear_probe_val_accuracy",
+    "downstream.knn_val_accuracy",
+    "downstream.confusion_matrix",
+    "downstream.train_images",
+    "downstream.val_images",
+    "downstream.seeds",
+    "baseline.scratch_val_accuracy",
+    "baseline.scratch_val_accuracy_std",
+    "label_efficiency",
+    "data.train_images",
+    "data.val_images",
+    "data.skipped_images",
+)
+
+
+@dataclass
+class Examples:
+    """Images and predictions drawn in the report."""
+
+    rotated_images: np.ndarray  # [4N, H, W, 3] uint8, block k rotated by k*90°
+    rotation_true: np.ndarray  # degrees
+    rotation_predicted: np.ndarray  # degrees
+    val_images: np.ndarray
+    val_true: np.ndarray
+    val_predicted: np.ndarray
+    class_names: list[str]
+    count: int
+
+
+def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    return float(np.mean(values)), float(np.std(values))
+
+
+def build_metrics(pretext: dict, evaluations: dict, data: dict) -> dict:
+    """Assemble metrics.json from the stages' results."""
+    finetunes, scratch = evaluations["finetune"], evaluations["scratch"]
+    accuracies = [r["val_accuracy"] for r in finetunes]
+    mean, std = _mean_std(accuracies)
+    scratch_mean, scratch_std = _mean_std([r["val_accuracy"] for r in scratch])
+    first = finetunes[0]
+    return {
+        "pretext": {
+            "val_rotation_accuracy": pretext["val_rotation_accuracy"],
+            "online_probe_val_accuracy": pretext.get("online_probe_val_accuracy"),
+            "linear_probe_200_top1": evaluations.get("linear_probe_200_top1"),
+            "epochs": pretext["epochs"],
+            "train_seconds": pretext["train_seconds"],
+            "samples_per_sec": pretext["samples_per_sec"],
+            "train_images": pretext["train_images"],
+            "history": pretext["history"],
+        },
+        "downstream": {
+            "mode": first["mode"],
+            "label_fraction": first["label_fraction"],
+            "val_accuracy": mean,
+            "val_accuracy_std": std,
+            "val_accuracy_seeds": accuracies,
+            "best_epoch_val_accuracy": float(np.mean([r["best_epoch_val_accuracy"] for r in finetunes])),
+            "linear_probe_val_accuracy": evaluations["linear_probe_val_accuracy"],
+            "knn_val_accuracy": evaluations["knn_val_accuracy"],
+            "confusion_matrix": first["confusion_matrix"],
+            "train_images": first["train_images"],
+            "val_images": first["val_images"],
+            "seeds": [r["seed"] for r in finetunes],
+            "history": first["history"],
+        },
+        "baseline": {"scratch_val_accuracy": scratch_mean, "scratch_val_accuracy_std": scratch_std},
+        "label_efficiency": evaluations["label_efficiency"],
+        "data": {
+            "train_images": data["train_images"],
+            "val_images": data["val_images"],
+            "skipped_images": data["skipped_images"],
+            "skipped_files": data["skipped_files"],
+            "decode_images_per_sec": data.get("decode_images_per_sec"),
+        },
+    }
+
+
+def lookup(metrics: dict, dotted: str):
+    """metrics["a"]["b"] for "a.b"; KeyError when absent."""
+    value = metrics
+    for part in dotted.split("."):
+        value = value[part]
+    return value
+
+
+def write_report(directory: Path, metrics: dict, examples: Examples) -> Path:
+    """Write metrics.json, the figures and report.md into `directory`; returns the report's path."""
+    directory.mkdir(parents=True, exist_ok=True)
+    figures = {
+        "curves.png": _plot_curves(metrics),
+        "confusion_matrix.png": _plot_confusion(metrics, examples.class_names),
+        "val_predictions.png": _plot_predictions(examples),
+        "pretext_rotations.png": _plot_rotations(examples),
+        "label_efficiency.png": _plot_label_efficiency(metrics),
+    }
+    for name, figure in figures.items():
+        figure.savefig(directory / name, dpi=100, bbox_inches="tight")
+        plt.close(figure)
+    (directory / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    path = directory / "report.md"
+    path.write_text(_markdown(metrics, list(figures)))
+    log.info("Report written to %s", path)
+    return path
+
+
+def _fmt(value, std=None) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.4f}" + (f" ± {std:.4f}" if std is not None else "")
+    return str(value)
+
+
+def _markdown(metrics: dict, figures: list[str]) -> str:
+    p, d, b, data = metrics["pretext"], metrics["downstream"], metrics["baseline"], metrics["data"]
+    seeds = len(d["seeds"])
+    rows = [
+        ("Pretext val rotation accuracy (4-way, chance 0.25)", _fmt(p["val_rotation_accuracy"])),
+        ("Pretext online probe val accuracy (stop-gradient)", _fmt(p["online_probe_val_accuracy"])),
+        ("Pretext linear probe, all classes, val top-1", _fmt(p["linear_probe_200_top1"])),
+        ("Pretext epochs / train seconds / samples per s",
+         f"{p['epochs']} / {p['train_seconds']:.0f} / {p['samples_per_sec']:.0f}"),
+        (f"Downstream val accuracy, {d['mode']}, {d['label_fraction']:g} of labels (mean ± std, {seeds} seeds)",
+         _fmt(d["val_accuracy"], d["val_accuracy_std"])),
+        ("Downstream best-epoch val accuracy (optimistic: selected on val)", _fmt(d["best_epoch_val_accuracy"])),
+        (f"Scratch baseline, same recipe (mean ± std, {seeds} seeds)",
+         _fmt(b["scratch_val_accuracy"], b["scratch_val_accuracy_std"])),
+        ("Linear probe on frozen features, val accuracy", _fmt(d["linear_probe_val_accuracy"])),
+        ("k-NN (cosine, k = 20) on frozen features, val accuracy", _fmt(d["knn_val_accuracy"])),
+        ("Downstream train / val images", f"{d['train_images']} / {d['val_images']}"),
+        ("Data train / val / skipped images", f"{data['train_images']} / {data['val_images']} / "
+         f"{data['skipped_images']}"),
+    ]
+    lines = ["# Rotation pretraining report", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {name} | {value} |" for name, value in rows]
+    lines += ["", "## Label efficiency (val accuracy, mean ± std over seeds)", "",
+              "| label fraction | pretrained | scratch |", "|---|---|---|"]
+    for row in metrics["label_efficiency"]:
+        lines.append(f"| {row['fraction']:g} | {_fmt(*_mean_std(row['pretrained']))} | "
+                     f"{_fmt(*_mean_std(row['scratch']))} |")
+    lines += ["", f"Downstream numbers are the mean ± standard deviation over {seeds} seed(s) of the downstream "
+              "stage, on the val images of the two classes.", ""]
+    if data["skipped_images"]:
+        lines += ["Skipped unreadable images: " + ", ".join(data["skipped_files"]), ""]
+    lines += [f"![{name}]({name})" for name in figures]
+    return "\n".join(lines) + "\n"
+
+
+def _plot_curves(metrics: dict):
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, (stage, keys) in zip(axes, (
+        ("pretext", ("train_rotation_accuracy", "rotation_accuracy", "train_online_probe_accuracy",
+                     "online_probe_accuracy", "train_loss")),
+        ("downstream", ("train_accuracy", "accuracy", "train_loss")),
+    )):
+        history = metrics[stage]["history"]
+        epochs = [h["epoch"] for h in history]
+        for key in keys:
+            if history and key in history[0]:
+                label = key if key.startswith("train_") else f"val_{key}"
+                ax.plot(epochs, [h[key] for h in history], marker="o", label=label)
+        ax.set_title(f"{stage} (seed 0)" if stage == "downstream" else stage)
+        ax.set_xlabel("epoch")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    return figure
+
+
+def _plot_confusion(metrics: dict, names: list[str]):
+    matrix = np.asarray(metrics["downstream"]["confusion_matrix"])
+    figure, ax = plt.subplots(figsize=(4, 4))
+    ax.imshow(matrix, cmap="Blues")
+    for (i, j), value in np.ndenumerate(matrix):
+        ax.text(j, i, str(value), ha="center", va="center", fontsize=14)
+    ax.set_xticks(range(len(names)), names)
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title("Downstream confusion matrix (val)")
+    return figure
+
+
+def _image_grid(images, titles, colours, columns: int):
+    rows = max(1, -(-len(images) // columns))
+    figure, axes = plt.subplots(rows, columns, figsize=(columns * 1.6, rows * 1.8), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, image, title, colour in zip(axes.ravel(), images, titles, colours):
+        ax.imshow(image)
+        ax.set_title(title, fontsize=8, color=colour)
+    return figure
+
+
+def _plot_predictions(examples: Examples):
+    count = min(examples.count, len(examples.val_true))
+    names = examples.class_names
+    titles = [f"true {names[t]}\npred {names[p]}" for t, p in zip(examples.val_true, examples.val_predicted)]
+    colours = ["green" if t == p else "red" for t, p in zip(examples.val_true, examples.val_predicted)]
+    return _image_grid(examples.val_images[:count], titles[:count], colours[:count], columns=8)
+
+
+def _plot_rotations(examples: Examples):
+    images = examples.rotated_images
+    per_block = len(images) // 4
+    order = [k * per_block + i for i in range(per_block) for k in range(4)]  # each row: one image, 4 angles
+    titles = [f"{examples.rotation_true[i]}° → {examples.rotation_predicted[i]}°" for i in order]
+    colours = ["green" if examples.rotation_true[i] == examples.rotation_predicted[i] else "red" for i in order]
+    return _image_grid(images[order], titles, colours, columns=4)
+
+
+def _plot_label_efficiency(metrics: dict):
+    rows = metrics["label_efficiency"]
+    figure, ax = plt.subplots(figsize=(5, 4))
+    for key in ("pretrained", "scratch"):
+        means = [np.mean(r[key]) for r in rows]
+        stds = [np.std(r[key]) for r in rows]
+        ax.errorbar([r["fraction"] for r in rows], means, yerr=stds, marker="o", capsize=3, label=key)
+    ax.set_xscale("log")
+    ax.set_xlabel("fraction of downstream labels")
+    ax.set_ylabel("val accuracy")
+    ax.set_title("Label efficiency")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return figure

@@ -1,0 +1,381 @@
+"""One custom training loop for every stage: distributed steps, checkpoints, resume, TensorBoard, early stop.
+
+Knows nothing of Tiny ImageNet or rotations: a stage hands it a model, an objective (batch → per-example
+loss and metric sums), parameter groups with their optimizers, a dataset factory and an evaluator.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from job.distribute import Cluster
+
+log = logging.getLogger(__name__)
+
+Batch = dict[str, tf.Tensor]
+# objective(batch, training) -> (per-example loss, already weighted; {metric: (sum, count)})
+Objective = Callable[[Batch, bool], tuple[tf.Tensor, dict[str, tuple[tf.Tensor, tf.Tensor]]]]
+DatasetFn = Callable[[int, int, tf.distribute.InputContext], tf.data.Dataset]  # (epoch, start_step, ctx)
+Evaluator = Callable[[int, tf.summary.SummaryWriter], dict[str, float]]  # (epoch, writer) -> val metrics
+
+HISTORY_FILE = "history.json"
+DONE_FILE = "done.json"
+BEST_WEIGHTS = "best.weights.h5"
+CHECKPOINT_DIR = "ckpt"
+MIN_BN_RESIDUE = 1e-7  # below this the initial BN statistics no longer matter
+
+
+# Set by a signal handler (SIGTERM, Slurm's warning signal): training saves a checkpoint after the
+# current step, on every worker at the same step, and raises Preempted.
+STOP_REQUESTED = threading.Event()
+
+
+class Preempted(Exception):
+    """Training stopped on request after saving a checkpoint; rerunning the same command resumes."""
+
+    def __init__(self, step: int):
+        super().__init__(f"stopped on request at step {step} after saving a checkpoint")
+        self.step = step
+
+
+class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warmup to `peak`, then cosine decay to zero at `total_steps`."""
+
+    def __init__(self, peak: float, warmup_steps: int, total_steps: int):
+        self.peak, self.warmup_steps, self.total_steps = peak, warmup_steps, max(total_steps, 1)
+
+    def __call__(self, step):
+        step = tf.cast(step, tf.float32)
+        warmup = self.peak * (step + 1.0) / max(self.warmup_steps, 1)
+        progress = (step - self.warmup_steps) / max(self.total_steps - self.warmup_steps, 1)
+        cosine = 0.5 * self.peak * (1.0 + tf.cos(math.pi * tf.clip_by_value(progress, 0.0, 1.0)))
+        return tf.where(step < self.warmup_steps, warmup, cosine)
+
+    def get_config(self):
+        return {"peak": self.peak, "warmup_steps": self.warmup_steps, "total_steps": self.total_steps}
+
+
+def make_optimizer(name: str, schedule: WarmupCosine, weight_decay: float) -> keras.optimizers.Optimizer:
+    """AdamW, or SGD with Nesterov momentum 0.9 (weight decay applied decoupled in both)."""
+    if name == "sgd":
+        return keras.optimizers.SGD(schedule, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+    return keras.optimizers.AdamW(schedule, weight_decay=weight_decay)
+
+
+@dataclass
+class ParamGroup:
+    """Variables trained by one optimizer (e.g. the backbone at a lower learning rate than the head)."""
+
+    variables: list
+    optimizer: keras.optimizers.Optimizer
+
+
+@dataclass
+class LoopConfig:
+    epochs: int
+    steps_per_epoch: int
+    samples_per_step: int  # global samples per step, for throughput
+    checkpoint_every_steps: int
+    keep_checkpoints: int
+    log_every_steps: int
+    patience: int = 0  # epochs without improvement of `monitor` before stopping (0 = never)
+    monitor: str = "val_accuracy"
+    xla: bool = False
+    fresh_batchnorm: bool = True  # BN moving statistics start at Keras' (0, 1): debias them for evaluation
+
+
+@dataclass
+class LoopResult:
+    epochs: int
+    steps: int
+    train_seconds: float
+    samples_per_sec: float
+    best: float
+    stopped_early: bool
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+class Trainer:
+    """Trains `model` with `objective` under the cluster's strategy, resuming from `directory` if possible."""
+
+    def __init__(
+        self,
+        cluster: Cluster,
+        model: keras.Model,
+        objective: Objective,
+        groups: list[ParamGroup],
+        directory: Path,
+        tensorboard_dir: Path,
+        config: LoopConfig,
+    ):
+        self.cluster, self.model, self.objective, self.groups = cluster, model, objective, groups
+        self.directory, self.config = Path(directory), config
+        strategy = cluster.strategy
+        with strategy.scope():
+            self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
+            self.best = tf.Variable(-math.inf, dtype=tf.float64, trainable=False, name="best_metric")
+            self.bad_epochs = tf.Variable(0, dtype=tf.int64, trainable=False, name="bad_epochs")
+            for group in groups:
+                group.optimizer.build(group.variables)
+        trackables = {f"optimizer{i}": g.optimizer for i, g in enumerate(groups)}
+        self.checkpoint = tf.train.Checkpoint(
+            model=model, step=self.step, best=self.best, bad_epochs=self.bad_epochs, **trackables
+        )
+        self._ckpt_dir = cluster.writable_dir(self.directory / CHECKPOINT_DIR)
+        self.manager = tf.train.CheckpointManager(
+            self.checkpoint, str(self._ckpt_dir), max_to_keep=config.keep_checkpoints
+        )
+        self.writer = (
+            tf.summary.create_file_writer(str(tensorboard_dir)) if cluster.is_chief else tf.summary.create_noop_writer()
+        )
+        self._step_fn = self._make_train_step()
+        self.stop_agreed = False
+
+    # -- the step ---------------------------------------------------------------------------------
+    def _make_train_step(self):
+        strategy, objective, groups = self.cluster.strategy, self.objective, self.groups
+        variables = [v for g in groups for v in g.variables]
+
+        def replica_step(batch, stop):
+            with tf.GradientTape() as tape:
+                per_example, metrics = objective(batch, True)
+                loss = tf.nn.compute_average_loss(per_example)
+                scaled = _scale_loss(groups, loss)
+            gradients = tape.gradient(scaled, variables)
+            offset = 0
+            for group in groups:
+                count = len(group.variables)
+                group.optimizer.apply_gradients(zip(gradients[offset : offset + count], group.variables))
+                offset += count
+            return metrics, stop
+
+        replica_fn = tf.function(replica_step, jit_compile=self.config.xla)
+
+        @tf.function
+        def train_step(batch, stop):
+            metrics, stops = strategy.run(replica_fn, args=(batch, stop))
+            self.step.assign_add(1)
+            reduced = {
+                name: tuple(strategy.reduce(tf.distribute.ReduceOp.SUM, t, axis=None) for t in pair)
+                for name, pair in metrics.items()
+            }
+            # Every worker learns whether any worker was asked to stop, so all stop after the same step.
+            return reduced, strategy.reduce(tf.distribute.ReduceOp.SUM, stops, axis=None) > 0
+
+        return train_step
+
+    def train_step(self, batch) -> dict[str, tuple[tf.Tensor, tf.Tensor]]:
+        """One optimisation step on a distributed batch; sets `stop_agreed` when a stop was requested."""
+        metrics, stop = self._step_fn(batch, tf.constant(float(STOP_REQUESTED.is_set())))
+        self.stop_agreed = bool(stop)
+        return metrics
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def restore(self) -> int:
+        """Restore the latest checkpoint if there is one; returns the step to continue from."""
+        latest = self.manager.latest_checkpoint or tf.train.latest_checkpoint(str(self.directory / CHECKPOINT_DIR))
+        if latest:
+            self.checkpoint.restore(latest).expect_partial()
+            log.info("Resumed from %s at step %d", latest, int(self.step.numpy()))
+        return int(self.step.numpy())
+
+    def fit(self, dataset_fn: DatasetFn, evaluator: Evaluator) -> LoopResult:
+        cfg, strategy = self.config, self.cluster.strategy
+        start = self.restore()
+        history = self._load_history(start // cfg.steps_per_epoch)
+        first_epoch = start // cfg.steps_per_epoch
+        train_seconds = sum(h.get("epoch_seconds", 0.0) for h in history)
+        stopped = cfg.patience > 0 and int(self.bad_epochs.numpy()) >= cfg.patience
+        for epoch in range(first_epoch, 0 if stopped else cfg.epochs):
+            begin = int(self.step.numpy()) - epoch * cfg.steps_per_epoch
+            dataset = strategy.distribute_datasets_from_function(
+                lambda ctx, e=epoch, b=begin: dataset_fn(e, b, ctx)
+            )
+            epoch_start = time.perf_counter()
+            train_metrics = self._run_epoch(dataset, epoch)
+            epoch_seconds = time.perf_counter() - epoch_start
+            train_seconds += epoch_seconds
+            with self.evaluation_statistics():
+                val_metrics = evaluator(epoch, self.writer)
+                stopped = self._early_stopping(val_metrics.get(cfg.monitor))
+            record = {"epoch": epoch + 1, "epoch_seconds": epoch_seconds, **train_metrics, **val_metrics}
+            self._write_scalars(val_metrics, "val")
+            history.append(record)
+            self._save_history(history)
+            self.manager.save(checkpoint_number=int(self.step.numpy()))
+            log.info(
+                "epoch %d/%d  %s  (%.0f s)",
+                epoch + 1, cfg.epochs, "  ".join(f"{k}={v:.4f}" for k, v in record.items() if k != "epoch"),
+                epoch_seconds,
+            )
+            if stopped:
+                log.info("Early stopping: %s did not improve for %d epochs", cfg.monitor, cfg.patience)
+                break
+        self.writer.flush()
+        steps = int(self.step.numpy())
+        done_samples = steps * cfg.samples_per_step
+        return LoopResult(
+            epochs=len(history),
+            steps=steps,
+            train_seconds=train_seconds,
+            samples_per_sec=done_samples / train_seconds if train_seconds else 0.0,
+            best=float(self.best.numpy()),
+            stopped_early=stopped,
+            history=history,
+        )
+
+    def _run_epoch(self, dataset, epoch: int) -> dict[str, float]:
+        cfg = self.config
+        epoch_sums: dict[str, list[float]] = {}
+        window_sums: dict[str, list[float]] = {}
+        window_start, window_steps = time.perf_counter(), 0
+        for batch in dataset:
+            metrics = self.train_step(batch)
+            step = int(self.step.numpy())
+            for name, (total, count) in metrics.items():
+                for sums in (epoch_sums, window_sums):
+                    acc = sums.setdefault(name, [0.0, 0.0])
+                    acc[0] += float(total)
+                    acc[1] += float(count)
+            window_steps += 1
+            if step % cfg.log_every_steps == 0:
+                seconds = time.perf_counter() - window_start
+                scalars = {k: s / max(c, 1.0) for k, (s, c) in window_sums.items()}
+                scalars["samples_per_sec"] = window_steps * cfg.samples_per_step / max(seconds, 1e-9)
+                scalars["learning_rate"] = float(_current_lr(self.groups[0].optimizer))
+                self._write_scalars(scalars, "train")
+                log.info(
+                    "epoch %d step %d/%d  %s",
+                    epoch + 1, step - epoch * cfg.steps_per_epoch, cfg.steps_per_epoch,
+                    "  ".join(f"{k}={v:.4g}" for k, v in scalars.items()),
+                )
+                window_sums, window_start, window_steps = {}, time.perf_counter(), 0
+            at_epoch_end = step % cfg.steps_per_epoch == 0
+            if self.stop_agreed:
+                self.manager.save(checkpoint_number=step)
+                self.writer.flush()
+                log.warning("Stop requested: checkpoint saved at step %d", step)
+                raise Preempted(step)
+            if step % cfg.checkpoint_every_steps == 0 and not at_epoch_end:
+                self.manager.save(checkpoint_number=step)
+        return {f"train_{k}": s / max(c, 1.0) for k, (s, c) in epoch_sums.items()}
+
+    def _early_stopping(self, value: float | None) -> bool:
+        if value is None:
+            return False
+        if value > float(self.best.numpy()):
+            self.best.assign(value)
+            self.bad_epochs.assign(0)
+            if self.cluster.is_chief:
+                self.model.save_weights(self.directory / BEST_WEIGHTS)
+        else:
+            self.bad_epochs.assign_add(1)
+        return self.config.patience > 0 and int(self.bad_epochs.numpy()) >= self.config.patience
+
+    def _write_scalars(self, scalars: dict[str, float], prefix: str) -> None:
+        with self.writer.as_default(step=int(self.step.numpy())):
+            for name, value in scalars.items():
+                tf.summary.scalar(f"{prefix}/{name}", value)
+
+    def _load_history(self, completed_epochs: int) -> list[dict[str, float]]:
+        path = self.directory / HISTORY_FILE
+        if not path.is_file():
+            return []
+        return [h for h in json.loads(path.read_text()) if h["epoch"] <= completed_epochs]
+
+    def _save_history(self, history: list[dict[str, float]]) -> None:
+        if self.cluster.is_chief:
+            write_json(self.directory / HISTORY_FILE, history)
+
+    def evaluation_statistics(self) -> contextlib.AbstractContextManager:
+        """Inside: BatchNorm moving statistics corrected for their (0, 1) start, as Adam corrects moments."""
+        if not self.config.fresh_batchnorm:
+            return contextlib.nullcontext()
+        return debiased_batchnorm(self.model, int(self.step.numpy()))
+
+    def finalize(self, use_best: bool = True) -> None:
+        """Leave the model with its final inference weights: the best epoch's, else the last, debiased."""
+        path = self.directory / BEST_WEIGHTS
+        if use_best and path.is_file():
+            self.model.load_weights(path)  # saved inside evaluation_statistics(): already debiased
+        elif self.config.fresh_batchnorm:
+            debias_batchnorm(self.model, int(self.step.numpy()))
+
+    def close(self) -> None:
+        self.writer.close()
+        if self._ckpt_dir != self.directory / CHECKPOINT_DIR:
+            shutil.rmtree(self._ckpt_dir, ignore_errors=True)
+
+
+def _batchnorm_layers(model: keras.Model) -> list[keras.layers.BatchNormalization]:
+    return [
+        layer for layer in model._flatten_layers(include_self=False, recursive=True)
+        if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable
+    ]
+
+
+def debias_batchnorm(model: keras.Model, updates: int) -> list:
+    """Replace each trainable BN layer's moving mean/variance m_t by its bias-corrected value.
+
+    Keras starts moving statistics at mean 0, variance 1 and updates m_t = r*m_(t-1) + (1-r)*batch, so
+    after t updates the initial values still weigh r**t. When real variances are small (they are, at
+    initialisation) that residue dominates and inference-mode outputs collapse in short runs;
+    (m_t - r**t * init) / (1 - r**t) is the exact average of the batch statistics seen.
+    Returns what is needed to undo it.
+    """
+    saved = []
+    for layer in _batchnorm_layers(model):
+        residue = layer.momentum**updates
+        if residue < MIN_BN_RESIDUE or residue >= 1.0:
+            continue
+        mean, variance = layer.moving_mean, layer.moving_variance
+        saved.append((mean, variance, mean.numpy(), variance.numpy()))
+        mean.assign(mean.numpy() / (1.0 - residue))
+        variance.assign(np.maximum((variance.numpy() - residue) / (1.0 - residue), 0.0))
+    return saved
+
+
+@contextlib.contextmanager
+def debiased_batchnorm(model: keras.Model, updates: int):
+    """Inside the block, BN moving statistics are bias-corrected (see `debias_batchnorm`)."""
+    saved = debias_batchnorm(model, updates)
+    try:
+        yield
+    finally:
+        for mean, variance, old_mean, old_variance in saved:
+            mean.assign(old_mean)
+            variance.assign(old_variance)
+
+
+def _scale_loss(groups: list[ParamGroup], loss: tf.Tensor) -> tf.Tensor:
+    optimizer = groups[0].optimizer
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        return optimizer.scale_loss(loss)
+    return loss
+
+
+def _current_lr(optimizer: keras.optimizers.Optimizer) -> float:
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    return float(keras.ops.convert_to_numpy(inner.learning_rate))
+
+
+def write_json(path: Path, payload) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as handle:
+        json.dump(payload, handle, indent=2)
+    Path(handle.name).replace(path)
+

@@ -1,0 +1,66 @@
+"""MobileNetV2 backbone: uint8-range images in, pooled features out."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import keras
+
+log = logging.getLogger(__name__)
+
+STEM_LAYER = "Conv1"  # the first strided convolution of keras.applications.MobileNetV2
+FEATURES_NAME = "features"
+
+
+def build_backbone(
+    image_size: int,
+    alpha: float = 1.0,
+    weights: str = "none",
+    bn_momentum: float = 0.9,
+    stem_stride: int = 2,
+    input_scale: int = 1,
+) -> keras.Model:
+    """MobileNetV2 taking [B, S, S, 3] pixel values in [0, 255] and returning pooled features [B, C].
+
+    `stem_stride=1` and `input_scale>1` both give the network a larger final feature map at 64 px
+    (stride 32 leaves 2x2); `bn_momentum` replaces Keras' 0.999, which is too slow for short runs.
+    """
+    size = image_size * input_scale
+    base = keras.applications.MobileNetV2(
+        input_shape=(size, size, 3),
+        alpha=alpha,
+        include_top=False,
+        weights="imagenet" if weights == "imagenet" else None,
+        pooling=None,
+    )
+    config = base.get_config()
+    for layer in config["layers"]:
+        if layer["class_name"] == "BatchNormalization":
+            layer["config"]["momentum"] = bn_momentum
+        if layer["config"].get("name") == STEM_LAYER:
+            layer["config"]["strides"] = [stem_stride, stem_stride]
+    body = keras.Model.from_config(config)
+    body.set_weights(base.get_weights())
+
+    inputs = keras.Input((image_size, image_size, 3), name="pixels")
+    x = keras.layers.Rescaling(1.0 / 127.5, offset=-1.0, name="to_unit_range")(inputs)
+    if input_scale > 1:
+        x = keras.layers.UpSampling2D(input_scale, interpolation="bilinear", name="upsample")(x)
+    x = body(x)
+    features = keras.layers.GlobalAveragePooling2D(name=FEATURES_NAME)(x)
+    backbone = keras.Model(inputs, features, name="backbone")
+    if weights not in ("none", "imagenet"):
+        load_backbone_weights(backbone, Path(weights).expanduser())
+    return backbone
+
+
+def load_backbone_weights(backbone: keras.Model, path: Path) -> None:
+    """Load weights from a `.weights.h5` file or from the backbone inside a saved `.keras` model."""
+    if path.suffix == ".keras":
+        saved = keras.models.load_model(path, compile=False)
+        source = saved if saved.name == "backbone" else saved.get_layer("backbone")
+        backbone.set_weights(source.get_weights())
+    else:
+        backbone.load_weights(path)
+    log.info("Loaded backbone weights from %s", path)

@@ -1,0 +1,83 @@
+"""The whole job on a tiny synthetic dataset: every artifact and every metrics key."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from job.layout import RunLayout
+from job.report import METRIC_KEYS, lookup
+from job.synth import make_synthetic_dataset
+from tests.jobproc import job_args, run_job
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    data = root / "data.zip"
+    make_synthetic_dataset(data, classes=4, per_class=16, downstream_per_class=24, val_per_class=6, image_size=32)
+    output, cache = root / "run", root / "cache"
+    result = run_job(job_args("run", data, output, cache))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return data, output, cache, result
+
+
+def test_every_artifact_is_written(finished_run):
+    _, output, _, result = finished_run
+    layout = RunLayout(output)
+    for path in (layout.config, layout.backbone, layout.rotation_model, layout.classifier,
+                 RunLayout.done(layout.pretext), RunLayout.done(layout.evaluate), layout.metrics,
+                 layout.report / "report.md"):
+        assert path.is_file(), path
+    for figure in ("curves.png", "confusion_matrix.png", "val_predictions.png", "pretext_rotations.png",
+                   "label_efficiency.png"):
+        assert (layout.report / figure).stat().st_size > 1000, figure
+    assert list(layout.tensorboard("pretext").glob("events.out.tfevents.*"))
+    assert list(layout.tensorboard("finetune").rglob("events.out.tfevents.*"))
+    assert list((layout.pretext / "ckpt").glob("ckpt-*.index"))
+    assert "Report:" in result.stdout
+
+
+def test_every_metrics_key_is_present_and_sane(finished_run):
+    _, output, _, _ = finished_run
+    metrics = json.loads(RunLayout(output).metrics.read_text())
+    for key in METRIC_KEYS:
+        lookup(metrics, key)  # KeyError if missing
+    for key in ("pretext.val_rotation_accuracy", "downstream.val_accuracy", "downstream.linear_probe_val_accuracy",
+                "downstream.knn_val_accuracy", "baseline.scratch_val_accuracy"):
+        assert 0.0 <= lookup(metrics, key) <= 1.0, key
+    assert metrics["pretext"]["epochs"] == 2
+    assert metrics["pretext"]["samples_per_sec"] > 0
+    assert metrics["data"] == {**metrics["data"], "train_images": 2 * 24 + 2 * 16, "val_images": 24,
+                               "skipped_images": 0}
+    assert metrics["downstream"]["train_images"] == 48
+    assert metrics["downstream"]["val_images"] == 12
+    assert np.sum(metrics["downstream"]["confusion_matrix"]) == 12
+    assert [row["fraction"] for row in metrics["label_efficiency"]] == [0.5, 1.0]
+    report = (RunLayout(output).report / "report.md").read_text()
+    assert f"{metrics['pretext']['val_rotation_accuracy']:.4f}" in report
+
+
+def test_exported_models_load_and_predict(finished_run):
+    import keras
+
+    _, output, _, _ = finished_run
+    layout = RunLayout(output)
+    images = np.zeros((2, 32, 32, 3), np.float32)
+    assert keras.models.load_model(layout.classifier, compile=False)(images).shape == (2, 2)
+    assert keras.models.load_model(layout.rotation_model, compile=False)(images).shape == (2, 4)
+    assert keras.models.load_model(layout.backbone, compile=False)(images).shape[0] == 2
+
+
+def test_rerun_skips_complete_stages(finished_run):
+    data, output, cache, _ = finished_run
+    before = RunLayout(output).metrics.read_text()
+    result = run_job(job_args("run", data, output, cache))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "pretrain: complete" in result.stderr
+    assert "epoch 1/" not in result.stderr  # nothing trained again
+    assert json.loads(RunLayout(output).metrics.read_text()) == json.loads(before)

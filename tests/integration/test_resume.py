@@ -1,0 +1,67 @@
+"""Kill -9 after a checkpoint, restart: same final step and weights as an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from job.layout import RunLayout
+from job.synth import make_synthetic_dataset
+from tests.jobproc import REPO, job_args, job_env, run_job
+
+pytestmark = pytest.mark.slow
+
+OVERRIDES = ("pretext.epochs=2", "runtime.checkpoint_every_steps=2", "pretext.online_probe=true")
+
+
+def _final_weights(output) -> dict[str, np.ndarray]:
+    latest = tf.train.latest_checkpoint(str(RunLayout(output).pretext / "ckpt"))
+    reader = tf.train.load_checkpoint(latest)
+    names = [n for n in reader.get_variable_to_shape_map() if n.startswith("model/")]
+    assert names
+    return {n: reader.get_tensor(n) for n in names}
+
+
+def test_killed_pretrain_resumes_to_the_same_weights(tmp_path):
+    data = tmp_path / "data.zip"
+    make_synthetic_dataset(data, classes=4, per_class=16, downstream_per_class=24, val_per_class=4, image_size=32)
+    cache = tmp_path / "cache"
+
+    reference = tmp_path / "reference"
+    result = run_job(job_args("pretrain", data, reference, cache, *OVERRIDES))
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    interrupted = tmp_path / "interrupted"
+    process = subprocess.Popen(
+        job_args("pretrain", data, interrupted, cache, *OVERRIDES), cwd=REPO, env=job_env(),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    index = RunLayout(interrupted).pretext / "ckpt" / "checkpoint"
+    deadline = time.monotonic() + 300
+    while not index.is_file() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert process.poll() is None, "the run finished before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = int(tf.train.latest_checkpoint(str(index.parent)).rsplit("-", 1)[1])
+    assert not RunLayout.done(RunLayout(interrupted).pretext).exists()
+
+    result = run_job(job_args("pretrain", data, interrupted, cache, *OVERRIDES))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"at step {killed_at}" in result.stderr
+
+    done_reference = json.loads(RunLayout.done(RunLayout(reference).pretext).read_text())
+    done_resumed = json.loads(RunLayout.done(RunLayout(interrupted).pretext).read_text())
+    assert done_resumed["steps"] == done_reference["steps"]
+    expected, actual = _final_weights(reference), _final_weights(interrupted)
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        np.testing.assert_allclose(actual[name], expected[name], rtol=1e-4, atol=1e-5, err_msg=name)
+    history = json.loads((RunLayout(interrupted).pretext / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2]

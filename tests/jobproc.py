@@ -1,0 +1,36 @@
+"""Run `python -m job` in a subprocess (a fresh TensorFlow per run, as a user would)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A few steps of everything: 32 px, alpha 0.35, tiny batches.
+TINY = (
+    "data.image_size=32", "model.alpha=0.35", "model.stem_stride=1",
+    "pretext.epochs=2", "pretext.batch_images=16", "pretext.warmup_epochs=0.5",
+    "finetune.epochs=1", "finetune.min_steps=4", "finetune.batch_size=16",
+    "evaluate.probe_steps=20", "evaluate.label_fractions=[0.5, 1.0]", "evaluate.report_examples=8",
+    "runtime.checkpoint_every_steps=2", "runtime.log_every_steps=2",
+)
+
+
+def job_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2", TF_DETERMINISTIC_OPS="1")
+    env.update(extra)
+    return env
+
+
+def job_args(command: str, data: Path | str, output: Path | str, cache: Path, *overrides: str) -> list[str]:
+    args = [sys.executable, "-m", "job", command, "--data", str(data), "--output", str(output)]
+    for item in (*TINY, f"data.cache_dir={cache}", *overrides):
+        args += ["--set", item]
+    return args
+
+
+def run_job(args: list[str], timeout: float = 600, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(args, cwd=REPO, env=job_env(**env), capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,248 @@
+"""Tests for job.cli: help texts; user errors as one `error: ...` line with exit code 2, losing nothing."""
+
+from __future__ import annotations
+
+import signal
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from job.cli import main
+from job.synth import ROOT_NAME
+
+JOB_COMMANDS = ["run", "pretrain", "finetune", "evaluate"]
+MISSING_WNID = "n00000001"
+
+
+@pytest.fixture(autouse=True)
+def _isolated(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A single-process CPU cluster whatever the environment, and the SIGTERM handler restored afterwards."""
+    for name in ("TF_CONFIG", "CLUSTER_SPEC", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS"):
+        monkeypatch.delenv(name, raising=False)
+    handler = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, handler)
+
+
+def invoke(*args: str) -> Result:
+    return CliRunner().invoke(main, list(args))
+
+
+def one_line_error(result: Result) -> str:
+    """The single `error: ...` line of a JobError exit; fails on a traceback or a click usage error."""
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    assert isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()  # log lines may precede it if logging goes to stderr
+    errors = [line for line in lines if line.startswith("error: ")]  # not click's "Error: ..." usage message
+    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr
+    assert result.stdout == "", result.stdout
+    return errors[0]
+
+
+def cache_set(tmp_path: Path) -> list[str]:
+    return ["--set", f"data.cache_dir={tmp_path / 'cache'}"]
+
+
+def flat(text: str) -> str:
+    """Help text with its line wrapping undone."""
+    return " ".join(text.split())
+
+
+# -- help ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("command", JOB_COMMANDS)
+def test_job_command_help(command):
+    result = invoke(command, "--help")
+    assert result.exit_code == 0, result.output
+    text = flat(result.output)
+    for option in ("--data", "--output", "--config", "--set", "--force"):
+        assert option in text
+    assert "[default: demo]" in text
+    assert "SECTION.KEY=VALUE" in text
+    assert text.count("[required]") == 2  # --data and --output
+
+
+def test_synth_help():
+    result = invoke("synth", "--help")
+    assert result.exit_code == 0, result.output
+    text = flat(result.output)
+    assert "--output" in text and "[required]" in text
+    for option, default in (("--classes", 10), ("--per-class", 40), ("--val-per-class", 10),
+                            ("--test-images", 10), ("--image-size", 64), ("--seed", 0)):
+        assert option in text
+        assert f"[default: {default}]" in text
+
+
+def test_main_help_lists_commands():
+    result = invoke("--help")
+    assert result.exit_code == 0
+    text = flat(result.output)
+    for command in [*JOB_COMMANDS, "synth"]:
+        assert command in text
+    assert "[default: INFO]" in text
+
+
+def test_missing_required_option_is_a_usage_error():
+    result = invoke("run", "--output", "x")
+    assert result.exit_code == 2
+    assert "--data" in result.output
+    assert "error: " not in result.stderr  # click's own message, not a JobError line
+
+
+# -- user errors -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("command", JOB_COMMANDS)
+def test_missing_data_path(tmp_path, command):
+    missing = tmp_path / "no-such-data.zip"
+    result = invoke(command, "--data", str(missing), "--output", str(tmp_path / "out"), *cache_set(tmp_path))
+    line = one_line_error(result)
+    assert str(missing) in line
+    assert not (tmp_path / "out").exists()  # nothing created for a run that cannot start
+
+
+def test_unsupported_data_scheme(tmp_path):
+    out = str(tmp_path / "out")
+    result = invoke("run", "--data", "ftp://host/data.zip", "--output", out, *cache_set(tmp_path))
+    assert "ftp://host/data.zip" in one_line_error(result)
+
+
+def test_unknown_override_key(tmp_path, synth_zip):
+    result = invoke("run", "--data", str(synth_zip), "--output", str(tmp_path / "out"),
+                    "--set", "pretext.nope=1")
+    line = one_line_error(result)
+    assert "pretext.nope" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_malformed_override(tmp_path, synth_zip):
+    result = invoke("pretrain", "--data", str(synth_zip), "--output", str(tmp_path / "out"),
+                    "--set", "pretext.epochs")
+    assert "pretext.epochs" in one_line_error(result)
+
+
+def test_missing_config_file(tmp_path, synth_zip):
+    config = tmp_path / "absent.toml"
+    out = str(tmp_path / "out")
+    result = invoke("run", "--data", str(synth_zip), "--output", out, "--config", str(config))
+    assert str(config) in one_line_error(result)
+
+
+def test_dataset_without_wnids(tmp_path, synth_zip):
+    data = tmp_path / "no-wnids.zip"
+    with zipfile.ZipFile(synth_zip) as source, zipfile.ZipFile(data, "w") as target:
+        for info in source.infolist():
+            if info.filename != f"{ROOT_NAME}/wnids.txt":
+                target.writestr(info, source.read(info))
+    result = invoke("run", "--data", str(data), "--output", str(tmp_path / "out"), *cache_set(tmp_path))
+    line = one_line_error(result)
+    assert "wnids.txt" in line
+    assert str(data) in line
+
+
+def test_finetune_without_pretrained_backbone(tmp_path, synth_zip):
+    out = tmp_path / "out"
+    result = invoke("finetune", "--data", str(synth_zip), "--output", str(out), *cache_set(tmp_path))
+    line = one_line_error(result)
+    assert "backbone.keras" in line and "pretrain" in line
+
+
+def _previous_run(out: Path) -> dict[Path, bytes]:
+    """Files a previous invocation left in --output (an unrelated note and a finished-looking stage)."""
+    files = {
+        out / "notes.txt": b"keep me\n",
+        out / "export" / "backbone.keras": b"not really a model",
+        out / "pretext" / "history.json": b"[]",
+    }
+    for path, data in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return files
+
+
+def test_downstream_wnid_absent_from_data_finetune(tmp_path, synth_zip):
+    """finetune decodes the data and fails on the unknown class before building a model."""
+    out = tmp_path / "out"
+    kept = _previous_run(out)
+    result = invoke("finetune", "--data", str(synth_zip), "--output", str(out), *cache_set(tmp_path),
+                    "--set", f'data.downstream_wnids=["{MISSING_WNID}","n01855672"]')
+    line = one_line_error(result)
+    assert MISSING_WNID in line
+    assert "data.downstream_wnids" in line
+    for path, data in kept.items():
+        assert path.read_bytes() == data
+    assert (tmp_path / "cache" / "decoded").is_dir()  # it got as far as decoding
+
+
+@pytest.mark.slow
+def test_downstream_wnid_absent_from_data_run(tmp_path, synth_zip):
+    """`run` with an unknown downstream class: decodes, builds and exports the backbone (0 pretext epochs keep
+    it short), then fails in finetune with exit 2 naming the class."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me\n")
+    result = invoke(
+        "run", "--data", str(synth_zip), "--output", str(out), *cache_set(tmp_path),
+        "--set", f'data.downstream_wnids=["{MISSING_WNID}","n01855672"]',
+        "--set", "pretext.epochs=0", "--set", "pretext.batch_images=8",
+        "--set", "pretext.val_max_images=4", "--set", "runtime.xla=off",
+    )
+    line = one_line_error(result)
+    assert MISSING_WNID in line
+    assert (out / "notes.txt").read_text() == "keep me\n"
+
+
+def test_error_keeps_existing_output(tmp_path, synth_zip):
+    """A run that fails on its input leaves what --output held untouched."""
+    out = tmp_path / "out"
+    kept = _previous_run(out)
+    data = tmp_path / "broken.zip"
+    data.write_bytes(b"not a zip")
+    result = invoke("run", "--data", str(data), "--output", str(out), *cache_set(tmp_path))
+    assert str(data) in one_line_error(result)
+    for path, data_bytes in kept.items():
+        assert path.read_bytes() == data_bytes
+
+
+def test_force_with_bad_data_keeps_previous_results(tmp_path, synth_zip):
+    """--force redoes stages, but a run that cannot even read its data should not discard earlier results."""
+    out = tmp_path / "out"
+    kept = _previous_run(out)
+    (out / "pretext" / "done.json").write_text("{}")
+    data = tmp_path / "missing.zip"
+    data.write_bytes(b"not a zip")
+    result = invoke("run", "--data", str(data), "--output", str(out), "--force", *cache_set(tmp_path))
+    assert str(data) in one_line_error(result)
+    assert (out / "pretext" / "done.json").read_text() == "{}"
+    assert (out / "pretext" / "history.json").read_bytes() == kept[out / "pretext" / "history.json"]
+
+
+def test_synth_error_is_one_line(tmp_path):
+    result = invoke("synth", "--output", str(tmp_path / "s.zip"), "--classes", "1")
+    line = one_line_error(result)
+    assert "classes" in line and str(tmp_path / "s.zip") in line
+    assert not (tmp_path / "s.zip").exists()
+
+
+def test_synth_refuses_to_overwrite_directory(tmp_path):
+    target = tmp_path / "data"
+    (target / ROOT_NAME).mkdir(parents=True)
+    (target / ROOT_NAME / "wnids.txt").write_text("mine\n")
+    result = invoke("synth", "--output", str(target), "--classes", "2", "--per-class", "1",
+                    "--val-per-class", "1", "--test-images", "0", "--image-size", "16")
+    line = one_line_error(result)
+    assert str(target) in line
+    assert (target / ROOT_NAME / "wnids.txt").read_text() == "mine\n"
+
+
+def test_synth_writes_a_loadable_zip(tmp_path):
+    from job.data import load_dataset
+
+    path = tmp_path / "s.zip"
+    result = invoke("synth", "--output", str(path), "--classes", "3", "--per-class", "2",
+                    "--val-per-class", "1", "--test-images", "0", "--image-size", "16")
+    assert result.exit_code == 0, result.output
+    assert "6 train" in result.output and "3 val" in result.output
+    data = load_dataset(path, 16, threads=1)
+    assert len(data.wnids) == 3 and len(data.train) == 6 and len(data.val) == 3

@@ -1,0 +1,360 @@
+"""Tests for job.pipelines: epoch plans, subsets, augmentation, rotations, resumable and sharded tf.data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from job.pipelines import (
+    NUM_ROTATIONS,
+    Augmentation,
+    BatchPlan,
+    Sharding,
+    augment,
+    eval_batches,
+    plan_epoch,
+    random_subset,
+    rotate_four,
+    stratified_subset,
+    train_dataset,
+)
+
+N, SIZE = 22, 8
+
+
+@pytest.fixture(scope="module")
+def images() -> np.ndarray:
+    """N distinct uint8 images; image i has i in its first pixel so indices can be read back."""
+    rng = np.random.default_rng(123)
+    out = rng.integers(0, 256, size=(N, SIZE, SIZE, 3), dtype=np.uint8)
+    out[:, 0, 0, 0] = np.arange(N)
+    return out
+
+
+def collect(dataset: tf.data.Dataset) -> list[dict[str, np.ndarray]]:
+    return list(dataset.as_numpy_iterator())
+
+
+def real_indices(batches: list[dict[str, np.ndarray]]) -> list[int]:
+    """Example indices (labels = np.arange(N)) of the weight-1 samples, over all batches."""
+    return [int(i) for b in batches for i, w in zip(b["labels"], b["weights"], strict=True) if w == 1]
+
+
+# -- rotations -------------------------------------------------------------------------------------
+def test_rotate_four_matches_tf_rot90():
+    x = np.random.default_rng(0).integers(0, 256, size=(3, 5, 5, 2), dtype=np.uint8)
+    rotated, labels = rotate_four(x)
+    assert rotated.shape == (12, 5, 5, 2) and rotated.dtype == np.uint8
+    assert labels.dtype == np.int32
+    assert labels.tolist() == [0] * 3 + [1] * 3 + [2] * 3 + [3] * 3
+    for k in range(NUM_ROTATIONS):
+        np.testing.assert_array_equal(rotated[3 * k : 3 * k + 3], tf.image.rot90(x, k).numpy())
+    np.testing.assert_array_equal(rotated[:3], x)
+    # 90° counter-clockwise: the top row becomes the left column, read bottom to top
+    np.testing.assert_array_equal(rotated[3][:, 0], x[0][0, ::-1])
+
+
+# -- epoch plans -----------------------------------------------------------------------------------
+@pytest.mark.parametrize(("num", "batch"), [(22, 8), (24, 8), (5, 4), (7, 1), (3, 3)])
+def test_plan_one_pass_uses_every_example_once(num, batch):
+    plan = plan_epoch(num, batch, seed=1, epoch=0)
+    steps = -(-num // batch)
+    assert plan.steps == steps
+    assert plan.indices.shape == plan.weights.shape == (steps, batch)
+    assert plan.indices.dtype.kind == "i" and plan.weights.dtype == np.float32
+    flat, weights = plan.indices.ravel(), plan.weights.ravel()
+    assert sorted(flat[weights == 1].tolist()) == list(range(num))
+    assert set(weights.tolist()) <= {0.0, 1.0}
+    assert int((weights == 0).sum()) == steps * batch - num
+    assert np.all(weights[:num] == 1) and np.all(weights[num:] == 0)  # padding only at the end
+    assert flat.min() >= 0 and flat.max() < num
+
+
+def test_plan_is_seeded_by_seed_and_epoch():
+    a = plan_epoch(50, 8, seed=3, epoch=2)
+    b = plan_epoch(50, 8, seed=3, epoch=2)
+    np.testing.assert_array_equal(a.indices, b.indices)
+    np.testing.assert_array_equal(a.weights, b.weights)
+    assert not np.array_equal(a.indices, plan_epoch(50, 8, seed=3, epoch=3).indices)
+    assert not np.array_equal(a.indices, plan_epoch(50, 8, seed=4, epoch=2).indices)
+    assert not np.array_equal(a.indices.ravel()[:50], np.arange(50))  # shuffled
+
+
+@pytest.mark.parametrize(("num", "batch", "steps"), [(10, 4, 5), (10, 4, 1), (7, 3, 9), (16, 8, 2)])
+def test_plan_fixed_steps(num, batch, steps):
+    plan = plan_epoch(num, batch, seed=0, epoch=1, steps=steps)
+    assert plan.steps == steps
+    assert plan.indices.shape == (steps, batch)
+    assert np.all(plan.weights == 1)
+    counts = np.bincount(plan.indices.ravel(), minlength=num)
+    assert len(counts) == num
+    # consecutive full permutations: no example is used twice before all others were used once
+    assert counts.max() - counts.min() <= 1
+    assert counts.sum() == steps * batch
+
+
+@pytest.mark.parametrize(
+    ("num", "batch"),
+    [
+        (5, 8),
+        (3, 8),
+        (1, 4),
+    ],
+)
+def test_plan_batch_larger_than_dataset_is_padded(num, batch):
+    """One step holding all examples plus weight-0 padding, even when the pad exceeds the data size."""
+    plan = plan_epoch(num, batch, seed=0, epoch=0)
+    assert plan.indices.shape == (1, batch)
+    assert sorted(plan.indices[0][plan.weights[0] == 1].tolist()) == list(range(num))
+    assert plan.indices.min() >= 0 and plan.indices.max() < num
+
+
+# -- subsets ---------------------------------------------------------------------------------------
+def test_stratified_subset_keeps_class_proportions():
+    labels = np.repeat(np.arange(4), [10, 20, 3, 40])
+    rng = np.random.default_rng(0)
+    labels = labels[rng.permutation(len(labels))]
+    subset = stratified_subset(labels, 0.5, seed=7)
+    counts = np.bincount(labels[subset], minlength=4).tolist()
+    assert counts == [5, 10, 2, 20]
+    assert np.all(np.diff(subset) > 0)  # sorted, unique
+    small = stratified_subset(labels, 0.05, seed=7)
+    assert np.bincount(labels[small], minlength=4).tolist() == [1, 1, 1, 2]  # at least one per class
+
+
+def test_stratified_subset_is_seeded():
+    labels = np.repeat(np.arange(3), 30)
+    a = stratified_subset(labels, 0.3, seed=1)
+    np.testing.assert_array_equal(a, stratified_subset(labels, 0.3, seed=1))
+    assert not np.array_equal(a, stratified_subset(labels, 0.3, seed=2))
+
+
+def test_stratified_subset_full_fraction_is_everything():
+    labels = np.array([1, 0, 1, 1, 0])
+    np.testing.assert_array_equal(stratified_subset(labels, 1.0, seed=0), np.arange(5))
+
+
+def test_random_subset():
+    a = random_subset(100, 10, seed=5)
+    assert len(a) == 10 and len(set(a.tolist())) == 10
+    assert np.all(np.diff(a) > 0) and a.min() >= 0 and a.max() < 100
+    np.testing.assert_array_equal(a, random_subset(100, 10, seed=5))
+    assert not np.array_equal(a, random_subset(100, 10, seed=6))
+    np.testing.assert_array_equal(random_subset(7, 0, seed=0), np.arange(7))
+    np.testing.assert_array_equal(random_subset(7, 7, seed=0), np.arange(7))
+    np.testing.assert_array_equal(random_subset(7, 50, seed=0), np.arange(7))
+
+
+# -- augmentation ----------------------------------------------------------------------------------
+def test_augment_without_padding_only_flips(images):
+    out = augment(images, Augmentation.draw(np.random.default_rng(0), len(images), 0), padding=0)
+    assert out.shape == images.shape and out.dtype == np.uint8
+    assert out.flags["C_CONTIGUOUS"]
+    flipped = 0
+    for x, y in zip(images, out, strict=True):
+        same, mirror = np.array_equal(x, y), np.array_equal(x[:, ::-1], y)
+        assert same or mirror
+        flipped += mirror
+    assert 0 < flipped < len(images)  # both happen with p = 0.5
+
+
+def test_augment_is_seeded(images):
+    def draw(seed):
+        return augment(images, Augmentation.draw(np.random.default_rng(seed), len(images), 2), padding=2)
+
+    np.testing.assert_array_equal(draw(4), draw(4))
+    assert not np.array_equal(draw(4), draw(5))
+
+
+def test_augment_with_padding_crops_the_reflect_padded_image(images):
+    pad = 2
+    out = augment(images, Augmentation.draw(np.random.default_rng(1), len(images), pad), padding=pad)
+    assert out.shape == images.shape and out.dtype == np.uint8
+    moved = 0
+    for x, y in zip(images, out, strict=True):
+        windows = []
+        for source in (x, x[:, ::-1]):
+            padded = np.pad(source, ((pad, pad), (pad, pad), (0, 0)), mode="reflect")
+            windows += [
+                (dy, dx) for dy in range(2 * pad + 1) for dx in range(2 * pad + 1)
+                if np.array_equal(padded[dy : dy + SIZE, dx : dx + SIZE], y)
+            ]
+        assert windows, "output is not a crop of the (possibly mirrored) padded input"
+        moved += (pad, pad) not in windows
+    assert moved > 0
+
+
+# -- tf.data training pipeline ---------------------------------------------------------------------
+def test_train_dataset_rotations(images):
+    plan = plan_epoch(N, 4, seed=0, epoch=0)
+    labels = np.arange(N)
+    batches = collect(train_dataset(images, labels, plan, seed=0, epoch=0, rotations=True, padding=0))
+    assert len(batches) == plan.steps == 6
+    for step, batch in enumerate(batches):
+        assert set(batch) == {"images", "labels", "weights", "rotations"}
+        x = batch["images"]
+        assert x.shape == (16, SIZE, SIZE, 3) and x.dtype == np.uint8
+        assert batch["rotations"].tolist() == [0] * 4 + [1] * 4 + [2] * 4 + [3] * 4
+        assert batch["labels"].dtype == np.int32 and batch["weights"].dtype == np.float32
+        for k in range(NUM_ROTATIONS):
+            np.testing.assert_array_equal(x[4 * k : 4 * k + 4], tf.image.rot90(x[:4], k).numpy())
+            np.testing.assert_array_equal(batch["labels"][4 * k : 4 * k + 4], plan.indices[step])
+            np.testing.assert_array_equal(batch["weights"][4 * k : 4 * k + 4], plan.weights[step])
+        for i, index in enumerate(plan.indices[step]):  # upright block: the planned image, maybe mirrored
+            assert np.array_equal(x[i], images[index]) or np.array_equal(x[i], images[index][:, ::-1])
+    upright = [int(i) for b in batches for i, w in zip(b["labels"][:4], b["weights"][:4], strict=True) if w]
+    assert sorted(upright) == list(range(N))
+
+
+def test_train_dataset_without_rotations(images):
+    plan = plan_epoch(N, 8, seed=1, epoch=0)
+    batches = collect(train_dataset(images, np.arange(N), plan, seed=1, epoch=0, padding=1))
+    assert [b["images"].shape for b in batches] == [(8, SIZE, SIZE, 3)] * 3
+    assert all(np.all(b["rotations"] == 0) for b in batches)
+    assert sorted(real_indices(batches)) == list(range(N))
+    assert sum(int((b["weights"] == 0).sum()) for b in batches) == 3 * 8 - N
+
+
+def test_train_dataset_is_deterministic(images):
+    plan = plan_epoch(N, 4, seed=2, epoch=1)
+    kwargs = dict(seed=2, epoch=1, padding=2, rotations=True)
+    a = collect(train_dataset(images, np.arange(N), plan, **kwargs))
+    b = collect(train_dataset(images, np.arange(N), plan, **kwargs))
+    for x, y in zip(a, b, strict=True):
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key])
+    other = collect(train_dataset(images, np.arange(N), plan, **{**kwargs, "epoch": 2}))
+    assert not all(np.array_equal(x["images"], y["images"]) for x, y in zip(a, other, strict=True))
+
+
+@pytest.mark.parametrize("start", [1, 3, 5])
+def test_train_dataset_resume_matches_tail(images, start):
+    plan = plan_epoch(N, 4, seed=0, epoch=3)
+    kwargs = dict(seed=0, epoch=3, padding=2, rotations=True)
+    full = collect(train_dataset(images, np.arange(N), plan, **kwargs))
+    resumed = collect(train_dataset(images, np.arange(N), plan, start_step=start, **kwargs))
+    assert len(resumed) == len(full) - start
+    for x, y in zip(full[start:], resumed, strict=True):
+        assert x["images"].dtype == y["images"].dtype == np.uint8
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key])
+
+
+def test_train_dataset_start_at_end_is_empty(images):
+    plan = plan_epoch(N, 4, seed=0, epoch=0)
+    assert collect(train_dataset(images, np.arange(N), plan, seed=0, epoch=0, start_step=plan.steps)) == []
+
+
+@pytest.mark.parametrize("rotations", [False, True])
+def test_sharding_splits_each_epoch_between_pipelines(images, rotations):
+    plan = plan_epoch(N, 8, seed=0, epoch=0)
+    shards = []
+    for pipeline in range(2):
+        sharding = Sharding(pipeline_id=pipeline, num_pipelines=2)
+        batches = collect(
+            train_dataset(images, np.arange(N), plan, seed=0, epoch=0, padding=1, rotations=rotations,
+                          sharding=sharding)
+        )
+        per_replica = 4 * (NUM_ROTATIONS if rotations else 1)
+        assert len(batches) == plan.steps
+        assert all(b["images"].shape == (per_replica, SIZE, SIZE, 3) for b in batches)
+        upright = [
+            int(i) for b in batches for i, w, r in zip(b["labels"], b["weights"], b["rotations"], strict=True)
+            if w == 1 and r == 0
+        ]
+        shards.append(upright)
+    assert len(set(shards[0])) == len(shards[0]) and len(set(shards[1])) == len(shards[1])
+    assert not set(shards[0]) & set(shards[1])
+    assert sorted(shards[0] + shards[1]) == list(range(N))
+
+
+def test_sharded_pipelines_see_the_global_batch_slices(images):
+    """Pipeline i's step s holds exactly the i-th half of global batch s, with the same augmentation."""
+    plan = plan_epoch(N, 8, seed=0, epoch=0)
+    whole = collect(train_dataset(images, np.arange(N), plan, seed=0, epoch=0, padding=2))
+    for pipeline in range(2):
+        part = collect(train_dataset(images, np.arange(N), plan, seed=0, epoch=0, padding=2,
+                                     sharding=Sharding(pipeline, 2)))
+        for full, mine in zip(whole, part, strict=True):
+            np.testing.assert_array_equal(mine["images"], full["images"][pipeline * 4 : pipeline * 4 + 4])
+            np.testing.assert_array_equal(mine["labels"], full["labels"][pipeline * 4 : pipeline * 4 + 4])
+
+
+@pytest.mark.parametrize("rotations", [False, True])
+def test_replicas_per_pipeline(images, rotations):
+    plan = plan_epoch(N, 8, seed=0, epoch=0)
+    sharding = Sharding(pipeline_id=0, num_pipelines=1, replicas_per_pipeline=2)
+    elements = collect(train_dataset(images, np.arange(N), plan, seed=0, epoch=0, rotations=rotations,
+                                     sharding=sharding))
+    assert len(elements) == 2 * plan.steps  # one element per replica per step
+    per_replica = 4 * (NUM_ROTATIONS if rotations else 1)
+    assert all(e["images"].shape == (per_replica, SIZE, SIZE, 3) for e in elements)
+    for step in range(plan.steps):
+        for replica in range(2):
+            element = elements[2 * step + replica]
+            expected = plan.indices[step, replica * 4 : replica * 4 + 4]
+            np.testing.assert_array_equal(element["labels"][:4], expected)
+            if rotations:
+                x = element["images"]
+                for k in range(NUM_ROTATIONS):
+                    np.testing.assert_array_equal(x[4 * k : 4 * k + 4], tf.image.rot90(x[:4], k).numpy())
+    upright = [
+        int(i) for e in elements for i, w, r in zip(e["labels"], e["weights"], e["rotations"], strict=True)
+        if w == 1 and r == 0
+    ]
+    assert sorted(upright) == list(range(N))
+
+
+def test_batch_that_does_not_split_is_rejected(images):
+    plan = plan_epoch(N, 6, seed=0, epoch=0)
+    with pytest.raises(ValueError, match="does not split"):
+        train_dataset(images, np.arange(N), plan, seed=0, epoch=0, sharding=Sharding(0, 4))
+
+
+def test_plan_with_remapped_indices(images):
+    """Stages plan over a subset and remap (BatchPlan(indices[plan.indices], ...)); the pipeline follows."""
+    subset = np.array([3, 5, 8, 13, 21])
+    plan = plan_epoch(len(subset), 2, seed=0, epoch=0)
+    plan = BatchPlan(subset[plan.indices], plan.weights)
+    batches = collect(train_dataset(images, np.arange(N), plan, seed=0, epoch=0))
+    assert sorted(real_indices(batches)) == subset.tolist()
+
+
+# -- evaluation batches ----------------------------------------------------------------------------
+def test_eval_batches_are_deterministic_and_in_order(images):
+    labels = np.arange(N) % 3
+    first = list(eval_batches(images, labels, 8))
+    second = list(eval_batches(images, labels, 8))
+    assert [len(b[0]) for b in first] == [8, 8, 6]
+    for a, b in zip(first, second, strict=True):
+        for x, y in zip(a, b, strict=True):
+            np.testing.assert_array_equal(x, y)
+    np.testing.assert_array_equal(np.concatenate([b[0] for b in first]), images)
+    np.testing.assert_array_equal(np.concatenate([b[1] for b in first]), labels)
+    assert all(np.all(b[2] == 0) for b in first)
+
+
+def test_eval_batches_with_rotations(images):
+    labels = np.arange(N)
+    batches = list(eval_batches(images, labels, 5, rotations=True))
+    assert len(batches) == 5
+    x, y, angles = batches[-1]  # the short last batch: 2 images
+    assert x.shape == (8, SIZE, SIZE, 3)
+    assert y.tolist() == [20, 21] * 4
+    assert angles.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    for k in range(NUM_ROTATIONS):
+        np.testing.assert_array_equal(x[2 * k : 2 * k + 2], tf.image.rot90(images[20:], k).numpy())
+    again = list(eval_batches(images, labels, 5, rotations=True))
+    for a, b in zip(batches, again, strict=True):
+        for u, v in zip(a, b, strict=True):
+            np.testing.assert_array_equal(u, v)
+
+
+def test_eval_batches_accept_memory_maps(images, tmp_path):
+    path = tmp_path / "images.npy"
+    np.save(path, images)
+    mapped = np.load(path, mmap_mode="r")
+    batches = list(eval_batches(mapped, np.arange(N), 10))
+    assert all(type(b[0]) is np.ndarray for b in batches)
+    np.testing.assert_array_equal(np.concatenate([b[0] for b in batches]), images)
