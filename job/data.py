@@ -239,11 +239,10 @@ def _decode_split(
                 log.info("Decoding %s: %d/%d images", split, begin + DECODE_CHUNK, len(files))
     skipped += [tree.describe(f) for f, good in zip(files, ok) if not good]
     kept = np.flatnonzero(ok)
-    return ImageSet(
-        images[kept] if len(kept) < len(files) else images,
-        np.asarray(labels, np.int32)[kept],
-        [files[i] for i in kept],
-    )
+    for position, index in enumerate(kept):  # compact in place: no second copy of a large split
+        if position != index:
+            images[position] = images[index]
+    return ImageSet(images[: len(kept)], np.asarray(labels, np.int32)[kept], [files[i] for i in kept])
 
 
 def _source_identity(path: Path) -> str:

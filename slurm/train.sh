@@ -23,7 +23,7 @@
 # environment; task 0 is the chief and alone writes the shared artifacts.
 #
 # Preemption and time limits: Slurm sends SIGUSR1 to this script 120 s before the time limit (--signal),
-# and `scancel --signal=USR1 --batch JOBID` does the same by hand. The script then sends SIGTERM to the
+# and `scancel --signal=USR1 --batch JOBID` does the same by hand. The script then sends SIGUSR1 to the
 # job's tasks, which checkpoint after their current step and exit with 143, and requeues the job
 # (`scontrol requeue`): it starts again under the same job id, appends to the same log, and the same
 # command resumes from the checkpoint. A plain `scancel JOBID` (SIGTERM from Slurm to every task) stops the
@@ -91,9 +91,10 @@ on_signal() {
   fi
   log "SIG$sig: asking the tasks to save a checkpoint and stop, then requeueing the job"
   if [[ -n $srun_pid ]] && kill -0 "$srun_pid" 2>/dev/null; then
-    # To every job step but this batch shell (srun turns a SIGTERM it receives into SIGKILL for its tasks;
-    # scancel delivers SIGTERM to the tasks themselves). Fallback: srun forwards SIGUSR1 unchanged.
-    scancel --signal=TERM "$SLURM_JOB_ID" || kill -USR1 "$srun_pid"
+    # SIGUSR1, not SIGTERM: srun turns a SIGTERM it receives into SIGKILL for its tasks, and TensorFlow's
+    # multi-worker runtime installs its own SIGTERM handler over the job's. scancel signals every job step
+    # but this batch shell; srun itself forwards SIGUSR1 unchanged (the fallback).
+    scancel --signal=USR1 "$SLURM_JOB_ID" || kill -USR1 "$srun_pid"
   fi
 }
 trap 'on_signal USR1' USR1
