@@ -1,0 +1,105 @@
+"""The job with --data and --output in a GCS emulator, through injected faults, and resumed from the bucket."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from job.synth import make_synthetic_dataset
+from tests.jobproc import REPO, job_args, job_env, run_job
+
+pytestmark = pytest.mark.slow
+
+PUSH_EVERY = "runtime.sync_interval_s=1"
+
+
+def _dataset(tmp_path: Path, emulator) -> str:
+    data = tmp_path / "tiny.zip"
+    make_synthetic_dataset(data, classes=4, per_class=16, downstream_per_class=24, val_per_class=4, image_size=32)
+    emulator.client().bucket(emulator.bucket).blob("data/tiny.zip").upload_from_filename(data)
+    return f"gs://{emulator.bucket}/data/tiny.zip"
+
+
+def _md5(path: Path) -> str:
+    return base64.b64encode(hashlib.md5(path.read_bytes()).digest()).decode()
+
+
+def _remote_md5s(emulator, prefix: str) -> dict[str, str]:
+    blobs = emulator.client().bucket(emulator.bucket).list_blobs(prefix=prefix)
+    return {blob.name.removeprefix(prefix): blob.md5_hash for blob in blobs}
+
+
+def _mirror(cache: Path) -> Path:
+    (local,) = (cache / "runs").iterdir()
+    return local
+
+
+def _scalars(event_file: Path) -> list[tuple[str, int, float]]:
+    import tensorflow as tf
+
+    values = []
+    for event in tf.compat.v1.train.summary_iterator(str(event_file)):
+        for value in event.summary.value:
+            if value.metadata.plugin_data.plugin_name == "scalars":
+                values.append((value.tag, event.step, float(tf.make_ndarray(value.tensor))))
+    return values
+
+
+def test_pretrain_from_and_to_the_emulator_through_faults(tmp_path, gcs_emulator, flaky_proxy):
+    data = _dataset(tmp_path, gcs_emulator)
+    proxy = flaky_proxy(fail_rate=0.1, reset_rate=0.03, seed=3)
+    output, cache = f"gs://{gcs_emulator.bucket}/runs/e2e", tmp_path / "cache"
+
+    result = run_job(job_args("pretrain", data, output, cache, PUSH_EVERY))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert proxy.stats.injected_503 + proxy.stats.injected_resets > 0  # the faults did happen
+
+    local = _mirror(cache)
+    files = {p.relative_to(local).as_posix(): p for p in local.rglob("*") if p.is_file()}
+    remote = _remote_md5s(gcs_emulator, "runs/e2e/")
+    assert "model/backbone.keras" in files and "checkpoints/pretext/done.json" in files
+    for name, path in files.items():
+        assert remote.get(name) == _md5(path), f"{name} missing or different in the bucket"
+
+    (event_name,) = [n for n in files if n.startswith("logs/pretext/events.out.tfevents")]
+    downloaded = tmp_path / "events.remote"
+    gcs_emulator.client().bucket(gcs_emulator.bucket).blob(f"runs/e2e/{event_name}").download_to_filename(
+        downloaded
+    )
+    local_scalars = _scalars(files[event_name])
+    assert local_scalars and _scalars(downloaded) == local_scalars
+
+
+def test_killed_run_resumes_from_the_bucket_on_a_fresh_machine(tmp_path, gcs_emulator):
+    data = _dataset(tmp_path, gcs_emulator)
+    output = f"gs://{gcs_emulator.bucket}/runs/resume"
+    overrides = (PUSH_EVERY, "pretext.epochs=3")
+    process = subprocess.Popen(
+        job_args("pretrain", data, output, tmp_path / "first-machine", *overrides), cwd=REPO, env=job_env(),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    index = "runs/resume/checkpoints/pretext/ckpt/checkpoint"
+    bucket = gcs_emulator.client().bucket(gcs_emulator.bucket)
+    deadline = time.monotonic() + 300
+    while not bucket.blob(index).exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert process.poll() is None, "the run ended before a checkpoint reached the bucket"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    pushed = bucket.blob(index).download_as_text()
+    step = int(pushed.splitlines()[0].split('"')[1].rsplit("-", 1)[1])
+    assert not bucket.blob("runs/resume/checkpoints/pretext/done.json").exists()
+
+    result = run_job(job_args("pretrain", data, output, tmp_path / "second-machine", *overrides))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Pulled" in result.stderr
+    resumed = [line for line in result.stderr.splitlines() if "Resumed from" in line]
+    assert resumed and int(resumed[0].rsplit("at step ", 1)[1]) >= step
+    assert bucket.blob("runs/resume/checkpoints/pretext/done.json").exists()
+    assert bucket.blob("runs/resume/model/backbone.keras").exists()
