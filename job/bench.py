@@ -79,7 +79,7 @@ def _extracted_train_dir(data_path: Path, workdir: Path) -> Path:
 def run_bench(ctx, batches: int, repeats: int) -> dict:
     """All measurements on the data and config of `ctx` (a stages.Context)."""
     from job.data import load_dataset
-    from job.stages import pretext_task
+    from job.pretext import pretext_task
     from job.train import ParamGroup, Trainer
 
     results: dict = {}

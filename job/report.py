@@ -18,7 +18,6 @@ import numpy as np  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-LISTED_SKIPPED = 20
 METRIC_KEYS = (
     "pretext.val_rotation_accuracy",
     "pretext.online_probe_val_accuracy",

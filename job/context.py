@@ -1,0 +1,133 @@
+"""What every stage and task needs: the config, the run layout, the data and the cluster; shared builders."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import keras
+import tensorflow as tf
+
+from job.config import Config
+from job.data import Dataset, load_dataset
+from job.distribute import Cluster
+from job.errors import JobError
+from job.layout import RunLayout
+from job.pipelines import BatchPlan, Sharding, plan_epoch, train_dataset
+from job.train import write_json
+from models.backbone import build_backbone
+
+log = logging.getLogger(__name__)
+
+LISTED_SKIPPED = 20  # unreadable files named in metrics.json and the report
+
+
+@dataclass
+class Context:
+    """What every stage needs: the config, where to write, where the data is, and the cluster."""
+
+    config: Config
+    layout: RunLayout
+    data_path: Path
+    cluster: Cluster
+    force: bool = False
+    _forced: set[Path] = field(default_factory=set)
+
+    @cached_property
+    def dataset(self) -> Dataset:
+        cfg = self.config.data
+        return load_dataset(self.data_path, cfg.image_size, Path(cfg.cache_dir).expanduser(), cfg.decode_threads)
+
+    def dataset_summary(self) -> dict:
+        d = self.dataset
+        return {
+            "train_images": len(d.train),
+            "val_images": len(d.val),
+            "skipped_images": len(d.skipped),
+            "skipped_files": d.skipped[: LISTED_SKIPPED],
+            "classes": len(d.wnids),
+            "decode_images_per_sec": (len(d.train) + len(d.val)) / d.decode_seconds if d.decode_seconds else None,
+        }
+
+    def completed(self, stage_dir: Path) -> dict | None:
+        """The stage's done.json, or None when it must (re)run; `--force` clears each stage once."""
+        if self.force and stage_dir not in self._forced:
+            self._forced.add(stage_dir)
+            if self.cluster.is_chief and stage_dir.exists():
+                log.info("--force: discarding %s", stage_dir)
+                shutil.rmtree(stage_dir)
+            return None
+        return read_done(stage_dir)
+
+    def finish(self, stage_dir: Path, result: dict) -> dict:
+        if self.cluster.is_chief:
+            write_json(RunLayout.done(stage_dir), result)
+        return result
+
+
+def read_done(stage_dir: Path) -> dict | None:
+    """A stage's results (its done.json), or None when it has not completed."""
+    done = RunLayout.done(stage_dir)
+    return json.loads(done.read_text()) if done.is_file() else None
+
+
+def mixed_precision(ctx: Context) -> bool:
+    setting = ctx.config.runtime.mixed_precision
+    return setting == "on" or (setting == "auto" and ctx.cluster.has_gpu)
+
+
+def use_xla(ctx: Context) -> bool:
+    setting = ctx.config.runtime.xla
+    return setting == "on" or (setting == "auto" and ctx.cluster.has_gpu)
+
+
+def build_configured_backbone(ctx: Context, weights: str | None = None) -> keras.Model:
+    m = ctx.config.model
+    return build_backbone(
+        ctx.config.data.image_size,
+        alpha=m.alpha,
+        weights=m.weights if weights is None else weights,
+        bn_momentum=m.bn_momentum,
+        stem_stride=m.stem_stride,
+        input_scale=m.input_scale,
+    )
+
+
+def check_batch(ctx: Context, batch: int, key: str) -> None:
+    replicas = ctx.cluster.num_replicas
+    if batch % replicas:
+        raise JobError(f"{key} = {batch} does not split over {replicas} replicas: make it a multiple of {replicas}.")
+
+
+def sparse_ce(labels, logits):
+    return tf.keras.losses.sparse_categorical_crossentropy(labels, tf.cast(logits, tf.float32), from_logits=True)
+
+
+def correct(labels, logits):
+    return tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.float32)
+
+
+def weighted(values, weights):
+    return tf.reduce_sum(values * weights), tf.reduce_sum(weights)
+
+
+def dataset_fn(images, labels, indices, batch, steps, ctx: Context, rotations: bool):
+    """(epoch, start_step, input_context) → this pipeline's tf.data.Dataset for that epoch."""
+    seed, padding = ctx.config.runtime.seed, ctx.config.data.crop_padding
+
+    def make(epoch: int, start_step: int, context) -> tf.data.Dataset:
+        plan = plan_epoch(len(indices), batch, seed, epoch, steps)
+        plan = BatchPlan(indices[plan.indices], plan.weights)
+        return train_dataset(
+            images, labels, plan, seed=seed, epoch=epoch, start_step=start_step, padding=padding,
+            rotations=rotations, sharding=Sharding.from_input_context(context),
+            prefetch=ctx.config.data.prefetch_batches,
+        )
+
+    return make
+
+

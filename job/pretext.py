@@ -1,0 +1,161 @@
+"""The rotation pretext task: model (backbone, rotation head, online probe), objective, data, and its stage."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from job.context import (
+    Context,
+    build_configured_backbone,
+    check_batch,
+    correct,
+    dataset_fn,
+    mixed_precision,
+    sparse_ce,
+    use_xla,
+    weighted,
+)
+from job.evaluate import accuracy, predict
+from job.pipelines import random_subset, rotate_four
+from job.train import LoopConfig, ParamGroup, Trainer, WarmupCosine, make_optimizer
+from models.heads import classifier_head, rotation_head
+
+log = logging.getLogger(__name__)
+
+ROTATION_EXAMPLES = 4  # val images shown in four rotations in TensorBoard
+
+
+@dataclass
+class PretextTask:
+    """The pretext model and how to train it: built once, used by the pretrain stage and the benchmark."""
+
+    model: keras.Model  # pixels → [rotation logits, online-probe logits]
+    backbone: keras.Model
+    rotation_model: keras.Model  # pixels → rotation logits
+    objective: Callable
+    optimizer: keras.optimizers.Optimizer
+    loop: LoopConfig
+    train_indices: np.ndarray
+    dataset_fn: Callable
+
+
+def pretext_task(ctx: Context) -> PretextTask:
+    """Build the rotation model (backbone, rotation head, online probe) under the cluster's strategy."""
+    cfg, data, p = ctx.config, ctx.dataset, ctx.config.pretext
+    check_batch(ctx, p.batch_images, "pretext.batch_images")
+    train_indices = random_subset(len(data.train), p.max_images, cfg.runtime.seed)
+    steps = p.steps_per_epoch or math.ceil(len(train_indices) / p.batch_images)
+    mixed = mixed_precision(ctx)
+    keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
+    with ctx.cluster.strategy.scope():
+        keras.utils.set_random_seed(cfg.runtime.seed)
+        backbone = build_configured_backbone(ctx)
+        dim = backbone.output_shape[-1]
+        pixels = keras.Input(backbone.input_shape[1:], name="pixels")
+        features = backbone(pixels)
+        rotation_logits = rotation_head(dim, cfg.model.head_hidden_units)(features)
+        probe_logits = classifier_head(dim, len(data.wnids), name="online_probe")(keras.ops.stop_gradient(features))
+        model = keras.Model(pixels, [rotation_logits, probe_logits], name="pretext")
+        schedule = WarmupCosine(p.learning_rate, int(p.warmup_epochs * steps), p.epochs * steps)
+        optimizer = make_optimizer(p.optimizer, schedule, p.weight_decay)
+        if mixed:
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    keras.mixed_precision.set_global_policy("float32")
+    use_probe = p.online_probe
+
+    def objective(batch, training):
+        rotation, probe = model(tf.cast(batch["images"], tf.float32), training=training)
+        weights = batch["weights"]
+        upright = weights * tf.cast(tf.equal(batch["rotations"], 0), tf.float32)
+        rotation_loss = sparse_ce(batch["rotations"], rotation)
+        probe_loss = sparse_ce(batch["labels"], probe)
+        per_example = rotation_loss * weights + (probe_loss * upright if use_probe else 0.0)
+        metrics = {
+            "loss": weighted(rotation_loss, weights),
+            "rotation_accuracy": weighted(correct(batch["rotations"], rotation), weights),
+        }
+        if use_probe:
+            metrics["online_probe_accuracy"] = weighted(correct(batch["labels"], probe), upright)
+        return per_example, metrics
+
+    loop = LoopConfig(
+        epochs=p.epochs, steps_per_epoch=steps, samples_per_step=4 * p.batch_images,
+        checkpoint_every_steps=cfg.runtime.checkpoint_every_steps, keep_checkpoints=cfg.runtime.keep_checkpoints,
+        log_every_steps=cfg.runtime.log_every_steps, patience=p.early_stopping_patience,
+        monitor="rotation_accuracy", xla=use_xla(ctx),
+    )
+    make_dataset = dataset_fn(
+        data.train.images, data.train.labels, train_indices, p.batch_images, p.steps_per_epoch, ctx, rotations=True
+    )
+    rotation_model = keras.Model(pixels, rotation_logits, name="rotation_model")
+    return PretextTask(model, backbone, rotation_model, objective, optimizer, loop, train_indices, make_dataset)
+
+
+def pretrain(ctx: Context) -> dict:
+    """Rotation pretext training; exports the backbone and the rotation model."""
+    layout, p = ctx.layout, ctx.config.pretext
+    if (done := ctx.completed(layout.pretext)) is not None:
+        log.info("pretrain: complete in %s, skipping (use --force to redo)", layout.pretext)
+        return done
+    data = ctx.dataset
+    task = pretext_task(ctx)
+    val_indices = random_subset(len(data.val), p.val_max_images, ctx.config.runtime.seed)
+    val_images, val_labels = np.asarray(data.val.images[val_indices]), data.val.labels[val_indices]
+    log.info(
+        "pretrain: %d images x 4 rotations, %d steps/epoch, %d epochs, %d replicas (%s), mixed precision %s",
+        len(task.train_indices), task.loop.steps_per_epoch, p.epochs, ctx.cluster.num_replicas, ctx.cluster.kind,
+        mixed_precision(ctx),
+    )
+
+    def evaluator(epoch: int, writer) -> dict[str, float]:
+        (rotation, probe), angles = predict(task.model, val_images, rotations=True)
+        metrics = {"rotation_accuracy": accuracy(rotation, angles)}
+        if p.online_probe:
+            metrics["online_probe_accuracy"] = accuracy(probe[angles == 0], val_labels)
+        _rotation_summary(writer, task.model, val_images[:ROTATION_EXAMPLES], epoch)
+        return metrics
+
+    trainer = Trainer(
+        ctx.cluster, task.model, task.objective, [ParamGroup(task.model.trainable_variables, task.optimizer)],
+        layout.pretext, layout.tensorboard("pretext"), task.loop,
+    )
+    result = trainer.fit(task.dataset_fn, evaluator)
+    trainer.finalize(use_best=True)
+    final = evaluator(result.epochs, trainer.writer)
+    trainer.close()
+    if ctx.cluster.is_chief:
+        layout.export.mkdir(parents=True, exist_ok=True)
+        task.backbone.save(layout.backbone)
+        task.rotation_model.save(layout.rotation_model)
+    return ctx.finish(layout.pretext, {
+        "val_rotation_accuracy": final["rotation_accuracy"],
+        "online_probe_val_accuracy": final.get("online_probe_accuracy"),
+        "epochs": result.epochs,
+        "steps": result.steps,
+        "train_seconds": result.train_seconds,
+        "samples_per_sec": result.samples_per_sec,
+        "train_images": int(len(task.train_indices)),
+        "stopped_early": result.stopped_early,
+        "history": result.history,
+    })
+
+
+def _rotation_summary(writer, model, images: np.ndarray, epoch: int) -> None:
+    """TensorBoard image summary: a few val images in four rotations, with the predicted angles."""
+    if not len(images):
+        return
+    (rotation, _), angles = predict(model, images, rotations=True)
+    predicted = np.argmax(rotation, -1) * 90
+    rotated, _ = rotate_four(np.asarray(images))
+    description = "true → predicted angle: " + ", ".join(f"{a * 90}→{p}" for a, p in zip(angles, predicted))
+    with writer.as_default(step=epoch + 1):
+        tf.summary.image("val/rotations", rotated, max_outputs=len(rotated), description=description)
+
+
