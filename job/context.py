@@ -17,7 +17,7 @@ from job.data import Dataset, load_dataset
 from job.distribute import Cluster
 from job.errors import JobError
 from job.layout import RunLayout
-from job.pipelines import BatchPlan, Sharding, plan_epoch, train_dataset
+from job.pipelines import BatchPlan, ImageStore, Sharding, plan_epoch, train_dataset
 from job.train import write_json
 from models.backbone import build_backbone
 
@@ -118,12 +118,13 @@ def weighted(values, weights):
 def dataset_fn(images, labels, indices, batch, steps, ctx: Context, rotations: bool):
     """(epoch, start_step, input_context) → this pipeline's tf.data.Dataset for that epoch."""
     seed, padding = ctx.config.runtime.seed, ctx.config.data.crop_padding
+    store = ImageStore(images)  # once per task, shared by every epoch's dataset
 
     def make(epoch: int, start_step: int, context) -> tf.data.Dataset:
         plan = plan_epoch(len(indices), batch, seed, epoch, steps)
         plan = BatchPlan(indices[plan.indices], plan.weights)
         return train_dataset(
-            images, labels, plan, seed=seed, epoch=epoch, start_step=start_step, padding=padding,
+            store, labels, plan, seed=seed, epoch=epoch, start_step=start_step, padding=padding,
             rotations=rotations, sharding=Sharding.from_input_context(context),
             prefetch=ctx.config.data.prefetch_batches,
         )

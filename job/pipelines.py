@@ -17,6 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 NUM_ROTATIONS = 4
+SEED_STRIDE = 1_000_003  # (seed, epoch) → one stateless-RNG key component
 
 
 @dataclass(frozen=True)
@@ -80,30 +81,56 @@ def rotate_four(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(rotated), labels
 
 
-@dataclass(frozen=True)
-class Augmentation:
-    """Random draws for a batch: horizontal flips and crop offsets (into the padded image)."""
+def augment_batch(images: tf.Tensor, flips: tf.Tensor, offsets: tf.Tensor, padding: int) -> tf.Tensor:
+    """Random horizontal flip, then a random crop of the reflect-padded image; uint8 in, uint8 out.
 
-    flips: np.ndarray  # bool [B]
-    offsets: np.ndarray  # int [B, 2]
+    `flips` [B] bool, `offsets` [B, 2] int32 in [0, 2 * padding]. Neither operation reveals orientation.
+    """
+    x = tf.where(flips[:, None, None, None], tf.reverse(images, axis=[2]), images)
+    if not padding:
+        return x
+    height, width = images.shape[1], images.shape[2]
+    x = tf.pad(x, [[0, 0], [padding, padding], [padding, padding], [0, 0]], mode="REFLECT")
+    rows = offsets[:, :1] + tf.range(height)[None, :]
+    cols = offsets[:, 1:] + tf.range(width)[None, :]
+    x = tf.gather(x, rows, axis=1, batch_dims=1)
+    return tf.gather(x, cols, axis=2, batch_dims=1)
 
-    @classmethod
-    def draw(cls, rng: np.random.Generator, count: int, padding: int) -> Augmentation:
-        return cls(rng.random(count) < 0.5, rng.integers(0, 2 * padding + 1, size=(count, 2)))
 
-    def __getitem__(self, part: slice) -> Augmentation:
-        return Augmentation(self.flips[part], self.offsets[part])
+def draw_augmentation(seed: int, epoch: int, step: tf.Tensor, count: int, padding: int):
+    """Flips and crop offsets for one global batch, a pure function of (seed, epoch, step)."""
+    base = tf.cast(seed * SEED_STRIDE + epoch, tf.int64)
+    step = tf.cast(step, tf.int64)
+    flips = tf.random.stateless_uniform([count], seed=tf.stack([base, 2 * step])) < 0.5
+    offsets = tf.random.stateless_uniform(
+        [count, 2], seed=tf.stack([base, 2 * step + 1]), minval=0, maxval=2 * padding + 1, dtype=tf.int32
+    )
+    return flips, offsets
 
 
-def augment(images: np.ndarray, draws: Augmentation, padding: int) -> np.ndarray:
-    """Random crop after reflect padding, and random horizontal flip: neither reveals orientation."""
-    count, height, width, _ = images.shape
-    flips, offsets = draws.flips, draws.offsets
-    out = np.where(flips[:, None, None, None], images[:, :, ::-1], images)
-    if padding:
-        padded = np.pad(out, ((0, 0), (padding, padding), (padding, padding), (0, 0)), mode="reflect")
-        out = np.stack([padded[i, y : y + height, x : x + width] for i, (y, x) in enumerate(offsets)])
-    return np.ascontiguousarray(out)
+def rotate_four_tf(images: tf.Tensor) -> tf.Tensor:
+    """[B, H, W, C] → [4B, H, W, C], block k = tf.image.rot90(images, k)."""
+    return tf.concat([tf.image.rot90(images, k) for k in range(NUM_ROTATIONS)], axis=0)
+
+
+class ImageStore:
+    """A uint8 image array held once in host memory as a TF resource, for in-graph batch gathers.
+
+    Filled chunk by chunk from a (memory-mapped) numpy array, so the source is never copied whole and
+    the input pipeline runs without Python (no GIL, no numpy_function) and can be torn down at any step.
+    """
+
+    CHUNK = 4096
+
+    def __init__(self, images: np.ndarray):
+        with tf.device("/cpu:0"):
+            self.variable = tf.Variable(tf.zeros(images.shape, tf.uint8), trainable=False, name="images")
+        for begin in range(0, len(images), self.CHUNK):
+            self.variable[begin : begin + self.CHUNK].assign(np.asarray(images[begin : begin + self.CHUNK]))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.variable.shape)
 
 
 @dataclass(frozen=True)
@@ -127,7 +154,7 @@ class Sharding:
 
 
 def train_dataset(
-    images: np.ndarray,
+    images: ImageStore | np.ndarray,
     labels: np.ndarray,
     plan: BatchPlan,
     *,
@@ -139,54 +166,46 @@ def train_dataset(
     sharding: Sharding = Sharding(),
     prefetch: int = 4,
 ) -> tf.data.Dataset:
-    """Per-replica training batches {images uint8, labels, weights[, rotations]} for steps start_step..end.
+    """Per-replica training batches {images uint8, labels, weights, rotations} for steps start_step..end.
 
     With `rotations=True` (the pretext task), every image of a replica batch appears in all four
-    rotations in that batch, `rotations` holds the angle index and `labels` the (unused by the
-    backbone) class label for an online probe.
+    rotations in that batch (block k rotated by k*90°), `rotations` holds the angle index and `labels`
+    the class label, for an online probe only. Augmentation draws are made for the whole global batch,
+    so they do not depend on how it is sharded.
     """
+    store = images if isinstance(images, ImageStore) else ImageStore(images)
     global_batch = plan.indices.shape[1]
-    if global_batch % (sharding.num_pipelines * sharding.replicas_per_pipeline):
+    replicas = sharding.replicas_per_pipeline
+    if global_batch % (sharding.num_pipelines * replicas):
         raise ValueError(f"global batch {global_batch} does not split over {sharding} replicas")
     part = sharding.slice(global_batch)
-    replicas = sharding.replicas_per_pipeline
-    size = images.shape[1]
+    indices = tf.constant(plan.indices[:, part])
+    weights = tf.constant(plan.weights[:, part])
+    label_table = tf.constant(np.asarray(labels, np.int32))
+    size = store.shape[1]
 
-    def make_batch(step: np.int64):
-        # Draws are made for the whole global batch, so they do not depend on how it is sharded.
-        rng = np.random.default_rng([seed, epoch, int(step)])
-        draws = Augmentation.draw(rng, global_batch, padding)[part]
-        flips_and_crops = augment(images[plan.indices[step, part]], draws, padding)
-        batch_labels = labels[plan.indices[step, part]].astype(np.int32)
-        weights = plan.weights[step, part]
-        if rotations:
-            chunks = [_rotated_chunk(x, y, w) for x, y, w in _split(replicas, flips_and_crops, batch_labels, weights)]
-            return tuple(np.stack(parts) for parts in zip(*chunks))
-        rot = np.zeros_like(batch_labels)
-        return tuple(
-            np.stack(np.split(a, replicas)) for a in (flips_and_crops, batch_labels, weights, rot)
-        )
+    def per_replica(t: tf.Tensor) -> tf.Tensor:
+        return tf.reshape(t, [replicas, -1, *t.shape[1:]])
 
     def load(step):
-        x, y, w, r = tf.numpy_function(make_batch, [step], (tf.uint8, tf.int32, tf.float32, tf.int32))
-        per_replica = global_batch // (sharding.num_pipelines * replicas) * (NUM_ROTATIONS if rotations else 1)
-        x = tf.ensure_shape(x, (replicas, per_replica, size, size, 3))
-        y, w, r = (tf.ensure_shape(t, (replicas, per_replica)) for t in (y, w, r))
+        flips, offsets = draw_augmentation(seed, epoch, step, global_batch, padding)
+        index = indices[step]
+        x = augment_batch(tf.gather(store.variable, index), flips[part], offsets[part], padding)
+        x, y, w = per_replica(x), per_replica(tf.gather(label_table, index)), per_replica(weights[step])
+        if rotations:
+            x = tf.stack([rotate_four_tf(x[r]) for r in range(replicas)])
+            y, w = tf.tile(y, [1, NUM_ROTATIONS]), tf.tile(w, [1, NUM_ROTATIONS])
+            angles = tf.repeat(tf.range(NUM_ROTATIONS, dtype=tf.int32), tf.shape(x)[1] // NUM_ROTATIONS)
+            r = tf.tile(angles[None], [replicas, 1])
+        else:
+            r = tf.zeros_like(y)
+        x = tf.ensure_shape(x, (replicas, None, size, size, 3))
         return {"images": x, "labels": y, "weights": w, "rotations": r}
 
     steps = tf.data.Dataset.range(start_step, plan.steps)
     dataset = steps.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     dataset = dataset.unbatch() if replicas > 1 else dataset.map(lambda b: {k: v[0] for k, v in b.items()})
     return dataset.prefetch(prefetch)
-
-
-def _split(parts: int, *arrays: np.ndarray):
-    return zip(*(np.split(a, parts) for a in arrays))
-
-
-def _rotated_chunk(images: np.ndarray, labels: np.ndarray, weights: np.ndarray):
-    rotated, angles = rotate_four(images)
-    return rotated, np.tile(labels, NUM_ROTATIONS), np.tile(weights, NUM_ROTATIONS), angles
 
 
 def eval_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, rotations: bool = False):

@@ -8,10 +8,10 @@ import tensorflow as tf
 
 from job.pipelines import (
     NUM_ROTATIONS,
-    Augmentation,
     BatchPlan,
     Sharding,
-    augment,
+    augment_batch,
+    draw_augmentation,
     eval_batches,
     plan_epoch,
     random_subset,
@@ -146,9 +146,15 @@ def test_random_subset():
     np.testing.assert_array_equal(random_subset(7, 50, seed=0), np.arange(7))
 
 
+def augment(images, seed: int, padding: int):
+    """The pipeline's augmentation for one batch, drawn as the pipeline draws it."""
+    flips, offsets = draw_augmentation(seed, 0, 0, len(images), padding)
+    return augment_batch(tf.constant(images), flips, offsets, padding).numpy()
+
+
 # -- augmentation ----------------------------------------------------------------------------------
 def test_augment_without_padding_only_flips(images):
-    out = augment(images, Augmentation.draw(np.random.default_rng(0), len(images), 0), padding=0)
+    out = augment(images, 0, padding=0)
     assert out.shape == images.shape and out.dtype == np.uint8
     assert out.flags["C_CONTIGUOUS"]
     flipped = 0
@@ -161,7 +167,7 @@ def test_augment_without_padding_only_flips(images):
 
 def test_augment_is_seeded(images):
     def draw(seed):
-        return augment(images, Augmentation.draw(np.random.default_rng(seed), len(images), 2), padding=2)
+        return augment(images, seed, padding=2)
 
     np.testing.assert_array_equal(draw(4), draw(4))
     assert not np.array_equal(draw(4), draw(5))
@@ -169,7 +175,7 @@ def test_augment_is_seeded(images):
 
 def test_augment_with_padding_crops_the_reflect_padded_image(images):
     pad = 2
-    out = augment(images, Augmentation.draw(np.random.default_rng(1), len(images), pad), padding=pad)
+    out = augment(images, 1, padding=pad)
     assert out.shape == images.shape and out.dtype == np.uint8
     moved = 0
     for x, y in zip(images, out, strict=True):
