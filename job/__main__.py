@@ -1,5 +1,9 @@
-"""`python -m job <command>`."""
+"""`python -m job`."""
 
-from job.cli import main
+from job.allocator import reexec_with_tcmalloc
+
+reexec_with_tcmalloc()
+
+from job.cli import main  # noqa: E402
 
 main()
