@@ -46,7 +46,11 @@ def _user_errors(function: Callable) -> Callable:
             sys.exit(err.exit_code)
         except Preempted as stop:
             click.echo(f"preempted: {stop}; rerun the same command to resume.", err=True)
-            sys.exit(EXIT_PREEMPTED)
+            # Everything is saved and synced; skip TensorFlow's slow multi-worker teardown (tens of seconds).
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(EXIT_PREEMPTED)
 
     return wrapper
 
@@ -103,6 +107,8 @@ def _execute(stage_names: list[str], data: str, output: str, config_name: str, o
         log.info("Pulled %d files of %s into %s", pulled, output, local_output)
     data_path = fetch_dataset(data, cache / "downloads")
     cluster = make_cluster(config.runtime.slurm_port_base)
+    for signum in STOP_SIGNALS:  # TensorFlow's multi-worker runtime installs its own SIGTERM handler
+        signal.signal(signum, _request_stop)
     layout = RunLayout(local_output)
     context = stages.Context(config, layout, data_path, cluster, force)
     stages.check_inputs(context)

@@ -64,6 +64,12 @@ def _slurm_multi_task() -> bool:
     )
 
 
+def _slurm_tasks_per_node() -> int:
+    """The most tasks this job step runs on one node (SLURM_STEP_TASKS_PER_NODE looks like "2(x3),1")."""
+    spec = os.environ.get("SLURM_STEP_TASKS_PER_NODE") or os.environ.get("SLURM_TASKS_PER_NODE") or "1"
+    return max(int(part.split("(")[0]) for part in spec.split(","))
+
+
 def make_cluster(slurm_port_base: int = 8888) -> Cluster:
     """Build the strategy this process should train under."""
     gpus = tf.config.list_physical_devices("GPU")
@@ -75,8 +81,10 @@ def make_cluster(slurm_port_base: int = 8888) -> Cluster:
         resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
         return _multi_worker(resolver, bool(gpus), "multi-worker (TF_CONFIG)")
     if _slurm_multi_task():
+        # Slurm gives each task its GPUs (--gpus-per-task) and auto_set_gpu=False leaves them alone; the resolver
+        # still puts at most gpus_per_node / gpus_per_task tasks on a node (and fails on 0 GPUs): one slot per task.
         resolver = tf.distribute.cluster_resolver.SlurmClusterResolver(
-            port_base=slurm_port_base, gpus_per_node=len(gpus), gpus_per_task=1 if gpus else 0, auto_set_gpu=False
+            port_base=slurm_port_base, gpus_per_node=_slurm_tasks_per_node(), gpus_per_task=1, auto_set_gpu=False
         )
         return _multi_worker(resolver, bool(gpus), "multi-worker (Slurm)")
     if len(gpus) > 1:

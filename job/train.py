@@ -136,6 +136,9 @@ class Trainer:
             model=model, step=self.step, best=self.best, bad_epochs=self.bad_epochs, **trackables
         )
         self._ckpt_dir = cluster.writable_dir(self.directory / CHECKPOINT_DIR)
+        # Non-chief workers keep their best weights beside their private checkpoints: the chief writes the shared
+        # file while they would read it (and HDF5 locks it).
+        self._best_path = (self.directory if cluster.is_chief else self._ckpt_dir) / BEST_WEIGHTS
         self.manager = tf.train.CheckpointManager(
             self.checkpoint, str(self._ckpt_dir), max_to_keep=config.keep_checkpoints
         )
@@ -194,6 +197,14 @@ class Trainer:
         return int(self.step.numpy())
 
     def fit(self, dataset_fn: DatasetFn, evaluator: Evaluator) -> LoopResult:
+        """Train from the last checkpoint to the end (or early stop); Preempted when asked to stop."""
+        try:
+            return self._fit(dataset_fn, evaluator)
+        except Preempted:
+            self.close()
+            raise
+
+    def _fit(self, dataset_fn: DatasetFn, evaluator: Evaluator) -> LoopResult:
         cfg, strategy = self.config, self.cluster.strategy
         start = self.restore()
         history = self._load_history(start // cfg.steps_per_epoch)
@@ -211,7 +222,7 @@ class Trainer:
             train_seconds += epoch_seconds
             with self.evaluation_statistics():
                 val_metrics = evaluator(epoch, self.writer)
-                stopped = self._early_stopping(val_metrics.get(cfg.monitor))
+                stopped = self._early_stopping(self._agreed_metric(val_metrics.get(cfg.monitor)))
             record = {"epoch": epoch + 1, "epoch_seconds": epoch_seconds, **train_metrics, **val_metrics}
             self._write_scalars(val_metrics, "val")
             history.append(record)
@@ -222,6 +233,8 @@ class Trainer:
                 epoch + 1, cfg.epochs, "  ".join(f"{k}={v:.4f}" for k, v in record.items() if k != "epoch"),
                 epoch_seconds,
             )
+            if self.stop_agreed:
+                self._save_and_stop(int(self.step.numpy()))
             if stopped:
                 log.info("Early stopping: %s did not improve for %d epochs", cfg.monitor, cfg.patience)
                 break
@@ -265,14 +278,32 @@ class Trainer:
                 )
                 window_sums, window_start, window_steps = {}, time.perf_counter(), 0
             at_epoch_end = step % cfg.steps_per_epoch == 0
-            if self.stop_agreed:
-                self.manager.save(checkpoint_number=step)
-                self.writer.flush()
-                log.warning("Stop requested: checkpoint saved at step %d", step)
-                raise Preempted(step)
+            if self.stop_agreed and not at_epoch_end:  # at an epoch end, fit() evaluates and saves first
+                self._save_and_stop(step)
             if step % cfg.checkpoint_every_steps == 0 and not at_epoch_end:
                 self.manager.save(checkpoint_number=step)
         return {f"train_{k}": s / max(c, 1.0) for k, (s, c) in epoch_sums.items()}
+
+    def _save_and_stop(self, step: int) -> None:
+        self.manager.save(checkpoint_number=step)
+        self.writer.flush()
+        self._barrier()  # no worker exits (and has the launcher stop the others) before all have saved
+        log.warning("Stop requested: checkpoint saved at step %d", step)
+        raise Preempted(step)
+
+    def _agreed_metric(self, value: float | None) -> float | None:
+        """The mean of `value` over workers, so every worker takes the same early-stopping decision."""
+        if value is None or self.cluster.num_workers <= 1:
+            return value
+        strategy = self.cluster.strategy
+        per_replica = strategy.run(lambda: tf.constant(value, tf.float32))
+        return float(strategy.reduce(tf.distribute.ReduceOp.MEAN, per_replica, axis=None))
+
+    def _barrier(self) -> None:
+        """Return once every worker got here (a one-number all-reduce); nothing to wait for with one worker."""
+        if self.cluster.num_workers > 1:
+            strategy = self.cluster.strategy
+            strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(lambda: tf.constant(1.0)), axis=None)
 
     def _early_stopping(self, value: float | None) -> bool:
         if value is None:
@@ -280,8 +311,7 @@ class Trainer:
         if value > float(self.best.numpy()):
             self.best.assign(value)
             self.bad_epochs.assign(0)
-            if self.cluster.is_chief:
-                self.model.save_weights(self.directory / BEST_WEIGHTS)
+            self.model.save_weights(self._best_path)
         else:
             self.bad_epochs.assign_add(1)
         return self.config.patience > 0 and int(self.bad_epochs.numpy()) >= self.config.patience
@@ -309,7 +339,7 @@ class Trainer:
 
     def finalize(self, use_best: bool = True) -> None:
         """Leave the model with its final inference weights: the best epoch's, else the last, debiased."""
-        path = self.directory / BEST_WEIGHTS
+        path = self._best_path
         if use_best and path.is_file():
             self.model.load_weights(path)  # saved inside evaluation_statistics(): already debiased
         elif self.config.fresh_batchnorm:

@@ -44,6 +44,33 @@ set -uo pipefail
 
 log() { echo "$(date '+%H:%M:%S') slurm/train.sh: $*"; }
 
+stop_signal=""
+srun_pid=""
+
+on_signal() {
+  local sig=$1
+  if [[ -n $stop_signal ]]; then
+    log "SIG$sig again: already stopping"
+    return
+  fi
+  stop_signal=$sig
+  if [[ $sig == TERM ]]; then
+    # scancel, the time limit or preemption: Slurm signals every task itself. Forwarding it again would be
+    # the tasks' second signal, which makes them exit without a checkpoint.
+    log "SIGTERM: Slurm is ending the job; the tasks save a checkpoint on their own SIGTERM"
+    return
+  fi
+  log "SIG$sig: asking the tasks to save a checkpoint and stop, then requeueing the job"
+  if [[ -n $srun_pid ]] && kill -0 "$srun_pid" 2>/dev/null; then
+    # SIGUSR1, not SIGTERM: srun turns a SIGTERM it receives into SIGKILL for its tasks, and TensorFlow's
+    # multi-worker runtime installs its own SIGTERM handler over the job's. scancel signals every job step
+    # but this batch shell; srun itself forwards SIGUSR1 unchanged (the fallback).
+    scancel --signal=USR1 "$SLURM_JOB_ID" || kill -USR1 "$srun_pid"
+  fi
+}
+trap 'on_signal USR1' USR1
+trap 'on_signal TERM' TERM
+
 JOB_PYTHON=${JOB_PYTHON:-python}
 JOB_COMMAND=${JOB_COMMAND:-run}
 JOB_DATA=${JOB_DATA:-data/tiny-imagenet-200.zip}
@@ -72,33 +99,6 @@ log "job ${SLURM_JOB_ID:-?} (${SLURM_JOB_NAME:-?}) start $(( ${SLURM_RESTART_COU
     "SLURM_RESTART_COUNT=${SLURM_RESTART_COUNT:-0}, nodes ${SLURM_JOB_NODELIST:-?}, ${SLURM_NTASKS:-1} task(s)," \
     "${SLURM_CPUS_PER_TASK:-?} CPU(s) per task, GPUs per task ${SLURM_GPUS_PER_TASK:-0}"
 log "running: ${args[*]}"
-
-stop_signal=""
-srun_pid=""
-
-on_signal() {
-  local sig=$1
-  if [[ -n $stop_signal ]]; then
-    log "SIG$sig again: already stopping"
-    return
-  fi
-  stop_signal=$sig
-  if [[ $sig == TERM ]]; then
-    # scancel, the time limit or preemption: Slurm signals every task itself. Forwarding it again would be
-    # the tasks' second signal, which makes them exit without a checkpoint.
-    log "SIGTERM: Slurm is ending the job; the tasks save a checkpoint on their own SIGTERM"
-    return
-  fi
-  log "SIG$sig: asking the tasks to save a checkpoint and stop, then requeueing the job"
-  if [[ -n $srun_pid ]] && kill -0 "$srun_pid" 2>/dev/null; then
-    # SIGUSR1, not SIGTERM: srun turns a SIGTERM it receives into SIGKILL for its tasks, and TensorFlow's
-    # multi-worker runtime installs its own SIGTERM handler over the job's. scancel signals every job step
-    # but this batch shell; srun itself forwards SIGUSR1 unchanged (the fallback).
-    scancel --signal=USR1 "$SLURM_JOB_ID" || kill -USR1 "$srun_pid"
-  fi
-}
-trap 'on_signal USR1' USR1
-trap 'on_signal TERM' TERM
 
 rc=0
 if [[ -z $stop_signal ]]; then

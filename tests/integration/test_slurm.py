@@ -12,7 +12,6 @@ sharding): that is how the test sees each worker's half of every batch without c
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import socket
@@ -35,6 +34,9 @@ TWO_WORKERS = ("--nodes=1", "--ntasks=2", "--ntasks-per-node=2", "--cpus-per-tas
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL",
             "DEADLINE"}
 STEPS_PER_EPOCH = 5  # 80 train images / pretext.batch_images=16
+# The requeue test: longer epochs (wrapping around the images), so that the stop, requested right after the
+# first checkpoint (step 2), lands well inside the first epoch.
+REQUEUE_STEPS_PER_EPOCH = 8
 
 # `$JOB_PYTHON -m job ARGS`: record each input pipeline's slice of the global batches, then run the job.
 RECORDER = '''#!{python}
@@ -123,7 +125,7 @@ def _free_port_pair() -> int:
 class SlurmJob:
     """One submission of slurm/train.sh; cancelled at the end of the test if it is still there."""
 
-    def __init__(self, tmp: Path, data: Path, epochs: int, name: str):
+    def __init__(self, tmp: Path, data: Path, epochs: int, name: str, overrides: tuple[str, ...] = ()):
         self.tmp, self.output = tmp, tmp / "run"
         self.shards = tmp / "shards"
         self.shards.mkdir()
@@ -131,7 +133,7 @@ class SlurmJob:
         recorder.write_text(RECORDER.format(python=sys.executable))
         recorder.chmod(0o755)
         pretext_only = [item for item in TINY if item.split(".")[0] in ("data", "model", "pretext", "runtime")]
-        overrides = [*pretext_only, f"pretext.epochs={epochs}", f"data.cache_dir={tmp / 'cache'}",
+        overrides = [*pretext_only, f"pretext.epochs={epochs}", *overrides, f"data.cache_dir={tmp / 'cache'}",
                      f"runtime.slurm_port_base={_free_port_pair()}"]
         assert not any(" " in item for item in overrides)  # JOB_SET is split on spaces
         env = {k: v for k, v in job_env().items()
@@ -177,8 +179,8 @@ class SlurmJob:
 def submit(slurm, data, tmp_path):
     jobs: list[SlurmJob] = []
 
-    def start(epochs: int, name: str) -> SlurmJob:
-        jobs.append(SlurmJob(tmp_path, data, epochs, name))
+    def start(epochs: int, name: str, *overrides: str) -> SlurmJob:
+        jobs.append(SlurmJob(tmp_path, data, epochs, name, overrides))
         return jobs[-1]
 
     yield start
@@ -224,7 +226,7 @@ def _events_files(output: Path) -> list[Path]:
 
 def test_two_tasks_train_as_one_multi_worker_job(submit):
     started = time.monotonic()
-    job = submit(epochs=1, name="two-workers")
+    job = submit(1, "two-workers")
     info = job.wait(timeout=420)
     log = job.log()
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info["JobState"], log[-6000:])
@@ -252,8 +254,8 @@ def test_two_tasks_train_as_one_multi_worker_job(submit):
 
 def test_usr1_checkpoints_requeues_and_resumes(submit):
     started = time.monotonic()
-    epochs = 3
-    job = submit(epochs=epochs, name="requeue")
+    epochs, steps_per_epoch = 2, REQUEUE_STEPS_PER_EPOCH
+    job = submit(epochs, "requeue", f"pretext.steps_per_epoch={steps_per_epoch}")
     index = RunLayout(job.output).pretext / "ckpt" / "checkpoint"
     deadline = time.monotonic() + 300
     while not index.is_file():
@@ -285,13 +287,13 @@ def test_usr1_checkpoints_requeues_and_resumes(submit):
     history = json.loads((layout.pretext / "history.json").read_text())
     assert [h["epoch"] for h in history] == list(range(1, epochs + 1))
     done = json.loads(RunLayout.done(layout.pretext).read_text())
-    assert done["steps"] == epochs * STEPS_PER_EPOCH and done["epochs"] == epochs
+    assert done["steps"] == epochs * steps_per_epoch and done["epochs"] == epochs
 
     # Each worker read its half of every batch, before and after the requeue; the resumed epoch continued
     # with exactly the batches the first run had planned for its remaining steps.
     records = job.records()
     _assert_disjoint_halves(records, {0, 1})
-    epoch, begin = divmod(step, STEPS_PER_EPOCH)
+    epoch, begin = divmod(step, steps_per_epoch)
     resumed = [r for r in records if r["restart"] >= 1 and r["procid"] == 0]
     assert (resumed[0]["epoch"], resumed[0]["start_step"]) == (epoch, begin), resumed[0]
     planned = [r for r in records if r["restart"] == 0 and r["procid"] == 0 and r["epoch"] == epoch]
