@@ -76,10 +76,12 @@ def main(log_level: str) -> None:
 
 def _job_options(function: Callable) -> Callable:
     options = [
-        click.option("--data", required=True,
+        click.option("--data", envvar="JOB_DATA", required=True,
                      help="Tiny ImageNet: a local zip or directory, gs://bucket/file.zip, gs://bucket/prefix/ "
                           "or an https:// URL."),
-        click.option("--output", required=True, help="Run directory: a local path or gs://bucket/prefix."),
+        click.option("--output", envvar="JOB_OUTPUT", default=None,
+                     help="Run directory: a local path or gs://bucket/prefix. Default: $JOB_OUTPUT, else the "
+                          "base output directory of a Vertex AI job (the parent of $AIP_MODEL_DIR)."),
         click.option("--config", "config_name", default=DEFAULT_CONFIG,
                      help=f"Config name ({', '.join(available_configs())}) or path to a TOML file."),
         click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
@@ -100,6 +102,7 @@ def _execute(stage_names: list[str], data: str, output: str, config_name: str, o
     from job.sync import open_output
 
     config = load_config(config_name, overrides)
+    output = output or vertex_output()
     cache = Path(config.data.cache_dir).expanduser()
     local_output, syncer = open_output(output, cache / "runs")
     if syncer is not None:
@@ -128,6 +131,22 @@ def _execute(stage_names: list[str], data: str, output: str, config_name: str, o
             log.info("Synced %s: %s", output, stats)
     if "evaluate" in stage_names and cluster.is_chief:
         click.echo(f"Report: {output.rstrip('/')}/report/report.md")
+
+
+def vertex_output() -> str:
+    """The run directory of a Vertex AI custom job: its base output directory, whose model/, checkpoints/
+    and logs/ are AIP_MODEL_DIR, AIP_CHECKPOINT_DIR and AIP_TENSORBOARD_LOG_DIR (job/layout.py)."""
+    model_dir = os.environ.get("AIP_MODEL_DIR")
+    if not model_dir:
+        raise JobError("--output is missing: pass --output DIR_OR_GS_URI (or set JOB_OUTPUT).")
+    base = model_dir.rstrip("/").rsplit("/", 1)[0]
+    for variable, name in (("AIP_CHECKPOINT_DIR", "checkpoints"), ("AIP_TENSORBOARD_LOG_DIR", "logs")):
+        expected = f"{base}/{name}"
+        if os.environ.get(variable, expected).rstrip("/") != expected:
+            log.warning("%s=%s is not %s: the job writes %s under %s", variable, os.environ[variable], expected,
+                        name, base)
+    log.info("Output from Vertex AI's AIP_MODEL_DIR: %s", base)
+    return base
 
 
 def _stage_command(name: str, stage_names: list[str], help_text: str) -> None:

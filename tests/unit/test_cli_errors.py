@@ -62,7 +62,8 @@ def test_job_command_help(command):
         assert option in text
     assert "[default: demo]" in text
     assert "SECTION.KEY=VALUE" in text
-    assert text.count("[required]") == 2  # --data and --output
+    assert text.count("[required]") == 1  # --data; --output may come from JOB_OUTPUT or Vertex's AIP_MODEL_DIR
+    assert "JOB_OUTPUT" in text and "AIP_MODEL_DIR" in text
 
 
 def test_synth_help():
@@ -246,3 +247,20 @@ def test_synth_writes_a_loadable_zip(tmp_path):
     assert "6 train" in result.output and "3 val" in result.output
     data = load_dataset(path, 16, threads=1)
     assert len(data.wnids) == 3 and len(data.train) == 6 and len(data.val) == 3
+
+
+def test_output_defaults_to_the_vertex_base_output_directory(monkeypatch):
+    from job.cli import vertex_output
+
+    monkeypatch.setenv("AIP_MODEL_DIR", "gs://b/runs/x/model/")
+    monkeypatch.setenv("AIP_CHECKPOINT_DIR", "gs://b/runs/x/checkpoints/")
+    monkeypatch.setenv("AIP_TENSORBOARD_LOG_DIR", "gs://b/runs/x/logs/")
+    assert vertex_output() == "gs://b/runs/x"
+
+
+def test_missing_output_without_vertex_is_a_clear_error(synth_zip, monkeypatch):
+    monkeypatch.delenv("AIP_MODEL_DIR", raising=False)
+    monkeypatch.delenv("JOB_OUTPUT", raising=False)
+    result = invoke("pretrain", "--data", str(synth_zip))
+    assert result.exit_code == 2
+    assert "--output is missing" in result.output
