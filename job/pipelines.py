@@ -11,6 +11,7 @@ What makes them fast and resumable:
 
 from __future__ import annotations
 
+import mmap
 from dataclasses import dataclass
 
 import numpy as np
@@ -116,21 +117,26 @@ def rotate_four_tf(images: tf.Tensor) -> tf.Tensor:
 class ImageStore:
     """A uint8 image array held once in host memory as a TF resource, for in-graph batch gathers.
 
-    Filled chunk by chunk from a (memory-mapped) numpy array, so the source is never copied whole and
-    the input pipeline runs without Python (no GIL, no numpy_function) and can be torn down at any step.
+    The input pipeline then runs without Python (no GIL, no numpy_function) and can be torn down at any
+    step. The variable is read by handle, so tf.data functions do not copy it. A memory-mapped source's
+    pages are released afterwards: the images are resident once, in TF's copy.
     """
-
-    CHUNK = 4096
 
     def __init__(self, images: np.ndarray):
         with tf.device("/cpu:0"):
-            self.variable = tf.Variable(tf.zeros(images.shape, tf.uint8), trainable=False, name="images")
-        for begin in range(0, len(images), self.CHUNK):
-            self.variable[begin : begin + self.CHUNK].assign(np.asarray(images[begin : begin + self.CHUNK]))
+            self.variable = tf.Variable(np.asarray(images), trainable=False, name="images")
+        _release_pages(images)
 
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self.variable.shape)
+
+
+def _release_pages(array: np.ndarray) -> None:
+    """Tell the kernel a memory-mapped array's pages are not needed now (they are re-read on access)."""
+    mapping = getattr(array, "_mmap", None) or getattr(getattr(array, "base", None), "_mmap", None)
+    if mapping is not None and hasattr(mapping, "madvise"):
+        mapping.madvise(mmap.MADV_DONTNEED)
 
 
 @dataclass(frozen=True)
