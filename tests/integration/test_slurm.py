@@ -67,6 +67,7 @@ def _recording(*args, **kwargs):
 
 
 pipelines.train_dataset = _recording
+os.environ["JOB_ALLOCATOR"] = "recorder"  # no re-exec under tcmalloc (job/allocator.py): it would drop this wrapper
 if sys.argv[1:3] != ["-m", "job"]:
     sys.exit("usage: recorder -m job ARGS")
 sys.argv = ["job", *sys.argv[3:]]
