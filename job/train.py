@@ -146,6 +146,7 @@ class Trainer:
             tf.summary.create_file_writer(str(tensorboard_dir)) if cluster.is_chief else tf.summary.create_noop_writer()
         )
         self._step_fn = self._make_train_step()
+        self._iterator = None
         self.stop_agreed = False
 
     # -- the step ---------------------------------------------------------------------------------
@@ -256,7 +257,10 @@ class Trainer:
         epoch_sums: dict[str, list[float]] = {}
         window_sums: dict[str, list[float]] = {}
         window_start, window_steps = time.perf_counter(), 0
-        for batch in dataset:
+        # Held by the trainer, not only by this frame: when a stop unwinds this loop, tearing down a
+        # multi-worker iterator mid-epoch can block; the process exits right after a stop instead.
+        self._iterator = iter(dataset)
+        for batch in self._iterator:
             metrics = self.train_step(batch)
             step = int(self.step.numpy())
             for name, (total, count) in metrics.items():
