@@ -79,7 +79,8 @@ def test_pretrain_from_and_to_the_emulator_through_faults(tmp_path, gcs_emulator
 def test_killed_run_resumes_from_the_bucket_on_a_fresh_machine(tmp_path, gcs_emulator):
     data = _dataset(tmp_path, gcs_emulator)
     output = f"gs://{gcs_emulator.bucket}/runs/resume"
-    overrides = (PUSH_EVERY, "pretext.epochs=3")
+    # Long enough (36 steps) that the kill surely lands after the first pushed checkpoint and before the end.
+    overrides = (PUSH_EVERY, "pretext.epochs=3", "pretext.steps_per_epoch=12")
     process = subprocess.Popen(
         job_args("pretrain", data, output, tmp_path / "first-machine", *overrides), cwd=REPO, env=job_env(),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -17,7 +17,9 @@ from tests.jobproc import REPO, job_args, job_env, run_job
 
 pytestmark = pytest.mark.slow
 
-OVERRIDES = ("pretext.epochs=2", "runtime.checkpoint_every_steps=2", "pretext.online_probe=true")
+# 24 steps: the kill lands after the first checkpoint (step 2) and well before the end.
+OVERRIDES = ("pretext.epochs=2", "pretext.steps_per_epoch=12", "runtime.checkpoint_every_steps=2",
+             "pretext.online_probe=true")
 
 
 def _final_weights(output) -> dict[str, np.ndarray]:
