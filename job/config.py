@@ -90,6 +90,13 @@ class EvaluateConfig:
     scratch_baseline: bool = True  # the downstream recipe from random init
     label_fractions: list[float] = field(default_factory=lambda: [1.0])
     linear_probe_200: bool = False  # 200-way linear probe on Tiny ImageNet val
+    # Downstream linear probe on features pooled at several depths, pretrained vs random init: where the
+    # transferable information sits (and whether pretraining added any over a random network).
+    depth_probe: bool = False
+    depth_probe_layers: list[str] = field(
+        default_factory=lambda: ["block_2_add", "block_5_add", "block_9_add", "block_12_add", "block_15_add",
+                                 "out_relu"]
+    )
     report_examples: int = 16  # images shown in the report's example grids
 
 

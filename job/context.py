@@ -36,6 +36,8 @@ class Context:
     cluster: Cluster
     force: bool = False
     _forced: set[Path] = field(default_factory=set)
+    # Objects built once per job and shared by the runs of a stage (the downstream split, traced models).
+    built: dict = field(default_factory=dict)
 
     @cached_property
     def dataset(self) -> Dataset:

@@ -6,10 +6,12 @@ by the source's identity and image size, and later runs memory-map them.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
 import logging
+import mmap
 import os
 import shutil
 import stat
@@ -136,27 +138,36 @@ def load_dataset(path: Path, image_size: int, cache_dir: Path | None = None, thr
     wnids, names = _read_classes(tree)
     train_files, train_labels = _train_files(tree, wnids)
     val_files, val_labels = _val_files(tree, wnids)
-    start = time.perf_counter()
-    skipped: list[str] = []
-    train = _decode_split(tree, train_files, train_labels, image_size, skipped, "train", threads)
-    val = _decode_split(tree, val_files, val_labels, image_size, skipped, "val", threads)
-    seconds = time.perf_counter() - start
-    log.info(
-        "Decoded %d train + %d val images in %.1f s (%.0f images/s); skipped %d unreadable",
-        len(train), len(val), seconds, (len(train) + len(val)) / max(seconds, 1e-9), len(skipped),
-    )
-    empty = sorted(set(range(len(wnids))) - set(train.labels.tolist()))
-    if empty:
-        wnid = wnids[empty[0]]
-        raise JobError(
-            f"class {wnid} has no readable train images in {tree.describe(f'train/{wnid}/images/')}: "
-            "add its images or remove it from wnids.txt."
+    # With a cache, images are decoded straight into its memory-mapped .npy files: a large dataset is never
+    # held in process memory, and nothing is copied to save it.
+    partial = _partial_cache(cache) if cache is not None else None
+    try:
+        start = time.perf_counter()
+        skipped: list[str] = []
+        train = _decode_split(tree, train_files, train_labels, image_size, skipped, "train", threads, partial)
+        val = _decode_split(tree, val_files, val_labels, image_size, skipped, "val", threads, partial)
+        seconds = time.perf_counter() - start
+        log.info(
+            "Decoded %d train + %d val images in %.1f s (%.0f images/s); skipped %d unreadable",
+            len(train), len(val), seconds, (len(train) + len(val)) / max(seconds, 1e-9), len(skipped),
         )
-    tree.close()
-    dataset = Dataset(wnids, names, train, val, skipped, seconds, str(path))
-    if cache is not None:
-        _save_cache(cache, dataset)
-    return dataset
+        empty = sorted(set(range(len(wnids))) - set(train.labels.tolist()))
+        if empty:
+            wnid = wnids[empty[0]]
+            raise JobError(
+                f"class {wnid} has no readable train images in {tree.describe(f'train/{wnid}/images/')}: "
+                "add its images or remove it from wnids.txt."
+            )
+        tree.close()
+        dataset = Dataset(wnids, names, train, val, skipped, seconds, str(path))
+        if partial is None:
+            return dataset
+        _save_cache(partial, cache, dataset)
+    finally:
+        if partial is not None and partial.exists():
+            shutil.rmtree(partial, ignore_errors=True)
+    del dataset, train, val
+    return dataclasses.replace(_load_cache(cache, str(path)), from_cache=False)
 
 
 def _read_classes(tree: _Tree) -> tuple[list[str], dict[str, str]]:
@@ -210,10 +221,23 @@ def _val_files(tree: _Tree, wnids: list[str]) -> tuple[list[str], list[int]]:
 
 
 def _decode_split(
-    tree: _Tree, files: list[str], labels: list[int], size: int, skipped: list[str], split: str, threads: int
+    tree: _Tree,
+    files: list[str],
+    labels: list[int],
+    size: int,
+    skipped: list[str],
+    split: str,
+    threads: int,
+    cache: Path | None = None,
 ) -> ImageSet:
-    """Decode every image to RGB uint8 `size`x`size`; unreadable files are appended to `skipped`."""
-    images = np.zeros((len(files), size, size, 3), np.uint8)
+    """Decode every image to RGB uint8 `size`x`size`; unreadable files are appended to `skipped`.
+
+    With `cache`, the images are written into `cache/<split>_images.npy` through a memory map whose
+    pages are handed back to the page cache as decoding goes.
+    """
+    shape = (len(files), size, size, 3)
+    target = cache / f"{split}_images.npy" if cache is not None else None
+    images = np.lib.format.open_memmap(target, "w+", np.uint8, shape) if target else np.zeros(shape, np.uint8)
     ok = np.zeros(len(files), bool)
     workers = threads or os.cpu_count() or 1
 
@@ -237,12 +261,28 @@ def _decode_split(
             if time.perf_counter() - last_report > PROGRESS_EVERY_S:
                 last_report = time.perf_counter()
                 log.info("Decoding %s: %d/%d images", split, begin + DECODE_CHUNK, len(files))
+                release_pages(images)
     skipped += [tree.describe(f) for f, good in zip(files, ok) if not good]
     kept = np.flatnonzero(ok)
     for position, index in enumerate(kept):  # compact in place: no second copy of a large split
         if position != index:
             images[position] = images[index]
+    if target is not None:
+        images.flush()
+        if len(kept) < len(files):  # rare: rewrite the file with the readable images only
+            compacted = np.array(images[: len(kept)])
+            del images
+            np.save(target, compacted)
+            images = compacted
+        release_pages(images)
     return ImageSet(images[: len(kept)], np.asarray(labels, np.int32)[kept], [files[i] for i in kept])
+
+
+def release_pages(array: np.ndarray) -> None:
+    """Drop a memory-mapped array's pages from this process (they stay in the page cache, re-read on access)."""
+    mapping = getattr(array, "_mmap", None) or getattr(getattr(array, "base", None), "_mmap", None)
+    if mapping is not None and hasattr(mapping, "madvise"):
+        mapping.madvise(mmap.MADV_DONTNEED)
 
 
 def _source_identity(path: Path) -> str:
@@ -263,13 +303,15 @@ def _cache_dir(path: Path, image_size: int, cache_root: Path) -> Path:
     return Path(cache_root).expanduser() / "decoded" / key
 
 
-def _save_cache(cache: Path, dataset: Dataset) -> None:
+def _partial_cache(cache: Path) -> Path:
     cache.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(dir=cache.parent, prefix=f"{cache.name}.partial-"))
+    return Path(tempfile.mkdtemp(dir=cache.parent, prefix=f"{cache.name}.partial-"))
+
+
+def _save_cache(partial: Path, cache: Path, dataset: Dataset) -> None:
+    """Complete the cache being decoded in `partial` (labels, file lists) and publish it atomically as `cache`."""
     for split in ("train", "val"):
-        subset: ImageSet = getattr(dataset, split)
-        np.save(partial / f"{split}_images.npy", subset.images)
-        np.save(partial / f"{split}_labels.npy", subset.labels)
+        np.save(partial / f"{split}_labels.npy", getattr(dataset, split).labels)
     meta = {
         "wnids": dataset.wnids,
         "names": dataset.names,

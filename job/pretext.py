@@ -23,7 +23,7 @@ from job.context import (
     weighted,
 )
 from job.evaluate import accuracy, predict
-from job.pipelines import random_subset, rotate_four
+from job.pipelines import model_pixels, random_subset, rotate_four
 from job.train import LoopConfig, ParamGroup, Trainer, WarmupCosine, make_optimizer
 from models.heads import classifier_head, rotation_head
 
@@ -71,7 +71,7 @@ def pretext_task(ctx: Context) -> PretextTask:
     use_probe = p.online_probe
 
     def objective(batch, training):
-        rotation, probe = model(tf.cast(batch["images"], tf.float32), training=training)
+        rotation, probe = model(model_pixels(batch["images"]), training=training)
         weights = batch["weights"]
         upright = weights * tf.cast(tf.equal(batch["rotations"], 0), tf.float32)
         rotation_loss = sparse_ce(batch["rotations"], rotation)

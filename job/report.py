@@ -31,6 +31,7 @@ METRIC_KEYS = (
     "downstream.best_epoch_val_accuracy",
     "downstream.linear_probe_val_accuracy",
     "downstream.knn_val_accuracy",
+    "downstream.depth_probe",
     "downstream.confusion_matrix",
     "downstream.train_images",
     "downstream.val_images",
@@ -91,6 +92,7 @@ def build_metrics(pretext: dict, evaluations: dict, data: dict) -> dict:
             "best_epoch_val_accuracy": float(np.mean([r["best_epoch_val_accuracy"] for r in finetunes])),
             "linear_probe_val_accuracy": evaluations["linear_probe_val_accuracy"],
             "knn_val_accuracy": evaluations["knn_val_accuracy"],
+            "depth_probe": evaluations.get("depth_probe"),
             "confusion_matrix": first["confusion_matrix"],
             "train_images": first["train_images"],
             "val_images": first["val_images"],
@@ -172,6 +174,10 @@ def _markdown(metrics: dict, figures: list[str]) -> str:
     for row in metrics["label_efficiency"]:
         lines.append(f"| {row['fraction']:g} | {_fmt(*_mean_std(row['pretrained']))} | "
                      f"{_fmt(*_mean_std(row['scratch']))} |")
+    if d.get("depth_probe"):
+        lines += ["", "## Linear probe by depth (downstream val accuracy, all labels, frozen pooled features)", "",
+                  "| layer | pretrained | random init |", "|---|---|---|"]
+        lines += [f"| {r['layer']} | {_fmt(r['pretrained'])} | {_fmt(r['random'])} |" for r in d["depth_probe"]]
     lines += ["", f"Downstream numbers are the mean ± standard deviation over {seeds} seed(s) of the downstream "
               "stage, on the val images of the two classes.", ""]
     if data["skipped_images"]:

@@ -19,7 +19,7 @@ from job.errors import JobError
 from job.evaluate import knn_accuracy, linear_probe, predict
 from job.pipelines import rotate_four
 from job.pretext import pretrain
-from models.backbone import load_backbone_weights
+from models.backbone import load_backbone_weights, pooled_block_features
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,7 @@ def _evaluations(ctx: Context) -> dict:
             data.val.labels, len(data.wnids), seed=cfg.runtime.seed, **probe,
         )
         log.info("evaluate: %d-way linear probe top-1 %.4f", len(data.wnids), result["linear_probe_200_top1"])
+    result["depth_probe"] = _depth_probe(ctx, backbone, split) if e.depth_probe else None
     result["finetune"] = finetune(ctx)
     fractions = sorted(set(e.label_fractions))
     result["scratch"] = (
@@ -94,6 +95,33 @@ def _evaluations(ctx: Context) -> dict:
         for fraction in fractions
     ]
     return result
+
+
+def _depth_probe(ctx: Context, backbone: keras.Model, split) -> list[dict]:
+    """Downstream linear probe on features pooled at each configured depth, pretrained vs random init."""
+    cfg, e = ctx.config, ctx.config.evaluate
+    keras.utils.set_random_seed(cfg.runtime.seed)
+    networks = {"pretrained": backbone, "random": build_configured_backbone(ctx, weights="none")}
+    try:
+        by_depth = {name: pooled_block_features(net, e.depth_probe_layers) for name, net in networks.items()}
+    except ValueError as err:
+        raise JobError(f"evaluate.depth_probe_layers: {err}: use layer names of keras.applications.MobileNetV2, "
+                       "e.g. block_5_add or out_relu.") from err
+    probe = dict(steps=e.probe_steps, learning_rate=e.probe_learning_rate, weight_decay=e.probe_weight_decay)
+    scores = {}
+    for name, model in by_depth.items():
+        train, val = predict(model, split.train_images), predict(model, split.val_images)
+        scores[name] = [
+            linear_probe(t, split.train_labels, v, split.val_labels, 2, seed=cfg.runtime.seed, **probe)
+            for t, v in zip(train, val, strict=True)
+        ]
+    rows = [
+        {"layer": layer, "pretrained": scores["pretrained"][i], "random": scores["random"][i]}
+        for i, layer in enumerate(e.depth_probe_layers)
+    ]
+    log.info("evaluate: probe by depth (pretrained / random init): %s",
+             ", ".join(f"{r['layer']} {r['pretrained']:.3f}/{r['random']:.3f}" for r in rows))
+    return rows
 
 
 def _examples(ctx: Context, evaluations: dict) -> report.Examples:

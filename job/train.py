@@ -53,20 +53,33 @@ class Preempted(Exception):
 
 
 class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
-    """Linear warmup to `peak`, then cosine decay to zero at `total_steps`."""
+    """Linear warmup to `peak`, then cosine decay to zero at `total_steps`.
+
+    The three numbers are variables, so a traced train step follows `reset()` without re-tracing.
+    """
 
     def __init__(self, peak: float, warmup_steps: int, total_steps: int):
-        self.peak, self.warmup_steps, self.total_steps = peak, warmup_steps, max(total_steps, 1)
+        self.peak = tf.Variable(0.0, trainable=False, name="lr_peak")
+        self.warmup_steps = tf.Variable(0.0, trainable=False, name="lr_warmup_steps")
+        self.total_steps = tf.Variable(0.0, trainable=False, name="lr_total_steps")
+        self.reset(peak, warmup_steps, total_steps)
+
+    def reset(self, peak: float, warmup_steps: int, total_steps: int) -> None:
+        self.peak.assign(peak)
+        self.warmup_steps.assign(max(warmup_steps, 0))
+        self.total_steps.assign(max(total_steps, 1))
 
     def __call__(self, step):
         step = tf.cast(step, tf.float32)
-        warmup = self.peak * (step + 1.0) / max(self.warmup_steps, 1)
-        progress = (step - self.warmup_steps) / max(self.total_steps - self.warmup_steps, 1)
-        cosine = 0.5 * self.peak * (1.0 + tf.cos(math.pi * tf.clip_by_value(progress, 0.0, 1.0)))
-        return tf.where(step < self.warmup_steps, warmup, cosine)
+        peak, warmup, total = self.peak, self.warmup_steps, self.total_steps
+        rising = peak * (step + 1.0) / tf.maximum(warmup, 1.0)
+        progress = (step - warmup) / tf.maximum(total - warmup, 1.0)
+        cosine = 0.5 * peak * (1.0 + tf.cos(math.pi * tf.clip_by_value(progress, 0.0, 1.0)))
+        return tf.where(step < warmup, rising, cosine)
 
     def get_config(self):
-        return {"peak": self.peak, "warmup_steps": self.warmup_steps, "total_steps": self.total_steps}
+        return {"peak": float(self.peak.numpy()), "warmup_steps": int(self.warmup_steps.numpy()),
+                "total_steps": int(self.total_steps.numpy())}
 
 
 def make_optimizer(name: str, schedule: WarmupCosine, weight_decay: float) -> keras.optimizers.Optimizer:
@@ -121,7 +134,10 @@ class Trainer:
         directory: Path,
         tensorboard_dir: Path,
         config: LoopConfig,
+        step_fn: Callable | None = None,
     ):
+        """`step_fn`: the traced step of an earlier Trainer over the same model, objective and groups, reused
+        instead of tracing again (the downstream runs share one model; see job/downstream.py)."""
         self.cluster, self.model, self.objective, self.groups = cluster, model, objective, groups
         self.directory, self.config = Path(directory), config
         strategy = cluster.strategy
@@ -130,7 +146,8 @@ class Trainer:
             self.best = tf.Variable(-math.inf, dtype=tf.float64, trainable=False, name="best_metric")
             self.bad_epochs = tf.Variable(0, dtype=tf.int64, trainable=False, name="bad_epochs")
             for group in groups:
-                group.optimizer.build(group.variables)
+                if not group.optimizer.built:
+                    group.optimizer.build(group.variables)
         trackables = {f"optimizer{i}": g.optimizer for i, g in enumerate(groups)}
         self.checkpoint = tf.train.Checkpoint(
             model=model, step=self.step, best=self.best, bad_epochs=self.bad_epochs, **trackables
@@ -145,7 +162,7 @@ class Trainer:
         self.writer = (
             tf.summary.create_file_writer(str(tensorboard_dir)) if cluster.is_chief else tf.summary.create_noop_writer()
         )
-        self._step_fn = self._make_train_step()
+        self.step_fn = step_fn or self._make_train_step()
         self._iterator = None
         self.stop_agreed = False
 
@@ -172,7 +189,6 @@ class Trainer:
         @tf.function
         def train_step(batch, stop):
             metrics, stops = strategy.run(replica_fn, args=(batch, stop))
-            self.step.assign_add(1)
             reduced = {
                 name: tuple(strategy.reduce(tf.distribute.ReduceOp.SUM, t, axis=None) for t in pair)
                 for name, pair in metrics.items()
@@ -184,7 +200,8 @@ class Trainer:
 
     def train_step(self, batch) -> dict[str, tuple[tf.Tensor, tf.Tensor]]:
         """One optimisation step on a distributed batch; sets `stop_agreed` when a stop was requested."""
-        metrics, stop = self._step_fn(batch, tf.constant(float(STOP_REQUESTED.is_set())))
+        metrics, stop = self.step_fn(batch, tf.constant(float(STOP_REQUESTED.is_set())))
+        self.step.assign_add(1)
         self.stop_agreed = bool(stop)
         return metrics
 

@@ -64,3 +64,24 @@ def load_backbone_weights(backbone: keras.Model, path: Path) -> None:
     else:
         backbone.load_weights(path)
     log.info("Loaded backbone weights from %s", path)
+
+
+def pooled_block_features(backbone: keras.Model, layer_names: list[str]) -> keras.Model:
+    """pixels → [globally average-pooled output of each named MobileNetV2 layer], for probing by depth.
+
+    Names are layers of keras.applications.MobileNetV2 (e.g. "block_5_add", "out_relu"); the backbone's own
+    preprocessing (rescaling, upsampling) is applied first.
+    """
+    body = next(layer for layer in backbone.layers if isinstance(layer, keras.Model))
+    missing = [name for name in layer_names if name not in {layer.name for layer in body.layers}]
+    if missing:
+        raise ValueError(f"MobileNetV2 has no layer named {', '.join(missing)}")
+    pooled = [keras.layers.GlobalAveragePooling2D()(body.get_layer(name).output) for name in layer_names]
+    blocks = keras.Model(body.inputs, pooled, name="pooled_blocks")
+    pixels = keras.Input(backbone.input_shape[1:], name="pixels")
+    x = pixels
+    for layer in backbone.layers[1:]:
+        if layer is body:
+            break
+        x = layer(x)
+    return keras.Model(pixels, blocks(x), name="backbone_by_depth")

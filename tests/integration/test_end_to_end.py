@@ -14,6 +14,8 @@ from tests.jobproc import job_args, run_job
 
 pytestmark = pytest.mark.slow
 
+DEPTH_PROBE = ("evaluate.depth_probe=true", "evaluate.depth_probe_layers=['block_2_add', 'out_relu']")
+
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
@@ -21,7 +23,7 @@ def finished_run(tmp_path_factory):
     data = root / "data.zip"
     make_synthetic_dataset(data, classes=4, per_class=16, downstream_per_class=24, val_per_class=6, image_size=32)
     output, cache = root / "run", root / "cache"
-    result = run_job(job_args("run", data, output, cache))
+    result = run_job(job_args("run", data, output, cache, *DEPTH_PROBE))
     assert result.returncode == 0, result.stderr[-3000:]
     return data, output, cache, result
 
@@ -58,8 +60,12 @@ def test_every_metrics_key_is_present_and_sane(finished_run):
     assert metrics["downstream"]["val_images"] == 12
     assert np.sum(metrics["downstream"]["confusion_matrix"]) == 12
     assert [row["fraction"] for row in metrics["label_efficiency"]] == [0.5, 1.0]
+    depth = metrics["downstream"]["depth_probe"]
+    assert [row["layer"] for row in depth] == ["block_2_add", "out_relu"]
+    assert all(0.0 <= row[init] <= 1.0 for row in depth for init in ("pretrained", "random"))
     report = (RunLayout(output).report / "report.md").read_text()
     assert f"{metrics['pretext']['val_rotation_accuracy']:.4f}" in report
+    assert "| out_relu |" in report
 
 
 def test_exported_models_load_and_predict(finished_run):
@@ -76,7 +82,7 @@ def test_exported_models_load_and_predict(finished_run):
 def test_rerun_skips_complete_stages(finished_run):
     data, output, cache, _ = finished_run
     before = RunLayout(output).metrics.read_text()
-    result = run_job(job_args("run", data, output, cache))
+    result = run_job(job_args("run", data, output, cache, *DEPTH_PROBE))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "pretrain: complete" in result.stderr
     assert "epoch 1/" not in result.stderr  # nothing trained again

@@ -200,6 +200,18 @@ def test_cache_roundtrip(synth_zip: Path, tmp_path: Path):
         assert b.images.dtype == np.uint8 and b.labels.dtype == np.int32
 
 
+def test_decode_writes_straight_into_the_cache(synth_zip: Path, tmp_path: Path, zip_data: Dataset):
+    """A first run decodes into the cache's memory-mapped files (no in-memory copy) and leaves no partial dir."""
+    cache = tmp_path / "cache"
+    first = load_dataset(synth_zip, SIZE, cache_dir=cache, threads=2)
+    assert not first.from_cache
+    assert isinstance(first.train.images, np.memmap) and isinstance(first.val.images, np.memmap)
+    assert [p.name for p in (cache / "decoded").iterdir() if "partial" in p.name] == []
+    for decoded, in_memory in ((first.train, zip_data.train), (first.val, zip_data.val)):
+        np.testing.assert_array_equal(decoded.images, in_memory.images)
+        np.testing.assert_array_equal(decoded.labels, in_memory.labels)
+
+
 def test_cache_is_keyed_by_image_size(synth_zip: Path, tmp_path: Path):
     cache = tmp_path / "cache"
     load_dataset(synth_zip, SIZE, cache_dir=cache, threads=2)
@@ -343,6 +355,11 @@ def test_skipped_survive_the_cache(tmp_path: Path, synth_zip: Path):
     assert second.from_cache and second.decode_seconds == first.decode_seconds
     assert first.skipped == second.skipped == [f"{path}:{ROOT_NAME}/{name}"]
     assert len(second.train) == TRAIN - 1
+    in_memory = load_dataset(path, SIZE, threads=2)  # the cache holds the compacted split, not a gap
+    for cached in (first, second):
+        assert cached.train.files == in_memory.train.files
+        np.testing.assert_array_equal(cached.train.images, in_memory.train.images)
+        np.testing.assert_array_equal(cached.train.labels, in_memory.train.labels)
 
 
 def test_non_image_suffixes_are_ignored(tmp_path: Path, synth_zip: Path, zip_data: Dataset):

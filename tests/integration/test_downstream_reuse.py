@@ -1,0 +1,50 @@
+"""The downstream runs share one traced classifier per kind (job/downstream.py: Learner); each run must still
+start from exactly the state a fresh process would give it: seeded weights, zeroed optimizers, its schedule."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from job.config import load_config
+from job.context import Context, build_configured_backbone
+from job.distribute import make_cluster
+from job.downstream import PRETRAINED, SCRATCH, train_downstream
+from job.layout import RunLayout
+from tests.jobproc import TINY
+
+pytestmark = pytest.mark.slow
+
+
+def _context(data: Path, output: Path, cache: Path) -> Context:
+    config = load_config("demo", [*TINY, f"data.cache_dir={cache}", "finetune.backbone_lr_scale=0.5"])
+    return Context(config, RunLayout(output), data, make_cluster())
+
+
+def _pretrained_backbone(ctx: Context, contexts: tuple[Context, ...]) -> None:
+    """A stand-in for a pretrained backbone: one random backbone, saved where the pretrain stage saves it."""
+    backbone = build_configured_backbone(ctx)
+    for other in contexts:
+        other.layout.backbone.parent.mkdir(parents=True, exist_ok=True)
+        backbone.save(other.layout.backbone)
+
+
+@pytest.mark.parametrize("init", [SCRATCH, PRETRAINED])
+def test_a_reused_learner_trains_as_a_fresh_one(synth_zip, tmp_path, init):
+    fresh = _context(synth_zip, tmp_path / "fresh", tmp_path / "cache")
+    reused = _context(synth_zip, tmp_path / "reused", tmp_path / "cache")
+    _pretrained_backbone(fresh, (fresh, reused))
+    # The reused learner first trains another seed on a different label fraction (another batch shape and
+    # schedule), which leaves its weights, optimizer moments and learning rate far from a fresh start.
+    before = train_downstream(reused, init, 0.5, seed=0)
+    expected = train_downstream(fresh, init, 1.0, seed=1)
+    actual = train_downstream(reused, init, 1.0, seed=1)
+
+    assert before["train_images"] < actual["train_images"] == expected["train_images"]
+    assert actual["val_predictions"] == expected["val_predictions"]
+    for got, want in zip(actual["history"], expected["history"], strict=True):
+        np.testing.assert_allclose(got["train_loss"], want["train_loss"], rtol=1e-4)
+        assert got["accuracy"] == want["accuracy"]
+    np.testing.assert_allclose(actual["val_accuracy"], expected["val_accuracy"])

@@ -1,0 +1,25 @@
+"""Tests for models.backbone: the configured MobileNetV2 and its features pooled by depth."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from models.backbone import build_backbone, pooled_block_features
+
+
+@pytest.mark.parametrize("input_scale", [1, 2])
+def test_pooled_block_features_share_the_backbone_preprocessing(input_scale):
+    backbone = build_backbone(32, alpha=0.35, stem_stride=1, input_scale=input_scale)
+    by_depth = pooled_block_features(backbone, ["block_2_add", "out_relu"])
+    images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3)).astype(np.float32)
+    shallow, deepest = by_depth(images)
+    assert shallow.shape == (3, 8)  # block 2 of MobileNetV2 α 0.35 has 8 channels
+    # The last block pooled is exactly what the backbone returns: same rescaling, upsampling and weights.
+    np.testing.assert_allclose(np.asarray(deepest), np.asarray(backbone(images)), rtol=1e-5, atol=1e-6)
+
+
+def test_unknown_layer_is_named():
+    backbone = build_backbone(32, alpha=0.35)
+    with pytest.raises(ValueError, match="block_99_add"):
+        pooled_block_features(backbone, ["block_2_add", "block_99_add"])
