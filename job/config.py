@@ -66,7 +66,7 @@ class FinetuneConfig:
     """Transfer to the binary downstream task."""
 
     epochs: int = 20
-    min_steps: int = 100  # small label fractions still get this many steps
+    min_steps: int = 100  # small label fractions still get this many steps (epochs then repeat their images)
     batch_size: int = 64
     mode: str = "finetune"  # "finetune" (all layers, backbone at a lower rate) or "linear" (frozen)
     label_fraction: float = 1.0  # stratified, seeded share of labelled train images used
@@ -88,6 +88,8 @@ class EvaluateConfig:
     probe_learning_rate: float = 0.05
     probe_weight_decay: float = 1e-4
     scratch_baseline: bool = True  # the downstream recipe from random init
+    colour_baseline: bool = True  # logistic regression on RGB colour histograms, at every label fraction
+    colour_bins: int = 4  # histogram cells per channel (bins**3 features)
     label_fractions: list[float] = field(default_factory=lambda: [1.0])
     linear_probe_200: bool = False  # 200-way linear probe on Tiny ImageNet val
     # Downstream linear probe on features pooled at several depths, pretrained vs random init: where the
@@ -240,6 +242,7 @@ def validate(config: Config) -> None:
         "finetune.learning_rate": config.finetune.learning_rate,
         "finetune.seeds": config.finetune.seeds,
         "evaluate.knn_k": config.evaluate.knn_k,
+        "evaluate.colour_bins": config.evaluate.colour_bins,
         "runtime.checkpoint_every_steps": config.runtime.checkpoint_every_steps,
         "runtime.log_every_steps": config.runtime.log_every_steps,
     }

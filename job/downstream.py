@@ -164,8 +164,10 @@ def train_downstream(ctx: Context, init: str, fraction: float, seed: int) -> dic
     batch = min(f.batch_size, len(subset))
     batch -= batch % ctx.cluster.num_replicas
     check_batch(ctx, batch, "finetune.batch_size")
-    steps = math.ceil(len(subset) / batch)
-    epochs = max(f.epochs, math.ceil(f.min_steps / steps))
+    # A few labels still get finetune.min_steps steps, in finetune.epochs epochs that each pass over them
+    # several times: per-epoch evaluation and checkpoints then cost the same at every label fraction.
+    one_pass = math.ceil(len(subset) / batch)
+    steps, epochs = max(one_pass, math.ceil(f.min_steps / f.epochs)), f.epochs
     log.info("downstream %s: %d labelled images, %d epochs of %d steps", directory.name, len(subset), epochs, steps)
 
     learner = _learner(ctx, init)
@@ -185,7 +187,9 @@ def train_downstream(ctx: Context, init: str, fraction: float, seed: int) -> dic
                       layout.tensorboard("finetune") / directory.name, loop, step_fn=learner.step_fn)
     learner.step_fn = trainer.step_fn
     result = trainer.fit(
-        dataset_fn(images, labels, np.arange(len(labels)), batch, 0, ctx, rotations=False), evaluator
+        dataset_fn(images, labels, np.arange(len(labels)), batch, steps if steps > one_pass else 0, ctx,
+                   rotations=False),
+        evaluator,
     )
     trainer.finalize(use_best=False)
     trainer.close()

@@ -95,3 +95,17 @@ def knn_accuracy(
     rows = np.repeat(np.arange(len(val_labels)), k)
     np.add.at(votes, (rows, train_labels[neighbours].ravel()), np.take_along_axis(similarity, neighbours, 1).ravel())
     return float(np.mean(votes.argmax(1) == val_labels))
+
+
+def colour_histograms(images: np.ndarray, bins: int) -> np.ndarray:
+    """Each image's joint RGB histogram (bins**3 cells, summing to 1): a feature with no network at all.
+
+    The downstream baseline a learned representation has to beat to show it learned more than colour.
+    """
+    features = np.empty((len(images), bins**3), np.float32)
+    for begin in range(0, len(images), EVAL_BATCH):
+        cells = np.asarray(images[begin : begin + EVAL_BATCH]).astype(np.int32) * bins // 256
+        codes = (cells[..., 0] * bins + cells[..., 1]) * bins + cells[..., 2]
+        for i, code in enumerate(codes.reshape(len(codes), -1)):
+            features[begin + i] = np.bincount(code, minlength=bins**3) / code.size
+    return features

@@ -38,6 +38,8 @@ METRIC_KEYS = (
     "downstream.seeds",
     "baseline.scratch_val_accuracy",
     "baseline.scratch_val_accuracy_std",
+    "baseline.colour_histogram_val_accuracy",
+    "baseline.colour_histogram_val_accuracy_std",
     "label_efficiency",
     "data.train_images",
     "data.val_images",
@@ -71,6 +73,7 @@ def build_metrics(pretext: dict, evaluations: dict, data: dict) -> dict:
     accuracies = [r["val_accuracy"] for r in finetunes]
     mean, std = _mean_std(accuracies)
     scratch_mean, scratch_std = _mean_std([r["val_accuracy"] for r in scratch])
+    colour_mean, colour_std = _mean_std(evaluations.get("colour_histogram", []))
     first = finetunes[0]
     return {
         "pretext": {
@@ -99,7 +102,12 @@ def build_metrics(pretext: dict, evaluations: dict, data: dict) -> dict:
             "seeds": [r["seed"] for r in finetunes],
             "history": first["history"],
         },
-        "baseline": {"scratch_val_accuracy": scratch_mean, "scratch_val_accuracy_std": scratch_std},
+        "baseline": {
+            "scratch_val_accuracy": scratch_mean,
+            "scratch_val_accuracy_std": scratch_std,
+            "colour_histogram_val_accuracy": colour_mean,
+            "colour_histogram_val_accuracy_std": colour_std,
+        },
         "label_efficiency": evaluations["label_efficiency"],
         "data": {
             "train_images": data["train_images"],
@@ -161,6 +169,8 @@ def _markdown(metrics: dict, figures: list[str]) -> str:
         ("Downstream best-epoch val accuracy (optimistic: selected on val)", _fmt(d["best_epoch_val_accuracy"])),
         (f"Scratch baseline, same recipe (mean ± std, {seeds} seeds)",
          _fmt(b["scratch_val_accuracy"], b["scratch_val_accuracy_std"])),
+        ("Colour-histogram baseline: logistic regression on RGB histograms, no network (mean ± std)",
+         _fmt(b["colour_histogram_val_accuracy"], b["colour_histogram_val_accuracy_std"])),
         ("Linear probe on frozen features, val accuracy", _fmt(d["linear_probe_val_accuracy"])),
         ("k-NN (cosine, k = 20) on frozen features, val accuracy", _fmt(d["knn_val_accuracy"])),
         ("Downstream train / val images", f"{d['train_images']} / {d['val_images']}"),
@@ -170,10 +180,10 @@ def _markdown(metrics: dict, figures: list[str]) -> str:
     lines = ["# Rotation pretraining report", "", "| metric | value |", "|---|---|"]
     lines += [f"| {name} | {value} |" for name, value in rows]
     lines += ["", "## Label efficiency (val accuracy, mean ± std over seeds)", "",
-              "| label fraction | pretrained | scratch |", "|---|---|---|"]
+              "| label fraction | pretrained | scratch | colour histogram |", "|---|---|---|---|"]
     for row in metrics["label_efficiency"]:
         lines.append(f"| {row['fraction']:g} | {_fmt(*_mean_std(row['pretrained']))} | "
-                     f"{_fmt(*_mean_std(row['scratch']))} |")
+                     f"{_fmt(*_mean_std(row['scratch']))} | {_fmt(*_mean_std(row.get('colour_histogram', [])))} |")
     if d.get("depth_probe"):
         lines += ["", "## Linear probe by depth (downstream val accuracy, all labels, frozen pooled features)", "",
                   "| layer | pretrained | random init |", "|---|---|---|"]
@@ -251,10 +261,14 @@ def _plot_rotations(examples: Examples):
 def _plot_label_efficiency(metrics: dict):
     rows = metrics["label_efficiency"]
     figure, ax = plt.subplots(figsize=(5, 4))
-    for key in ("pretrained", "scratch"):
-        means = [np.mean(r[key]) for r in rows]
-        stds = [np.std(r[key]) for r in rows]
-        ax.errorbar([r["fraction"] for r in rows], means, yerr=stds, marker="o", capsize=3, label=key)
+    for key in ("pretrained", "scratch", "colour_histogram"):
+        shown = [r for r in rows if r.get(key)]
+        if not shown:
+            continue
+        means, stds = [np.mean(r[key]) for r in shown], [np.std(r[key]) for r in shown]
+        style = {"linestyle": "--", "color": "grey"} if key == "colour_histogram" else {}
+        ax.errorbar([r["fraction"] for r in shown], means, yerr=stds, marker="o", capsize=3,
+                    label=key.replace("_", " "), **style)
     ax.set_xscale("log")
     ax.set_xlabel("fraction of downstream labels")
     ax.set_ylabel("val accuracy")

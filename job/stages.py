@@ -16,8 +16,8 @@ from job import report
 from job.context import Context, build_configured_backbone, read_done
 from job.downstream import PRETRAINED, SCRATCH, check_inputs, downstream_split, train_downstream
 from job.errors import JobError
-from job.evaluate import knn_accuracy, linear_probe, predict
-from job.pipelines import rotate_four
+from job.evaluate import colour_histograms, knn_accuracy, linear_probe, predict
+from job.pipelines import rotate_four, stratified_subset
 from job.pretext import pretrain
 from models.backbone import load_backbone_weights, pooled_block_features
 
@@ -58,12 +58,18 @@ def _frozenbuild_configured_backbone(ctx: Context) -> keras.Model:
     return backbone
 
 
+def _probe_settings(ctx: Context) -> dict:
+    """The logistic-regression probes' settings (evaluate.probe_*)."""
+    e = ctx.config.evaluate
+    return {"steps": e.probe_steps, "learning_rate": e.probe_learning_rate, "weight_decay": e.probe_weight_decay}
+
+
 def _evaluations(ctx: Context) -> dict:
     cfg, e = ctx.config, ctx.config.evaluate
     split = downstream_split(ctx)
     backbone = _frozenbuild_configured_backbone(ctx)
     train_features, val_features = predict(backbone, split.train_images), predict(backbone, split.val_images)
-    probe = dict(steps=e.probe_steps, learning_rate=e.probe_learning_rate, weight_decay=e.probe_weight_decay)
+    probe = _probe_settings(ctx)
     result: dict = {
         "linear_probe_val_accuracy": linear_probe(
             train_features, split.train_labels, val_features, split.val_labels, 2, seed=cfg.runtime.seed, **probe
@@ -86,15 +92,38 @@ def _evaluations(ctx: Context) -> dict:
         [train_downstream(ctx, SCRATCH, cfg.finetune.label_fraction, s) for s in _seeds(ctx)]
         if e.scratch_baseline else []
     )
+    colour_fractions = sorted({*fractions, cfg.finetune.label_fraction})
+    colour = _colour_baseline(ctx, split, colour_fractions) if e.colour_baseline else {}
+    result["colour_histogram"] = colour.get(cfg.finetune.label_fraction, [])
     result["label_efficiency"] = [
         {
             "fraction": fraction,
             "pretrained": [train_downstream(ctx, PRETRAINED, fraction, s)["val_accuracy"] for s in _seeds(ctx)],
             "scratch": [train_downstream(ctx, SCRATCH, fraction, s)["val_accuracy"] for s in _seeds(ctx)],
+            "colour_histogram": colour.get(fraction, []),
         }
         for fraction in fractions
     ]
     return result
+
+
+def _colour_baseline(ctx: Context, split, fractions: list[float]) -> dict[float, list[float]]:
+    """Val accuracy per seed of logistic regression on RGB colour histograms, on the downstream runs' subsets."""
+    e = ctx.config.evaluate
+    train = colour_histograms(split.train_images, e.colour_bins)
+    val = colour_histograms(split.val_images, e.colour_bins)
+    probe = _probe_settings(ctx)
+    scores = {}
+    for fraction in fractions:
+        scores[fraction] = []
+        for seed in _seeds(ctx):
+            subset = stratified_subset(split.train_labels, fraction, seed)
+            scores[fraction].append(
+                linear_probe(train[subset], split.train_labels[subset], val, split.val_labels, 2, seed=seed, **probe)
+            )
+    log.info("evaluate: colour-histogram baseline %s",
+             ", ".join(f"{f:g} of labels {np.mean(v):.3f}" for f, v in scores.items()))
+    return scores
 
 
 def _depth_probe(ctx: Context, backbone: keras.Model, split) -> list[dict]:
@@ -107,7 +136,7 @@ def _depth_probe(ctx: Context, backbone: keras.Model, split) -> list[dict]:
     except ValueError as err:
         raise JobError(f"evaluate.depth_probe_layers: {err}: use layer names of keras.applications.MobileNetV2, "
                        "e.g. block_5_add or out_relu.") from err
-    probe = dict(steps=e.probe_steps, learning_rate=e.probe_learning_rate, weight_decay=e.probe_weight_decay)
+    probe = _probe_settings(ctx)
     scores = {}
     for name, model in by_depth.items():
         train, val = predict(model, split.train_images), predict(model, split.val_images)

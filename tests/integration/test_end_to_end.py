@@ -60,6 +60,8 @@ def test_every_metrics_key_is_present_and_sane(finished_run):
     assert metrics["downstream"]["val_images"] == 12
     assert np.sum(metrics["downstream"]["confusion_matrix"]) == 12
     assert [row["fraction"] for row in metrics["label_efficiency"]] == [0.5, 1.0]
+    assert all(len(row["colour_histogram"]) == 1 for row in metrics["label_efficiency"])  # one seed
+    assert 0.0 <= metrics["baseline"]["colour_histogram_val_accuracy"] <= 1.0
     depth = metrics["downstream"]["depth_probe"]
     assert [row["layer"] for row in depth] == ["block_2_add", "out_relu"]
     assert all(0.0 <= row[init] <= 1.0 for row in depth for init in ("pretrained", "random"))

@@ -1,0 +1,50 @@
+"""Tests for job.evaluate's small evaluators: colour histograms, the linear probe, k-NN, confusion matrix."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from job.evaluate import colour_histograms, confusion_matrix, knn_accuracy, linear_probe
+
+
+def test_colour_histograms_count_each_pixel_in_its_rgb_cell():
+    images = np.zeros((3, 4, 4, 3), np.uint8)
+    images[0] = (255, 0, 0)  # all red: cell (3, 0, 0) with 4 bins
+    images[1, :2] = (0, 0, 255)  # half blue (0, 0, 3), half black (0, 0, 0)
+    images[2] = (64, 128, 191)  # cells 1, 2, 2
+    features = colour_histograms(images, bins=4)
+    assert features.shape == (3, 64) and features.dtype == np.float32
+    np.testing.assert_allclose(features.sum(1), 1.0)
+    assert features[0, (3 * 4 + 0) * 4 + 0] == 1.0
+    assert features[1, 3] == features[1, 0] == 0.5
+    assert features[2, (1 * 4 + 2) * 4 + 2] == 1.0
+    assert colour_histograms(images, bins=2).shape == (3, 8)
+
+
+def test_linear_probe_reads_the_informative_feature():
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1, 2], 30)
+    features = rng.normal(size=(90, 5)).astype(np.float32)
+    features[:, 0] += 6.0 * labels  # the class is readable from one feature, the other four are noise
+    order = rng.permutation(90)
+    train, val = order[:60], order[60:]
+
+    def probe(y):
+        return linear_probe(features[train], y[train], features[val], y[val], 3,
+                            steps=200, learning_rate=0.05, weight_decay=1e-4)
+
+    assert probe(labels) >= 0.9
+    assert probe(rng.permutation(labels)) < 0.7  # labels unrelated to the features: near chance (1/3)
+
+
+def test_knn_votes_by_cosine_similarity():
+    train = np.array([[1, 0], [0.9, 0.1], [0, 1], [0.1, 0.9]], np.float32)
+    train_labels = np.array([0, 0, 1, 1])
+    val = np.array([[5, 0.2], [0.1, 3]], np.float32)  # direction, not length, decides
+    assert knn_accuracy(train, train_labels, val, np.array([0, 1]), k=2) == 1.0
+    assert knn_accuracy(train, train_labels, val, np.array([1, 0]), k=2) == 0.0
+    assert knn_accuracy(train, train_labels, val, np.array([0, 1]), k=50) in (0.0, 0.5, 1.0)  # k > train size
+
+
+def test_confusion_matrix_rows_are_true_classes():
+    assert confusion_matrix(np.array([0, 1, 1, 1]), np.array([0, 0, 1, 1]), 2) == [[1, 1], [0, 2]]
