@@ -83,7 +83,7 @@ class Learner:
     model: keras.Model
     backbone: keras.Model
     groups: list[ParamGroup]
-    schedules: list[tuple[WarmupCosine, float]]  # (schedule, peak learning rate)
+    schedules: list[WarmupCosine]
     objective: Callable
     initial_optimizer_state: list[list[np.ndarray]]
     step_fn: Callable | None = None  # traced on the first run (once per batch shape)
@@ -99,8 +99,8 @@ class Learner:
         for group, state in zip(self.groups, self.initial_optimizer_state, strict=True):
             for variable, value in zip(group.optimizer.variables, state, strict=True):
                 variable.assign(value)
-        for schedule, peak in self.schedules:
-            schedule.reset(peak, warmup_steps, total_steps)
+        for schedule in self.schedules:
+            schedule.set_length(warmup_steps, total_steps)
 
 
 def _classifier(ctx: Context) -> tuple[keras.Model, keras.Model, keras.layers.Layer]:
@@ -123,7 +123,7 @@ def _learner(ctx: Context, init: str) -> Learner:
 
         def optimizer(scale: float):
             schedule = WarmupCosine(f.learning_rate * scale, 0, 1)
-            schedules.append((schedule, f.learning_rate * scale))
+            schedules.append(schedule)
             return make_optimizer(f.optimizer, schedule, f.weight_decay)
 
         if f.mode == "linear":

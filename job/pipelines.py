@@ -101,8 +101,8 @@ def augment_batch(images: tf.Tensor, flips: tf.Tensor, offsets: tf.Tensor, paddi
 def augment_and_rotate(images: tf.Tensor, flips: tf.Tensor, offsets: tf.Tensor, padding: int) -> tf.Tensor:
     """`augment_batch`, then all four rotations: [B, H, W, ...] → [4B, H, W, ...], block k rotated by k*90°.
 
-    The same images as `rotate_four_tf(augment_batch(...))` for fewer element-wise passes: the 90° block
-    is gathered straight from the transposed crop.
+    Block k equals tf.image.rot90(augment_batch(...), k), for fewer element-wise passes than rotating the
+    augmented batch: the 90° block is gathered straight from the transposed crop.
     """
     rows_t, cols = _crop_rows_transposed(images, flips, offsets, padding)
     augmented_t = tf.gather(rows_t, cols, axis=1, batch_dims=1)
@@ -147,14 +147,6 @@ def draw_augmentation(seed: int, epoch: int, step: tf.Tensor, count: int, paddin
         [count, 2], seed=tf.stack([base, 2 * step + 1]), minval=0, maxval=2 * padding + 1, dtype=tf.int32
     )
     return flips, offsets
-
-
-def rotate_four_tf(images: tf.Tensor) -> tf.Tensor:
-    """[B, H, W, ...] → [4B, H, W, ...], block k = images rotated by k*90° counter-clockwise (tf.image.rot90)."""
-    transposed = tf.transpose(images, _swap_axes(images))
-    return tf.concat(
-        [images, tf.reverse(transposed, [1]), tf.reverse(images, [1, 2]), tf.reverse(transposed, [2])], axis=0
-    )
 
 
 def pack_rgbx(images: np.ndarray) -> np.ndarray:

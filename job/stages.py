@@ -52,7 +52,7 @@ def evaluate(ctx: Context) -> dict:
     return metrics
 
 
-def _frozenbuild_configured_backbone(ctx: Context) -> keras.Model:
+def _pretrained_backbone(ctx: Context) -> keras.Model:
     backbone = build_configured_backbone(ctx, weights="none")
     load_backbone_weights(backbone, ctx.layout.backbone)
     return backbone
@@ -67,7 +67,7 @@ def _probe_settings(ctx: Context) -> dict:
 def _evaluations(ctx: Context) -> dict:
     cfg, e = ctx.config, ctx.config.evaluate
     split = downstream_split(ctx)
-    backbone = _frozenbuild_configured_backbone(ctx)
+    backbone = _pretrained_backbone(ctx)
     train_features, val_features = predict(backbone, split.train_images), predict(backbone, split.val_images)
     probe = _probe_settings(ctx)
     result: dict = {

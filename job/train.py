@@ -55,17 +55,17 @@ class Preempted(Exception):
 class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
     """Linear warmup to `peak`, then cosine decay to zero at `total_steps`.
 
-    The three numbers are variables, so a traced train step follows `reset()` without re-tracing.
+    The three numbers are variables, so a traced train step follows `set_length()` without re-tracing.
     """
 
     def __init__(self, peak: float, warmup_steps: int, total_steps: int):
         self.peak = tf.Variable(0.0, trainable=False, name="lr_peak")
         self.warmup_steps = tf.Variable(0.0, trainable=False, name="lr_warmup_steps")
         self.total_steps = tf.Variable(0.0, trainable=False, name="lr_total_steps")
-        self.reset(peak, warmup_steps, total_steps)
-
-    def reset(self, peak: float, warmup_steps: int, total_steps: int) -> None:
         self.peak.assign(peak)
+        self.set_length(warmup_steps, total_steps)
+
+    def set_length(self, warmup_steps: int, total_steps: int) -> None:
         self.warmup_steps.assign(max(warmup_steps, 0))
         self.total_steps.assign(max(total_steps, 1))
 
