@@ -104,7 +104,7 @@ def _execute(stage_names: list[str], data: str, output: str, config_name: str, o
     config = load_config(config_name, overrides)
     output = output or vertex_output()
     cache = Path(config.data.cache_dir).expanduser()
-    local_output, syncer = open_output(output, cache / "runs")
+    local_output, syncer = open_output(output, cache / "runs", config.runtime.sync_interval_s)
     if syncer is not None:
         pulled = syncer.pull()
         log.info("Pulled %d files of %s into %s", pulled, output, local_output)

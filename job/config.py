@@ -245,6 +245,7 @@ def validate(config: Config) -> None:
         "evaluate.colour_bins": config.evaluate.colour_bins,
         "runtime.checkpoint_every_steps": config.runtime.checkpoint_every_steps,
         "runtime.log_every_steps": config.runtime.log_every_steps,
+        "runtime.sync_interval_s": config.runtime.sync_interval_s,
     }
     for name, value in positive.items():
         if value <= 0:

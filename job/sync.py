@@ -44,9 +44,12 @@ SYNC_WORKERS = 8
 MAX_SETTLE_ROUNDS = 3
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
 
-# Written last: TF CheckpointManager's index file and completion markers.
-MARKER_NAMES = frozenset({"checkpoint", "DONE", "_SUCCESS"})
-MARKER_SUFFIXES = (".done", ".complete.json")
+# Written last in their directory: TF CheckpointManager's index file (it names the data files beside it).
+INDEX_MARKER_NAMES = frozenset({"checkpoint"})
+# Written last of all: a stage's completion marker vouches for files anywhere in the run (its exported
+# model, its checkpoints), so it goes up only after everything else in the push went up.
+COMPLETION_MARKER_NAMES = frozenset({"DONE", "_SUCCESS", "done.json"})
+COMPLETION_MARKER_SUFFIXES = (".done", ".complete.json")
 
 # Being written right now: never uploaded (they get renamed to their final name when complete).
 TEMP_SUFFIXES = (".tmp", ".partial")
@@ -57,10 +60,15 @@ TF_SHARDED_TEMP_DIR_SUFFIX = "_temp"  # sharded saves write to <prefix>_temp/par
 StatKey = tuple[int, int]  # (size, mtime_ns)
 
 
-def is_marker(rel: str) -> bool:
-    """True for files that must be uploaded after the rest of their directory."""
+def is_completion_marker(rel: str) -> bool:
+    """True for files that must be uploaded after every other file of the run."""
     name = PurePosixPath(rel).name
-    return name in MARKER_NAMES or name.endswith(MARKER_SUFFIXES)
+    return name in COMPLETION_MARKER_NAMES or name.endswith(COMPLETION_MARKER_SUFFIXES)
+
+
+def is_marker(rel: str) -> bool:
+    """True for files that must be uploaded after (and downloaded after) the data they point to."""
+    return PurePosixPath(rel).name in INDEX_MARKER_NAMES or is_completion_marker(rel)
 
 
 def is_in_progress(rel: str) -> bool:
@@ -243,7 +251,13 @@ class OutputSync:
             start = time.monotonic()
             requests_before = self._requests
             stats = SyncStats()
+            # Completion markers are read first: whatever they vouch for was written before them, so
+            # it is in the walk that follows.
+            completions = self._snapshot(
+                sorted(rel for rel in self._changed(self._walk()) if is_completion_marker(rel))
+            )
             changed = self._changed(self._walk())
+            changed.update((rel, key) for rel, key, _ in completions)
             if changed:
                 _ = self.client  # credential problems surface here, with their own fix
             unsure = [rel for rel in changed if rel not in self._synced]
@@ -252,6 +266,8 @@ class OutputSync:
                     self._drop_identical_remote(changed, unsure)
                 except StorageError as exc:  # only an optimisation: upload them all instead
                     logger.warning("Could not compare with %s, uploading everything: %s", self.remote, exc)
+            completions = [snapshot for snapshot in completions if snapshot[0] in changed]
+            changed = {rel: key for rel, key in changed.items() if not is_completion_marker(rel)}
             data = [rel for rel in changed if not is_marker(rel)]
             markers: dict[str, list[str]] = defaultdict(list)
             for rel in changed:
@@ -260,6 +276,12 @@ class OutputSync:
             failures = self._upload_many(data, stats)
             for directory, rels in sorted(markers.items()):
                 failures += self._push_markers(directory, rels, failures, stats)
+            if completions and failures:
+                logger.warning(
+                    "Not uploading %s: %d other file(s) failed to upload", [c[0] for c in completions], len(failures)
+                )
+            elif completions:
+                failures += self._upload_snapshots(completions, stats)
             stats.requests = self._requests - requests_before
             stats.seconds = time.monotonic() - start
             self.last_stats = stats
@@ -359,9 +381,7 @@ class OutputSync:
             else:
                 self._count()
                 with gcs_errors(self._uri(rel), "upload"):
-                    blob.upload_from_string(
-                        data, content_type=content_type, retry=retry, timeout=REQUEST_TIMEOUT_S
-                    )
+                    blob.upload_from_string(data, content_type=content_type, retry=retry, timeout=REQUEST_TIMEOUT_S)
         except FileNotFoundError:
             logger.debug("%s vanished before upload; skipping", path)
             return None
@@ -374,13 +394,7 @@ class OutputSync:
         if any(_parent(rel) == directory for rel, _ in failures):
             logger.warning("Not uploading %s: other files in %s/ failed to upload", rels, directory or ".")
             return []
-        snapshots: list[tuple[str, StatKey, bytes]] = []
-        for rel in sorted(rels):
-            try:
-                key = _stat_key(self.local_dir / rel)
-                snapshots.append((rel, key, (self.local_dir / rel).read_bytes()))
-            except FileNotFoundError:
-                continue
+        snapshots = self._snapshot(sorted(rels))
         # TF writes data/index files before it rewrites `checkpoint`: whatever the snapshot points to
         # exists now, so upload the directory's files that changed since our first scan.
         new_failures: list[tuple[str, BaseException]] = []
@@ -390,18 +404,33 @@ class OutputSync:
                 break
             new_failures += self._upload_many(pending, stats)
             if new_failures:
-                logger.warning(
-                    "Not uploading %s: other files in %s/ failed to upload", rels, directory or "."
-                )
+                logger.warning("Not uploading %s: other files in %s/ failed to upload", rels, directory or ".")
                 return new_failures
+        return self._upload_snapshots(snapshots, stats)
+
+    def _snapshot(self, rels: Iterable[str]) -> list[tuple[str, StatKey, bytes]]:
+        """(rel, stat, contents) of each file now: the version uploaded, whatever happens to it meanwhile."""
+        snapshots: list[tuple[str, StatKey, bytes]] = []
+        for rel in rels:
+            try:
+                key = _stat_key(self.local_dir / rel)
+                snapshots.append((rel, key, (self.local_dir / rel).read_bytes()))
+            except FileNotFoundError:
+                continue
+        return snapshots
+
+    def _upload_snapshots(
+        self, snapshots: list[tuple[str, StatKey, bytes]], stats: SyncStats
+    ) -> list[tuple[str, BaseException]]:
+        failures: list[tuple[str, BaseException]] = []
         for rel, key, data in snapshots:
             try:
                 self._upload_file(rel, data=data, key=key)
             except Exception as exc:  # noqa: BLE001 - collected and reported by push()
-                new_failures.append((rel, exc))
+                failures.append((rel, exc))
             else:
                 self._record_upload(rel, key, stats)
-        return new_failures
+        return failures
 
     # -- background thread ---------------------------------------------------------------------------
 
@@ -464,7 +493,7 @@ def _stat_key(path: Path) -> StatKey:
     return st.st_size, st.st_mtime_ns
 
 
-def open_output(output: str, work_root: Path) -> tuple[Path, OutputSync | None]:
+def open_output(output: str, work_root: Path, interval_s: float = DEFAULT_INTERVAL_S) -> tuple[Path, OutputSync | None]:
     """Local output → (Path(output), None); gs://… → (work_root/<sha1(uri)[:16]>, an unstarted OutputSync).
 
     The job writes to the returned directory. For gs://, call `pull()` to resume, `start()` for periodic
@@ -474,7 +503,7 @@ def open_output(output: str, work_root: Path) -> tuple[Path, OutputSync | None]:
         GcsUri.parse(output)
         local = Path(work_root) / hashlib.sha1(output.encode("utf-8")).hexdigest()[:CACHE_KEY_CHARS]
         local.mkdir(parents=True, exist_ok=True)
-        return local, OutputSync(output, local)
+        return local, OutputSync(output, local, interval_s=interval_s)
     if "://" in output:
         raise JobError(f"{output} uses an unsupported scheme: pass a local directory or gs://BUCKET/PREFIX.")
     return Path(output), None

@@ -24,7 +24,7 @@ from google.cloud import storage
 import job.storage as job_storage
 from job.errors import JobError, StorageError
 from job.storage import fetch_dataset
-from job.sync import OutputSync, is_in_progress, is_marker, open_output
+from job.sync import OutputSync, is_completion_marker, is_in_progress, is_marker, open_output
 from tests.integration.conftest import Emulator
 from tests.integration.faultproxy import LOOPBACK, FaultProxy
 
@@ -89,6 +89,7 @@ def _make_run_dir(root: Path) -> dict[str, bytes]:
         "metrics.json": b'{"loss": 1.0}',
         "pretext.complete.json": b"{}",
         "DONE": b"",
+        "stage/done.json": b'{"steps": 1}',
     }
     in_progress = {
         f"ckpt/{ATOMIC_TMP}": b"half",
@@ -171,9 +172,7 @@ def test_fetch_prefix_tree_and_resync(gcs_emulator: Emulator, flaky_proxy, tmp_p
     proxy = flaky_proxy()
     client = gcs_emulator.client()
     rng = random.Random(3)
-    files = {
-        f"train/n{c:02d}/images/n{c:02d}_{i}.JPEG": rng.randbytes(800) for c in range(3) for i in range(6)
-    }
+    files = {f"train/n{c:02d}/images/n{c:02d}_{i}.JPEG": rng.randbytes(800) for c in range(3) for i in range(6)}
     files["wnids.txt"] = b"n00\nn01\nn02\n"
     files["val/val_annotations.txt"] = b"val_0.JPEG\tn00\n"
     for rel, data in files.items():
@@ -245,9 +244,7 @@ def test_fetch_tree_with_bad_object_fails_and_keeps_good_ones(gcs_emulator: Emul
 
     bad.md5_hash = _md5_b64(b"file 3")  # fixed remotely: the rerun fetches what is missing
     bad.patch()
-    assert _tree(fetch_dataset(uri, tmp_path, workers=2)) == {
-        f"f{i}.txt": f"file {i}".encode() for i in range(6)
-    }
+    assert _tree(fetch_dataset(uri, tmp_path, workers=2)) == {f"f{i}.txt": f"file {i}".encode() for i in range(6)}
 
 
 def test_fetch_corrupted_download_deletes_file(
@@ -363,9 +360,7 @@ def test_fetch_http(http_site: tuple[str, Path, list[str]], tmp_path: Path) -> N
         fetch_dataset(f"{base}/missing.zip", other)
 
 
-def test_fetch_http_short_body_fails_after_retries(
-    http_site: tuple[str, Path, list[str]], tmp_path: Path
-) -> None:
+def test_fetch_http_short_body_fails_after_retries(http_site: tuple[str, Path, list[str]], tmp_path: Path) -> None:
     base, _, hits = http_site
     with pytest.raises(StorageError, match="after retrying") as info:
         fetch_dataset(f"{base}/short/tiny.zip", tmp_path, retry_deadline_s=0.3)
@@ -383,6 +378,8 @@ def test_temp_and_marker_rules() -> None:
     assert is_marker("ckpt/checkpoint") and is_marker("DONE") and is_marker("a/_SUCCESS")
     assert is_marker("stage.done") and is_marker("pretext.complete.json")
     assert not is_marker("ckpt/ckpt-1.index") and not is_marker("checkpoints/x")
+    assert is_completion_marker("checkpoints/pretext/done.json") and is_completion_marker("DONE")
+    assert not is_completion_marker("ckpt/checkpoint") and not is_completion_marker("done.json.tmp")
     assert is_in_progress(f"ckpt/{ATOMIC_TMP}") and is_in_progress("ckpt/ckpt-3_temp/part-0.index")
     assert is_in_progress("a.tmp") and is_in_progress("b.partial") and is_in_progress("tmpxyz")
     assert not is_in_progress("ckpt/ckpt-1.data-00000-of-00001")
@@ -407,8 +404,9 @@ def test_push_uploads_once_in_order(
 
     pos = {name.removeprefix("runs/r1/"): i for i, name in enumerate(upload_order)}
     assert pos["ckpt/checkpoint"] > max(pos["ckpt/ckpt-1.index"], pos["ckpt/ckpt-1.data-00000-of-00001"])
-    root_data = [rel for rel in files if "/" not in rel and rel not in ("DONE", "pretext.complete.json")]
-    assert min(pos["DONE"], pos["pretext.complete.json"]) > max(pos[rel] for rel in root_data)
+    completions = {"DONE", "pretext.complete.json", "stage/done.json"}
+    # A completion marker vouches for the whole run: it goes up after every other file, in any directory.
+    assert min(pos[rel] for rel in completions) > max(pos[rel] for rel in files if rel not in completions)
 
     before = len(proxy.stats.requests)
     again = sync.push()
@@ -424,9 +422,7 @@ def test_push_uploads_once_in_order(
     assert refreshed[events.relative_to(run).as_posix()].md5_hash == _md5_b64(events.read_bytes())
 
 
-def test_push_failure_holds_back_markers(
-    gcs_emulator: Emulator, flaky_proxy, tmp_path: Path, make_sync
-) -> None:
+def test_push_failure_holds_back_markers(gcs_emulator: Emulator, flaky_proxy, tmp_path: Path, make_sync) -> None:
     proxy = flaky_proxy()
     proxy.fail_pattern = b"ckpt-1.data-00000-of-00001"  # every attempt for this object gets a 503
     run = tmp_path / "run"
@@ -440,18 +436,17 @@ def test_push_failure_holds_back_markers(
     assert proxy.stats.injected_503 > 1  # it was retried before giving up
     objects = _remote(gcs_emulator.client(), gcs_emulator.bucket, "runs/r2/")
     assert "ckpt/checkpoint" not in objects and "ckpt/ckpt-1.data-00000-of-00001" not in objects
-    assert {"ckpt/ckpt-1.index", "metrics.json", "DONE"} <= set(objects)  # other directories go ahead
+    assert {"ckpt/ckpt-1.index", "metrics.json"} <= set(objects)  # other files go ahead...
+    assert not {"DONE", "pretext.complete.json", "stage/done.json"} & set(objects)  # ...but nothing claims completion
     assert all(p.is_file() for p in (run / rel for rel in files))  # nothing deleted locally
 
     proxy.fail_pattern = None
-    stats = sync.push()  # the failed file and its held-back marker now go up
-    assert stats.files_uploaded == 2
+    stats = sync.push()  # the failed file, its held-back index and the completion markers now go up
+    assert stats.files_uploaded == 5
     assert set(_remote(gcs_emulator.client(), gcs_emulator.bucket, "runs/r2/")) == set(files)
 
 
-def test_pull_reproduces_tree_and_resumes(
-    gcs_emulator: Emulator, flaky_proxy, tmp_path: Path, make_sync
-) -> None:
+def test_pull_reproduces_tree_and_resumes(gcs_emulator: Emulator, flaky_proxy, tmp_path: Path, make_sync) -> None:
     proxy = flaky_proxy()
     first = tmp_path / "vm1"
     files = _make_run_dir(first)
@@ -504,8 +499,9 @@ def test_background_thread_and_close(gcs_emulator: Emulator, tmp_path: Path) -> 
 def test_open_output(tmp_path: Path) -> None:
     local, syncer = open_output(str(tmp_path / "out"), tmp_path / "work")
     assert local == tmp_path / "out" and syncer is None
-    local, syncer = open_output("gs://b/runs/x", tmp_path / "work")
+    local, syncer = open_output("gs://b/runs/x", tmp_path / "work", interval_s=7.5)
     assert syncer is not None and syncer.remote == "gs://b/runs/x/" and syncer.local_dir == local
+    assert syncer.interval_s == 7.5  # runtime.sync_interval_s reaches the periodic push
     assert local.parent == tmp_path / "work" and local.is_dir() and len(local.name) == 16
     with pytest.raises(JobError, match="unsupported scheme"):
         open_output("s3://b/x", tmp_path)
@@ -516,9 +512,7 @@ def test_open_output(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def test_flaky_network_push_pull_fetch_complete(
-    gcs_emulator: Emulator, flaky_proxy, tmp_path: Path, make_sync
-) -> None:
+def test_flaky_network_push_pull_fetch_complete(gcs_emulator: Emulator, flaky_proxy, tmp_path: Path, make_sync) -> None:
     client = gcs_emulator.client()  # set up through the emulator directly (before the proxy)
     zip_data = _zip_bytes(seed=8, n_files=4, size=100_000)
     _upload(client, gcs_emulator.bucket, "data/tiny.zip", zip_data)

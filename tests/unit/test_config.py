@@ -180,6 +180,7 @@ def test_bad_choice(override, key):
         (["data.image_size=0"], ["data.image_size", "positive"]),
         (["pretext.epochs=-1"], ["pretext.epochs", "-1"]),
         (["model.alpha=0"], ["model.alpha", "positive"]),
+        (["runtime.sync_interval_s=0"], ["runtime.sync_interval_s", "positive"]),
         (["pretext.batch_images=0"], ["pretext.batch_images"]),
         (["data.crop_padding=-2"], ["data.crop_padding"]),
         (['data.downstream_wnids=["n01443537", "n01443537"]'], ["data.downstream_wnids"]),
