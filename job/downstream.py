@@ -90,9 +90,8 @@ class Learner:
 
     def reset(self, ctx: Context, init: str, seed: int, warmup_steps: int, total_steps: int) -> None:
         """Fresh seeded weights (the pretrained backbone's when init is pretrained), optimizers and schedules."""
-        with ctx.cluster.strategy.scope():
-            keras.utils.set_random_seed(seed)
-            fresh, _, _ = _classifier(ctx)
+        keras.utils.set_random_seed(seed)
+        fresh, _, _ = _classifier(ctx)  # plain variables, outside the strategy: only their values are used
         self.model.set_weights(fresh.get_weights())
         if init == PRETRAINED:
             load_backbone_weights(self.backbone, ctx.layout.backbone)
