@@ -253,10 +253,9 @@ class OutputSync:
             stats = SyncStats()
             # Completion markers are read first: whatever they vouch for was written before them, so
             # it is in the walk that follows.
-            completions = self._snapshot(
-                sorted(rel for rel in self._changed(self._walk()) if is_completion_marker(rel))
-            )
+            completions = self._snapshot(sorted(self._changed(r for r in self._walk() if is_completion_marker(r))))
             changed = self._changed(self._walk())
+            # The snapshots' stats, so that the remote comparison below skips markers already up there.
             changed.update((rel, key) for rel, key, _ in completions)
             if changed:
                 _ = self.client  # credential problems surface here, with their own fix
