@@ -69,6 +69,15 @@ class FinetuneConfig:
     min_steps: int = 100  # small label fractions still get this many steps (epochs then repeat their images)
     batch_size: int = 64
     mode: str = "finetune"  # "finetune" (all layers, backbone at a lower rate) or "linear" (frozen)
+    # MobileNetV2 layers whose globally pooled outputs, concatenated, feed the classifier head (the backbone is
+    # cut after the deepest): rotation features peak before the last block, and early blocks keep colour.
+    # ["auto"]: the one of evaluate.depth_probe_layers whose frozen features classify best in 4-fold
+    # cross-validation on the downstream train labels (never val).
+    transfer_layers: list[str] = field(default_factory=lambda: ["out_relu"])
+    # "probe": from the pretrained backbone, the head starts as a logistic regression fitted on the frozen
+    # features of the run's labelled images (LP-FT), so fine-tuning starts from a classifier, not from noise.
+    head_init: str = "random"
+    freeze_batchnorm: bool = False  # pretrained backbone: keep its BatchNorm statistics while fine-tuning
     label_fraction: float = 1.0  # stratified, seeded share of labelled train images used
     optimizer: str = "adamw"
     learning_rate: float = 1e-3
@@ -133,6 +142,7 @@ _CHOICES = {
     ("pretext", "optimizer"): ("adamw", "sgd"),
     ("finetune", "optimizer"): ("adamw", "sgd"),
     ("finetune", "mode"): ("finetune", "linear"),
+    ("finetune", "head_init"): ("random", "probe"),
     ("runtime", "mixed_precision"): ("auto", "on", "off"),
     ("runtime", "xla"): ("auto", "on", "off"),
     ("model", "stem_stride"): (1, 2),
@@ -264,6 +274,10 @@ def validate(config: Config) -> None:
             raise JobError(f"{name} = {value} must be zero or positive.")
     if config.data.image_size < 32:
         raise JobError(f"data.image_size = {config.data.image_size} is too small: MobileNetV2 needs >= 32.")
+    layers = config.finetune.transfer_layers
+    if not layers or ("auto" in layers and len(layers) > 1):
+        raise JobError(f"finetune.transfer_layers = {layers} is not allowed: name MobileNetV2 layers, e.g. "
+                       "[\"block_12_add\", \"out_relu\"], or [\"auto\"] alone.")
     fractions = [config.finetune.label_fraction, *config.evaluate.label_fractions]
     if any(not 0.0 < f <= 1.0 for f in fractions):
         raise JobError(f"label fractions {fractions} must each be in (0, 1].")

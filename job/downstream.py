@@ -21,15 +21,17 @@ from job.context import (
     weighted,
 )
 from job.errors import JobError
-from job.evaluate import accuracy, confusion_matrix, predict
+from job.evaluate import accuracy, confusion_matrix, fit_logistic, predict
 from job.pipelines import model_pixels, stratified_subset
 from job.train import LoopConfig, ParamGroup, Trainer, WarmupCosine, make_optimizer
-from models.backbone import load_backbone_weights
+from models.backbone import load_backbone_weights, pooled_block_features, transfer_features
 from models.heads import classifier_head
 
 log = logging.getLogger(__name__)
 
 PRETRAINED, SCRATCH = "pretrained", "scratch"
+AUTO = "auto"  # finetune.transfer_layers = ["auto"]: the depth chosen by cross-validation on the train labels
+SELECTION_FOLDS = 4
 
 
 @dataclass(frozen=True)
@@ -81,7 +83,9 @@ class Learner:
     """
 
     model: keras.Model
-    backbone: keras.Model
+    backbone: keras.Model  # the whole backbone, into which pretrained weights load
+    features: keras.Model  # pixels → what the head sees (finetune.transfer_layers), sharing its variables
+    head: keras.Model
     groups: list[ParamGroup]
     schedules: list[WarmupCosine]
     objective: Callable
@@ -91,7 +95,7 @@ class Learner:
     def reset(self, ctx: Context, init: str, seed: int, warmup_steps: int, total_steps: int) -> None:
         """Fresh seeded weights (the pretrained backbone's when init is pretrained), optimizers and schedules."""
         keras.utils.set_random_seed(seed)
-        fresh, _, _ = _classifier(ctx)  # plain variables, outside the strategy: only their values are used
+        fresh, _, _, _ = _classifier(ctx)  # plain variables, outside the strategy: only their values are used
         self.model.set_weights(fresh.get_weights())
         if init == PRETRAINED:
             load_backbone_weights(self.backbone, ctx.layout.backbone)
@@ -102,12 +106,75 @@ class Learner:
             schedule.set_length(warmup_steps, total_steps)
 
 
-def _classifier(ctx: Context) -> tuple[keras.Model, keras.Model, keras.layers.Layer]:
-    """pixels → backbone → 2-way head, randomly initialised (Keras' global seed)."""
+    def init_head(self, ctx: Context, images: np.ndarray, labels: np.ndarray, seed: int) -> None:
+        """LP-FT: set the head to a logistic regression fitted on the frozen features of the labelled images."""
+        e = ctx.config.evaluate
+        kernel, bias = fit_logistic(
+            predict(self.features, images), labels, 2, steps=e.probe_steps, learning_rate=e.probe_learning_rate,
+            weight_decay=e.probe_weight_decay, seed=seed,
+        )
+        self.head.get_layer("logits").set_weights([kernel, bias])
+
+
+def transfer_layers(ctx: Context) -> list[str]:
+    """finetune.transfer_layers, with ["auto"] resolved (once per job) by `select_transfer_layer`."""
+    layers = list(ctx.config.finetune.transfer_layers)
+    if layers != [AUTO]:
+        return layers
+    if "transfer_selection" not in ctx.built:
+        ctx.built["transfer_selection"] = select_transfer_layer(ctx)
+    return [max(ctx.built["transfer_selection"].items(), key=lambda item: item[1])[0]]
+
+
+def transfer_selection(ctx: Context) -> dict[str, float] | None:
+    """The cross-validated accuracy of each candidate layer when the transfer layer was chosen, else None."""
+    transfer_layers(ctx)
+    return ctx.built.get("transfer_selection")
+
+
+def select_transfer_layer(ctx: Context) -> dict[str, float]:
+    """Each of evaluate.depth_probe_layers → the k-fold cross-validated accuracy of a linear probe on the
+    pretrained backbone's frozen pooled features there, on the downstream *train* images (never val)."""
+    cfg, e = ctx.config, ctx.config.evaluate
+    split = downstream_split(ctx)
     backbone = build_configured_backbone(ctx, weights="none")
-    head = classifier_head(backbone.output_shape[-1], 2, ctx.config.model.classifier_dropout)
+    load_backbone_weights(backbone, ctx.layout.backbone)
+    try:
+        by_depth = pooled_block_features(backbone, e.depth_probe_layers)
+    except ValueError as err:
+        raise JobError(f"evaluate.depth_probe_layers: {err}: use layer names of keras.applications.MobileNetV2, "
+                       "e.g. block_5_add or out_relu.") from err
+    features = predict(by_depth, split.train_images)
+    folds = np.random.default_rng(cfg.runtime.seed).permutation(len(split.train_labels)) % SELECTION_FOLDS
+    scores = {}
+    for layer, x in zip(e.depth_probe_layers, features, strict=True):
+        correct_count = 0
+        for fold in range(SELECTION_FOLDS):
+            train, held = folds != fold, folds == fold
+            kernel, bias = fit_logistic(x[train], split.train_labels[train], 2, steps=e.probe_steps,
+                                        learning_rate=e.probe_learning_rate, weight_decay=e.probe_weight_decay,
+                                        seed=cfg.runtime.seed)
+            correct_count += int(np.sum(np.argmax(x[held] @ kernel + bias, -1) == split.train_labels[held]))
+        scores[layer] = correct_count / len(split.train_labels)
+    log.info("transfer layer by %d-fold cross-validation on the train labels: %s", SELECTION_FOLDS,
+             ", ".join(f"{layer} {score:.3f}" for layer, score in scores.items()))
+    return scores
+
+
+def _classifier(ctx: Context) -> tuple[keras.Model, keras.Model, keras.Model, keras.Model]:
+    """pixels → transfer features → 2-way head, randomly initialised (Keras' global seed).
+
+    Returns the classifier, the whole backbone, the feature model and the head.
+    """
+    backbone = build_configured_backbone(ctx, weights="none")
+    try:
+        features = transfer_features(backbone, transfer_layers(ctx))
+    except ValueError as err:
+        raise JobError(f"finetune.transfer_layers: {err}: use layer names of keras.applications.MobileNetV2, "
+                       "e.g. block_12_add or out_relu.") from err
+    head = classifier_head(features.output_shape[-1], 2, ctx.config.model.classifier_dropout)
     pixels = keras.Input(backbone.input_shape[1:], name="pixels")
-    return keras.Model(pixels, head(backbone(pixels)), name="classifier"), backbone, head
+    return keras.Model(pixels, head(features(pixels)), name="classifier"), backbone, features, head
 
 
 def _learner(ctx: Context, init: str) -> Learner:
@@ -116,8 +183,13 @@ def _learner(ctx: Context, init: str) -> Learner:
     if key in ctx.built:
         return ctx.built[key]
     f = ctx.config.finetune
+    transfer_layers(ctx)  # an "auto" choice fits probes: outside the strategy's scope
     with ctx.cluster.strategy.scope():
-        model, backbone, head = _classifier(ctx)
+        model, backbone, features, head = _classifier(ctx)
+        if init == PRETRAINED and f.freeze_batchnorm:
+            for layer in features._flatten_layers(include_self=False, recursive=True):
+                if isinstance(layer, keras.layers.BatchNormalization):
+                    layer.trainable = False  # Keras runs a non-trainable BatchNormalization in inference mode
         schedules = []
 
         def optimizer(scale: float):
@@ -126,12 +198,12 @@ def _learner(ctx: Context, init: str) -> Learner:
             return make_optimizer(f.optimizer, schedule, f.weight_decay)
 
         if f.mode == "linear":
-            backbone.trainable = False
+            features.trainable = False
             groups = [ParamGroup(head.trainable_variables, optimizer(1.0))]
         elif f.backbone_lr_scale != 1.0 and init == PRETRAINED:  # a random backbone has nothing to preserve
             groups = [
                 ParamGroup(head.trainable_variables, optimizer(1.0)),
-                ParamGroup(backbone.trainable_variables, optimizer(f.backbone_lr_scale)),
+                ParamGroup(features.trainable_variables, optimizer(f.backbone_lr_scale)),
             ]
         else:
             groups = [ParamGroup(model.trainable_variables, optimizer(1.0))]
@@ -147,7 +219,7 @@ def _learner(ctx: Context, init: str) -> Learner:
         }
 
     state = [[v.numpy() for v in g.optimizer.variables] for g in groups]
-    ctx.built[key] = Learner(model, backbone, groups, schedules, objective, state)
+    ctx.built[key] = Learner(model, backbone, features, head, groups, schedules, objective, state)
     return ctx.built[key]
 
 
@@ -171,6 +243,8 @@ def train_downstream(ctx: Context, init: str, fraction: float, seed: int) -> dic
 
     learner = _learner(ctx, init)
     learner.reset(ctx, init, seed, warmup_steps=int(f.warmup_epochs * steps), total_steps=epochs * steps)
+    if init == PRETRAINED and f.head_init == "probe":  # a random backbone's features have nothing to probe
+        learner.init_head(ctx, images, labels, seed)
     model = learner.model
 
     def evaluator(epoch: int, writer) -> dict[str, float]:
@@ -200,6 +274,8 @@ def train_downstream(ctx: Context, init: str, fraction: float, seed: int) -> dic
     return ctx.finish(directory, {
         "init": init,
         "mode": f.mode,
+        "transfer_layers": transfer_layers(ctx),
+        "head_init": f.head_init if init == PRETRAINED else "random",
         "label_fraction": fraction,
         "seed": seed,
         "train_images": int(len(subset)),

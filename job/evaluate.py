@@ -47,22 +47,22 @@ def confusion_matrix(predicted: np.ndarray, labels: np.ndarray, num_classes: int
     return matrix.tolist()
 
 
-def linear_probe(
-    train_features: np.ndarray,
-    train_labels: np.ndarray,
-    val_features: np.ndarray,
-    val_labels: np.ndarray,
+def fit_logistic(
+    features: np.ndarray,
+    labels: np.ndarray,
     num_classes: int,
     steps: int,
     learning_rate: float,
     weight_decay: float,
     seed: int = 0,
-) -> float:
-    """Multinomial logistic regression on standardised frozen features (full-batch Adam); val accuracy."""
-    mean, std = train_features.mean(0), train_features.std(0) + 1e-6
-    x_train = tf.constant((train_features - mean) / std, tf.float32)
-    x_val = (val_features - mean) / std
-    y_train = tf.constant(train_labels, tf.int32)
+) -> tuple[np.ndarray, np.ndarray]:
+    """Multinomial logistic regression on standardised features (full-batch Adam).
+
+    Returns (kernel, bias) acting on the raw features: logits = features @ kernel + bias.
+    """
+    mean, std = features.mean(0), features.std(0) + 1e-6
+    x_train = tf.constant((features - mean) / std, tf.float32)
+    y_train = tf.constant(labels, tf.int32)
     init = tf.keras.initializers.GlorotUniform(seed=seed)
     weights = tf.Variable(init((x_train.shape[1], num_classes)))
     bias = tf.Variable(tf.zeros(num_classes))
@@ -78,7 +78,24 @@ def linear_probe(
 
     for _ in range(steps):
         step()
-    return accuracy(x_val @ weights.numpy() + bias.numpy(), val_labels)
+    kernel = weights.numpy() / std[:, None]
+    return kernel.astype(np.float32), (bias.numpy() - mean @ kernel).astype(np.float32)
+
+
+def linear_probe(
+    train_features: np.ndarray,
+    train_labels: np.ndarray,
+    val_features: np.ndarray,
+    val_labels: np.ndarray,
+    num_classes: int,
+    steps: int,
+    learning_rate: float,
+    weight_decay: float,
+    seed: int = 0,
+) -> float:
+    """Val accuracy of logistic regression fitted on frozen train features (`fit_logistic`)."""
+    kernel, bias = fit_logistic(train_features, train_labels, num_classes, steps, learning_rate, weight_decay, seed)
+    return accuracy(val_features @ kernel + bias, val_labels)
 
 
 def knn_accuracy(

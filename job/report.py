@@ -22,6 +22,7 @@ METRIC_KEYS = (
     "pretext.val_rotation_accuracy",
     "pretext.online_probe_val_accuracy",
     "pretext.linear_probe_200_top1",
+    "pretext.random_linear_probe_200_top1",
     "pretext.epochs",
     "pretext.train_seconds",
     "pretext.samples_per_sec",
@@ -29,7 +30,11 @@ METRIC_KEYS = (
     "downstream.val_accuracy_std",
     "downstream.val_accuracy_seeds",
     "downstream.best_epoch_val_accuracy",
+    "downstream.transfer_layers",
+    "downstream.transfer_selection",
+    "downstream.head_init",
     "downstream.linear_probe_val_accuracy",
+    "downstream.random_linear_probe_val_accuracy",
     "downstream.knn_val_accuracy",
     "downstream.depth_probe",
     "downstream.confusion_matrix",
@@ -80,6 +85,7 @@ def build_metrics(pretext: dict, evaluations: dict, data: dict) -> dict:
             "val_rotation_accuracy": pretext["val_rotation_accuracy"],
             "online_probe_val_accuracy": pretext.get("online_probe_val_accuracy"),
             "linear_probe_200_top1": evaluations.get("linear_probe_200_top1"),
+            "random_linear_probe_200_top1": evaluations.get("random_linear_probe_200_top1"),
             "epochs": pretext["epochs"],
             "train_seconds": pretext["train_seconds"],
             "samples_per_sec": pretext["samples_per_sec"],
@@ -93,7 +99,11 @@ def build_metrics(pretext: dict, evaluations: dict, data: dict) -> dict:
             "val_accuracy_std": std,
             "val_accuracy_seeds": accuracies,
             "best_epoch_val_accuracy": float(np.mean([r["best_epoch_val_accuracy"] for r in finetunes])),
+            "transfer_layers": evaluations.get("transfer_layers", ["out_relu"]),
+            "transfer_selection": evaluations.get("transfer_selection"),
+            "head_init": first.get("head_init", "random"),
             "linear_probe_val_accuracy": evaluations["linear_probe_val_accuracy"],
+            "random_linear_probe_val_accuracy": evaluations.get("random_linear_probe_val_accuracy"),
             "knn_val_accuracy": evaluations["knn_val_accuracy"],
             "depth_probe": evaluations.get("depth_probe"),
             "confusion_matrix": first["confusion_matrix"],
@@ -177,13 +187,9 @@ def _markdown(metrics: dict, figures: list[str]) -> str:
         ("Data train / val / skipped images", f"{data['train_images']} / {data['val_images']} / "
          f"{data['skipped_images']}"),
     ]
-    lines = ["# Rotation pretraining report", "", "| metric | value |", "|---|---|"]
+    lines = ["# Rotation pretraining report", "", *_verdict(metrics), "## Details", "", "| metric | value |",
+             "|---|---|"]
     lines += [f"| {name} | {value} |" for name, value in rows]
-    lines += ["", "## Label efficiency (val accuracy, mean ± std over seeds)", "",
-              "| label fraction | pretrained | scratch | colour histogram |", "|---|---|---|---|"]
-    for row in metrics["label_efficiency"]:
-        lines.append(f"| {row['fraction']:g} | {_fmt(*_mean_std(row['pretrained']))} | "
-                     f"{_fmt(*_mean_std(row['scratch']))} | {_fmt(*_mean_std(row.get('colour_histogram', [])))} |")
     if d.get("depth_probe"):
         lines += ["", "## Linear probe by depth (downstream val accuracy, all labels, frozen pooled features)", "",
                   "| layer | pretrained | random init |", "|---|---|---|"]
@@ -194,6 +200,42 @@ def _markdown(metrics: dict, figures: list[str]) -> str:
         lines += ["Skipped unreadable images: " + ", ".join(data["skipped_files"]), ""]
     lines += [f"![{name}]({name})" for name in figures]
     return "\n".join(lines) + "\n"
+
+
+def _delta(a: list[float], b: list[float]) -> str:
+    """mean(a) - mean(b) in points, signed; n/a when either is missing."""
+    if not a or not b:
+        return "n/a"
+    return f"{100 * (np.mean(a) - np.mean(b)):+.1f}"
+
+
+def _verdict(metrics: dict) -> list[str]:
+    """The report's first table: what pretraining bought over scratch and colour, and over random features."""
+    d, p = metrics["downstream"], metrics["pretext"]
+    lines = ["## Verdict", "", "Fish vs duck val accuracy, mean ± std over seeds; Δ in points.", "",
+             "| labels | pretrained | scratch | colour histogram | Δ scratch | Δ colour |", "|---|---|---|---|---|---|"]
+    for row in metrics["label_efficiency"]:
+        ours, scratch, colour = row["pretrained"], row["scratch"], row.get("colour_histogram", [])
+        lines.append(f"| {row['fraction']:g} | {_fmt(*_mean_std(ours))} | {_fmt(*_mean_std(scratch))} | "
+                     f"{_fmt(*_mean_std(colour))} | {_delta(ours, scratch)} | {_delta(ours, colour)} |")
+    layers = "+".join(d.get("transfer_layers") or ["out_relu"])
+    depth = d.get("depth_probe") or []
+    best_random = max(depth, key=lambda r: r["random"]) if depth else None
+    lines += ["", "Frozen features (linear probes; pretrained vs the same network at random init):", "",
+              "| probe | pretrained | random init | Δ |", "|---|---|---|---|"]
+    pairs = [
+        (f"fish/duck on the transferred features ({layers})", d["linear_probe_val_accuracy"],
+         d.get("random_linear_probe_val_accuracy")),
+        ("all-class (200-way) on the transferred features", p.get("linear_probe_200_top1"),
+         p.get("random_linear_probe_200_top1")),
+    ]
+    if best_random:
+        pairs.append((f"fish/duck: transferred features vs random's best depth ({best_random['layer']})",
+                      d["linear_probe_val_accuracy"], best_random["random"]))
+    for name, ours, theirs in pairs:
+        delta = _delta([ours], [theirs]) if ours is not None and theirs is not None else "n/a"
+        lines.append(f"| {name} | {_fmt(ours)} | {_fmt(theirs)} | {delta} |")
+    return [*lines, ""]
 
 
 def _plot_curves(metrics: dict):

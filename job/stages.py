@@ -14,12 +14,20 @@ import numpy as np
 
 from job import report
 from job.context import Context, build_configured_backbone, read_done
-from job.downstream import PRETRAINED, SCRATCH, check_inputs, downstream_split, train_downstream
+from job.downstream import (
+    PRETRAINED,
+    SCRATCH,
+    check_inputs,
+    downstream_split,
+    train_downstream,
+    transfer_layers,
+    transfer_selection,
+)
 from job.errors import JobError
 from job.evaluate import colour_histograms, knn_accuracy, linear_probe, predict
 from job.pipelines import rotate_four, stratified_subset
 from job.pretext import pretrain
-from models.backbone import load_backbone_weights, pooled_block_features
+from models.backbone import load_backbone_weights, pooled_block_features, transfer_features
 
 log = logging.getLogger(__name__)
 
@@ -68,24 +76,42 @@ def _evaluations(ctx: Context) -> dict:
     cfg, e = ctx.config, ctx.config.evaluate
     split = downstream_split(ctx)
     backbone = _pretrained_backbone(ctx)
-    train_features, val_features = predict(backbone, split.train_images), predict(backbone, split.val_images)
+    keras.utils.set_random_seed(cfg.runtime.seed)
+    random_backbone = build_configured_backbone(ctx, weights="none")
+    layers = transfer_layers(ctx)
+    # The frozen features the downstream head sees (finetune.transfer_layers), pretrained and from random init.
+    features = {"pretrained": transfer_features(backbone, layers), "random": transfer_features(random_backbone, layers)}
+    train_features, val_features = predict(features["pretrained"], split.train_images), predict(
+        features["pretrained"], split.val_images)
     probe = _probe_settings(ctx)
     result: dict = {
+        "transfer_layers": list(layers),
+        "transfer_selection": transfer_selection(ctx),
         "linear_probe_val_accuracy": linear_probe(
             train_features, split.train_labels, val_features, split.val_labels, 2, seed=cfg.runtime.seed, **probe
         ),
+        "random_linear_probe_val_accuracy": linear_probe(
+            predict(features["random"], split.train_images), split.train_labels,
+            predict(features["random"], split.val_images), split.val_labels, 2, seed=cfg.runtime.seed, **probe,
+        ),
         "knn_val_accuracy": knn_accuracy(train_features, split.train_labels, val_features, split.val_labels, e.knn_k),
         "linear_probe_200_top1": None,
+        "random_linear_probe_200_top1": None,
     }
-    log.info("evaluate: linear probe %.4f, k-NN %.4f", result["linear_probe_val_accuracy"], result["knn_val_accuracy"])
+    log.info("evaluate: linear probe on %s %.4f (random init %.4f), k-NN %.4f", "+".join(layers),
+             result["linear_probe_val_accuracy"], result["random_linear_probe_val_accuracy"],
+             result["knn_val_accuracy"])
     if e.linear_probe_200:
         data = ctx.dataset
-        result["linear_probe_200_top1"] = linear_probe(
-            predict(backbone, data.train.images), data.train.labels, predict(backbone, data.val.images),
-            data.val.labels, len(data.wnids), seed=cfg.runtime.seed, **probe,
-        )
-        log.info("evaluate: %d-way linear probe top-1 %.4f", len(data.wnids), result["linear_probe_200_top1"])
-    result["depth_probe"] = _depth_probe(ctx, backbone, split) if e.depth_probe else None
+        for name, model in features.items():
+            key = "linear_probe_200_top1" if name == "pretrained" else "random_linear_probe_200_top1"
+            result[key] = linear_probe(
+                predict(model, data.train.images), data.train.labels, predict(model, data.val.images),
+                data.val.labels, len(data.wnids), seed=cfg.runtime.seed, **probe,
+            )
+        log.info("evaluate: %d-way linear probe top-1 %.4f (random init %.4f)", len(data.wnids),
+                 result["linear_probe_200_top1"], result["random_linear_probe_200_top1"])
+    result["depth_probe"] = _depth_probe(ctx, backbone, random_backbone, split) if e.depth_probe else None
     result["finetune"] = finetune(ctx)
     fractions = sorted(set(e.label_fractions))
     result["scratch"] = (
@@ -126,11 +152,10 @@ def _colour_baseline(ctx: Context, split, fractions: list[float]) -> dict[float,
     return scores
 
 
-def _depth_probe(ctx: Context, backbone: keras.Model, split) -> list[dict]:
+def _depth_probe(ctx: Context, backbone: keras.Model, random_backbone: keras.Model, split) -> list[dict]:
     """Downstream linear probe on features pooled at each configured depth, pretrained vs random init."""
     cfg, e = ctx.config, ctx.config.evaluate
-    keras.utils.set_random_seed(cfg.runtime.seed)
-    networks = {"pretrained": backbone, "random": build_configured_backbone(ctx, weights="none")}
+    networks = {"pretrained": backbone, "random": random_backbone}
     try:
         by_depth = {name: pooled_block_features(net, e.depth_probe_layers) for name, net in networks.items()}
     except ValueError as err:

@@ -11,6 +11,7 @@ log = logging.getLogger(__name__)
 
 STEM_LAYER = "Conv1"  # the first strided convolution of keras.applications.MobileNetV2
 FEATURES_NAME = "features"
+FINAL_LAYER = "out_relu"  # the last activation of keras.applications.MobileNetV2: the backbone's own features
 
 
 def build_backbone(
@@ -66,13 +67,18 @@ def load_backbone_weights(backbone: keras.Model, path: Path) -> None:
     log.info("Loaded backbone weights from %s", path)
 
 
+def _body(backbone: keras.Model) -> keras.Model:
+    return next(layer for layer in backbone.layers if isinstance(layer, keras.Model))
+
+
 def pooled_block_features(backbone: keras.Model, layer_names: list[str]) -> keras.Model:
     """pixels → [globally average-pooled output of each named MobileNetV2 layer], for probing by depth.
 
     Names are layers of keras.applications.MobileNetV2 (e.g. "block_5_add", "out_relu"); the backbone's own
-    preprocessing (rescaling, upsampling) is applied first.
+    preprocessing (rescaling, upsampling) is applied first. The model shares the backbone's variables, and
+    holds only the layers up to the deepest name.
     """
-    body = next(layer for layer in backbone.layers if isinstance(layer, keras.Model))
+    body = _body(backbone)
     missing = [name for name in layer_names if name not in {layer.name for layer in body.layers}]
     if missing:
         raise ValueError(f"MobileNetV2 has no layer named {', '.join(missing)}")
@@ -85,3 +91,17 @@ def pooled_block_features(backbone: keras.Model, layer_names: list[str]) -> kera
             break
         x = layer(x)
     return keras.Model(pixels, blocks(x), name="backbone_by_depth")
+
+
+def transfer_features(backbone: keras.Model, layers: list[str]) -> keras.Model:
+    """pixels → the concatenated pooled outputs of `layers`: what a downstream head sees.
+
+    `[FINAL_LAYER]` is the backbone itself; earlier or several layers give a model that shares the backbone's
+    variables and stops at the deepest one (the layers after it are neither run nor trained).
+    """
+    if list(layers) == [FINAL_LAYER]:
+        return backbone
+    by_depth = pooled_block_features(backbone, list(layers))
+    pooled = by_depth.outputs
+    features = pooled[0] if len(pooled) == 1 else keras.layers.Concatenate(name=FEATURES_NAME)(pooled)
+    return keras.Model(by_depth.inputs, features, name="transfer_features")

@@ -51,3 +51,36 @@ def test_a_reused_learner_trains_as_a_fresh_one(synth_zip, tmp_path):
         np.testing.assert_allclose(got["train_loss"], want["train_loss"], rtol=1e-4)
         assert got["accuracy"] == want["accuracy"]
     np.testing.assert_allclose(actual["val_accuracy"], expected["val_accuracy"])
+
+
+def test_lp_ft_starts_from_the_probe_and_keeps_frozen_batchnorm(synth_zip, tmp_path):
+    """head_init = "probe": before any step, the classifier is the logistic regression on its frozen transfer
+    features; freeze_batchnorm: fine-tuning leaves the pretrained BatchNorm statistics as they were."""
+    import keras
+
+    from job.downstream import _learner, downstream_split
+    from job.evaluate import fit_logistic, predict
+
+    config = load_config("demo", [*TINY, f"data.cache_dir={tmp_path / 'cache'}", "finetune.head_init='probe'",
+                                  "finetune.freeze_batchnorm=true", "finetune.transfer_layers=['block_5_add']"])
+    ctx = Context(config, RunLayout(tmp_path / "run"), synth_zip, make_cluster())
+    _pretrained_backbone(ctx, (ctx,))
+    split = downstream_split(ctx)
+    learner = _learner(ctx, PRETRAINED)
+    learner.reset(ctx, PRETRAINED, seed=3, warmup_steps=0, total_steps=4)
+    learner.init_head(ctx, split.train_images, split.train_labels, seed=3)
+    e = config.evaluate
+    kernel, bias = fit_logistic(predict(learner.features, split.train_images), split.train_labels, 2,
+                                steps=e.probe_steps, learning_rate=e.probe_learning_rate,
+                                weight_decay=e.probe_weight_decay, seed=3)
+    expected = predict(learner.features, split.val_images) @ kernel + bias
+    np.testing.assert_allclose(predict(learner.model, split.val_images), expected, rtol=1e-4, atol=1e-4)
+
+    norms = [layer for layer in learner.features._flatten_layers(include_self=False, recursive=True)
+             if isinstance(layer, keras.layers.BatchNormalization)]
+    assert norms and not any(layer.trainable for layer in norms)
+    before = [np.asarray(layer.moving_mean).copy() for layer in norms]
+    result = train_downstream(ctx, PRETRAINED, 1.0, seed=3)
+    assert result["head_init"] == "probe" and result["transfer_layers"] == ["block_5_add"]
+    for layer, mean in zip(norms, before, strict=True):
+        np.testing.assert_array_equal(np.asarray(layer.moving_mean), mean)

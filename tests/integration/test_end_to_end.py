@@ -14,7 +14,8 @@ from tests.jobproc import job_args, run_job
 
 pytestmark = pytest.mark.slow
 
-DEPTH_PROBE = ("evaluate.depth_probe=true", "evaluate.depth_probe_layers=['block_2_add', 'out_relu']")
+DEPTH_PROBE = ("evaluate.depth_probe=true", "evaluate.depth_probe_layers=['block_2_add', 'out_relu']",
+               "finetune.transfer_layers=['auto']", "finetune.head_init='probe'")
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +66,16 @@ def test_every_metrics_key_is_present_and_sane(finished_run):
     depth = metrics["downstream"]["depth_probe"]
     assert [row["layer"] for row in depth] == ["block_2_add", "out_relu"]
     assert all(0.0 <= row[init] <= 1.0 for row in depth for init in ("pretrained", "random"))
+    # ["auto"]: one of the probed layers, chosen by cross-validation on the train labels and recorded.
+    selection = metrics["downstream"]["transfer_selection"]
+    assert set(selection) == {"block_2_add", "out_relu"}
+    assert metrics["downstream"]["transfer_layers"] == [max(selection, key=selection.get)]
+    assert metrics["downstream"]["head_init"] == "probe"
+    assert 0.0 <= metrics["downstream"]["random_linear_probe_val_accuracy"] <= 1.0
     report = (RunLayout(output).report / "report.md").read_text()
     assert f"{metrics['pretext']['val_rotation_accuracy']:.4f}" in report
     assert "| out_relu |" in report
+    assert report.index("## Verdict") < report.index("## Details")
 
 
 def test_exported_models_load_and_predict(finished_run):

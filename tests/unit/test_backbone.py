@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models.backbone import build_backbone, pooled_block_features
+from models.backbone import build_backbone, pooled_block_features, transfer_features
 
 
 @pytest.mark.parametrize("input_scale", [1, 2])
@@ -23,3 +23,19 @@ def test_unknown_layer_is_named():
     backbone = build_backbone(32, alpha=0.35)
     with pytest.raises(ValueError, match="block_99_add"):
         pooled_block_features(backbone, ["block_2_add", "block_99_add"])
+
+
+def test_transfer_features_concatenate_pooled_layers_and_stop_at_the_deepest():
+    backbone = build_backbone(32, alpha=0.35, stem_stride=1)
+    assert transfer_features(backbone, ["out_relu"]) is backbone
+    features = transfer_features(backbone, ["block_2_add", "block_5_add"])
+    images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3)).astype(np.float32)
+    shallow, deeper = pooled_block_features(backbone, ["block_2_add", "block_5_add"])(images)
+    np.testing.assert_allclose(np.asarray(features(images)), np.concatenate([shallow, deeper], -1), rtol=1e-5)
+    names = {layer.name for layer in features._flatten_layers(include_self=False, recursive=True)}
+    assert "block_5_add" in names and "block_6_expand" not in names and "out_relu" not in names
+    # The same variables as the backbone's: a change there is a change here.
+    before = np.asarray(features(images))
+    stem = backbone.get_layer(index=-2).get_layer("Conv1")
+    stem.kernel.assign(stem.kernel * 2.0)
+    assert not np.allclose(np.asarray(features(images)), before)

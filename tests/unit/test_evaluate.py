@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from job.evaluate import colour_histograms, confusion_matrix, knn_accuracy, linear_probe
+from job.evaluate import colour_histograms, confusion_matrix, fit_logistic, knn_accuracy, linear_probe
 
 
 def test_colour_histograms_count_each_pixel_in_its_rgb_cell():
@@ -48,3 +48,13 @@ def test_knn_votes_by_cosine_similarity():
 
 def test_confusion_matrix_rows_are_true_classes():
     assert confusion_matrix(np.array([0, 1, 1, 1]), np.array([0, 0, 1, 1]), 2) == [[1, 1], [0, 2]]
+
+
+def test_fit_logistic_returns_a_classifier_of_the_raw_features():
+    rng = np.random.default_rng(1)
+    labels = np.repeat([0, 1], 40)
+    features = rng.normal(size=(80, 3)).astype(np.float32) * [1.0, 50.0, 0.01] + [0.0, 300.0, -2.0]
+    features[:, 2] += 0.05 * labels  # informative, on a tiny scale and far from zero: standardisation matters
+    kernel, bias = fit_logistic(features, labels, 2, steps=300, learning_rate=0.05, weight_decay=1e-4)
+    assert kernel.shape == (3, 2) and bias.shape == (2,)
+    assert np.mean(np.argmax(features @ kernel + bias, -1) == labels) >= 0.95

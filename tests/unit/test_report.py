@@ -1,0 +1,63 @@
+"""Tests for job.report: metrics.json assembly and the report's verdict table (no TensorFlow)."""
+
+from __future__ import annotations
+
+import pytest
+
+from job.report import METRIC_KEYS, _markdown, build_metrics, lookup
+
+
+def _run(seed: int, accuracy: float) -> dict:
+    return {"mode": "finetune", "label_fraction": 1.0, "val_accuracy": accuracy, "best_epoch_val_accuracy": accuracy,
+            "confusion_matrix": [[1, 0], [0, 1]], "train_images": 10, "val_images": 2, "seed": seed,
+            "history": [], "transfer_layers": ["block_12_add"], "head_init": "probe"}
+
+
+@pytest.fixture
+def metrics() -> dict:
+    pretext = {"val_rotation_accuracy": 0.6, "epochs": 3, "train_seconds": 10.0, "samples_per_sec": 5.0,
+               "train_images": 100, "history": []}
+    evaluations = {
+        "transfer_layers": ["block_12_add"], "linear_probe_val_accuracy": 0.9, "random_linear_probe_val_accuracy": 0.7,
+        "knn_val_accuracy": 0.8, "linear_probe_200_top1": 0.06, "random_linear_probe_200_top1": 0.02,
+        "depth_probe": [{"layer": "block_2_add", "pretrained": 0.8, "random": 0.85},
+                        {"layer": "block_12_add", "pretrained": 0.9, "random": 0.75}],
+        "finetune": [_run(0, 0.9), _run(1, 1.0)], "scratch": [_run(0, 0.7), _run(1, 0.8)],
+        "colour_histogram": [0.8, 0.8],
+        "label_efficiency": [
+            {"fraction": 0.1, "pretrained": [0.8, 0.9], "scratch": [0.6, 0.6], "colour_histogram": [0.9, 0.9]},
+            {"fraction": 1.0, "pretrained": [0.9, 1.0], "scratch": [0.7, 0.8], "colour_histogram": [0.8, 0.8]},
+        ],
+    }
+    data = {"train_images": 100, "val_images": 20, "skipped_images": 0, "skipped_files": []}
+    return build_metrics(pretext, evaluations, data)
+
+
+def test_every_documented_key_is_assembled(metrics):
+    for key in METRIC_KEYS:
+        lookup(metrics, key)
+    assert metrics["downstream"]["transfer_layers"] == ["block_12_add"]
+    assert metrics["downstream"]["head_init"] == "probe"
+    assert metrics["pretext"]["random_linear_probe_200_top1"] == 0.02
+
+
+def test_the_report_opens_with_the_verdict(metrics):
+    text = _markdown(metrics, [])
+    lines = text.splitlines()
+    verdict = lines.index("## Verdict")
+    assert verdict < lines.index("## Details")
+    # Δ in points against scratch and colour, per label fraction.
+    assert "| 0.1 | 0.8500 ± 0.0500 | 0.6000 ± 0.0000 | 0.9000 ± 0.0000 | +25.0 | -5.0 |" in lines
+    assert "| 1 | 0.9500 ± 0.0500 | 0.7500 ± 0.0500 | 0.8000 ± 0.0000 | +20.0 | +15.0 |" in lines
+    # Frozen features against random ones: the same features, and the random network's best depth.
+    assert "| fish/duck on the transferred features (block_12_add) | 0.9000 | 0.7000 | +20.0 |" in lines
+    assert "| all-class (200-way) on the transferred features | 0.0600 | 0.0200 | +4.0 |" in lines
+    assert "| fish/duck: transferred features vs random's best depth (block_2_add) | 0.9000 | 0.8500 | +5.0 |" in lines
+
+
+def test_switched_off_evaluations_read_not_available(metrics):
+    metrics["pretext"]["linear_probe_200_top1"] = None
+    metrics["downstream"]["depth_probe"] = None
+    text = _markdown(metrics, [])
+    assert "| all-class (200-way) on the transferred features | n/a | 0.0200 | n/a |" in text
+    assert "random's best depth" not in text
