@@ -118,8 +118,10 @@ def _load_keras(path: Path, config: dict | None, source: str) -> Predictor:
     import keras
     import tensorflow as tf
 
+    from job.serving import float32_model
+
     try:
-        model = keras.models.load_model(path, compile=False)
+        model = float32_model(keras.models.load_model(path, compile=False))
     except (OSError, ValueError, zipfile.BadZipFile) as err:
         raise JobError(f"cannot load {source} as a Keras model ({err}): {MODEL_HINT}.") from err
     size, classes = int(model.input_shape[1]), int(model.output_shape[-1])

@@ -33,6 +33,8 @@ DEGREES_PER_ROTATION = 90
 CHANNELS = 3
 PIXEL_MAX = 255.0
 JPEG_DCT = "INTEGER_ACCURATE"  # libjpeg's default, as PIL decodes (TF's own default is INTEGER_FAST)
+MIXED_POLICIES = ("mixed_float16", "mixed_bfloat16")
+DTYPE_POLICY, FLOAT32 = "DTypePolicy", "float32"
 TEMP_PREFIX = "tmp-"  # job.sync never uploads a directory named tmp*: only the finished export goes up
 
 
@@ -82,10 +84,37 @@ class ServingModule(tf.Module):
         return {PROBABILITIES: probabilities, self.label_output: tf.gather(self.labels, tf.argmax(probabilities, -1))}
 
 
+def float32_model(model: keras.Model) -> keras.Model:
+    """A float32 copy of a mixed-precision model (a CPU serves float16 slowly, if at all); else the model itself."""
+    config = model.get_config()
+    found = False
+
+    def to_float32(node: object) -> None:
+        nonlocal found
+        if isinstance(node, dict):
+            if node.get("class_name") == DTYPE_POLICY and node.get("config", {}).get("name") in MIXED_POLICIES:
+                node["config"]["name"] = FLOAT32
+                found = True
+            for value in node.values():
+                to_float32(value)
+        elif isinstance(node, list):
+            for value in node:
+                to_float32(value)
+
+    to_float32(config)
+    if not found:
+        return model
+    copy = keras.Model.from_config(config)
+    copy.set_weights(model.get_weights())
+    log.info("Exporting %s in float32 (it was trained in mixed precision)", model.name)
+    return copy
+
+
 def export_savedmodel(model: keras.Model, directory: Path, labels: list[str] | list[int], label_output: str) -> Path:
-    """Write `model` as a servable SavedModel at `directory` (replacing it; written aside, then renamed)."""
+    """Write `model` (in float32) as a servable SavedModel at `directory` (replacing it; written aside, then
+    renamed)."""
     directory = Path(directory)
-    module = ServingModule(model, labels, label_output)
+    module = ServingModule(float32_model(model), labels, label_output)
     staging = directory.with_name(TEMP_PREFIX + directory.name)
     shutil.rmtree(staging, ignore_errors=True)
     tf.saved_model.save(module, str(staging), signatures={

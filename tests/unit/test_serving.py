@@ -26,6 +26,7 @@ from job.serving import (
     SERVING_SIGNATURE,
     decode_and_resize,
     export_rotation_model,
+    float32_model,
 )
 from models.backbone import build_backbone
 from models.heads import rotation_head
@@ -130,3 +131,24 @@ def test_rotation_savedmodel_gives_angles(tmp_path):
     np.testing.assert_allclose(outputs[PROBABILITIES].numpy(), expected, atol=ATOL)
     np.testing.assert_array_equal(outputs[ANGLE].numpy(), 90 * np.argmax(expected, -1))
     assert not list(tmp_path.rglob("tmp-*")), "the staging directory is renamed away"
+
+
+def test_mixed_precision_model_is_served_in_float32(tmp_path):
+    keras.mixed_precision.set_dtype_policy("mixed_float16")
+    try:
+        keras.utils.set_random_seed(0)
+        backbone = build_backbone(TINY_MODEL_SIZE, alpha=0.35, stem_stride=1)
+        pixels = keras.Input((TINY_MODEL_SIZE, TINY_MODEL_SIZE, 3), name="pixels")
+        model = keras.Model(pixels, rotation_head(backbone.output_shape[-1])(backbone(pixels)))
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
+    model.save(tmp_path / "mixed.keras")
+    export_rotation_model(tmp_path / "mixed.keras", tmp_path / "served")
+
+    images = smooth_images(2, TINY_MODEL_SIZE, TINY_MODEL_SIZE)
+    outputs = tf.saved_model.load(str(tmp_path / "served")).signatures[SERVING_SIGNATURE](
+        **{INPUT_NAME: tf.constant([encode(image, "PNG") for image in images])})
+    reference = float32_model(keras.models.load_model(tmp_path / "mixed.keras", compile=False))
+    assert reference.get_layer("backbone").get_layer("to_unit_range").compute_dtype == "float32"
+    expected = tf.nn.softmax(reference(images.astype(np.float32))).numpy()
+    np.testing.assert_allclose(outputs[PROBABILITIES].numpy(), expected, atol=ATOL)
