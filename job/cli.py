@@ -1,4 +1,4 @@
-"""Command line: `python -m job run | pretrain | finetune | evaluate | synth`."""
+"""Command line: `python -m job run | pretrain | finetune | evaluate | synth | bench | predict`."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from pathlib import Path
 
 import click
 
-from job.config import DEFAULT_CONFIG, available_configs, load_config
+from job.config import DEFAULT_CONFIG, DataConfig, available_configs, load_config
 from job.errors import JobError
+from job.predict import PREDICT_BATCH
 
 log = logging.getLogger("job")
 
@@ -217,3 +218,39 @@ def bench(data: str, config_name: str, overrides: tuple[str, ...], batches: int,
         context = stages.Context(config, RunLayout(Path(scratch)), data_path, make_cluster())
         results = benchmark.run_bench(context, batches, repeats)
     click.echo(benchmark.to_json(results) if as_json else benchmark.format_table(results))
+
+
+@main.command(epilog="Exit codes: 0 every readable image predicted (unreadable ones are skipped with a warning); "
+                     "2 a user error (missing model, no images found, none readable); 3 object storage failed.")
+@click.option("--model", "model", required=True, metavar="RUN_OR_MODEL",
+              help="A run directory (local or gs://; its config.json gives the image size and class names), "
+                   "a .keras classifier or a SavedModel directory (model/classifier_savedmodel).")
+@click.argument("images", nargs=-1, required=True)
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the CSV here instead of printing it.")
+@click.option("--batch-size", default=PREDICT_BATCH, type=click.IntRange(min=1), help="Images per model call.")
+@click.option("--cache-dir", default=DataConfig().cache_dir, help="Where gs:// models and images are downloaded.")
+@_user_errors
+def predict(model: str, images: tuple[str, ...], output: Path | None, batch_size: int, cache_dir: str) -> None:
+    """Classify IMAGES (files, folders, zips, gs:// objects or prefixes) with a trained model.
+
+    Prints (or writes to --output) CSV: path, predicted class, then each class's probability.
+    """
+    import csv
+
+    from job.predict import run_predict
+
+    downloads = Path(cache_dir).expanduser() / "downloads"
+    if output is None:
+        writer = csv.writer(click.get_text_stream("stdout"), lineterminator="\n")
+        run_predict(model, images, writer.writerow, downloads, batch_size)
+        return
+    output.parent.mkdir(parents=True, exist_ok=True)
+    partial = output.with_name(output.name + ".partial")
+    try:
+        with partial.open("w", newline="") as stream:
+            run_predict(model, images, csv.writer(stream, lineterminator="\n").writerow, downloads, batch_size)
+        partial.replace(output)
+    finally:
+        partial.unlink(missing_ok=True)
+    click.echo(f"Predictions: {output}")

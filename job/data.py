@@ -34,6 +34,8 @@ IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 CACHE_FORMAT_VERSION = 2
 DECODE_CHUNK = 512
 PROGRESS_EVERY_S = 10.0
+# What a corrupt, truncated or unsupported image file raises while it is decoded.
+UNREADABLE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
 HINT = "point --data at the tiny-imagenet-200 zip or directory (or make one with `python -m job synth`)"
 
 
@@ -244,14 +246,9 @@ def _decode_split(
     def decode(i: int) -> None:
         name = files[i]
         try:
-            data = tree.read(name)
-            with Image.open(io.BytesIO(data)) as image:
-                image = image.convert("RGB")
-                if image.size != (size, size):
-                    image = image.resize((size, size), Image.Resampling.BILINEAR)
-                images[i] = np.asarray(image)
+            images[i] = decode_image(tree.read(name), size)
             ok[i] = True
-        except (OSError, UnidentifiedImageError, KeyError, ValueError, SyntaxError) as err:
+        except (*UNREADABLE_ERRORS, KeyError) as err:
             log.warning("Skipping unreadable image %s (%s)", tree.describe(name), err)
 
     last_report = time.perf_counter()
@@ -276,6 +273,18 @@ def _decode_split(
             images = compacted
         release_pages(images)
     return ImageSet(images[: len(kept)], np.asarray(labels, np.int32)[kept], [files[i] for i in kept])
+
+
+def decode_image(data: bytes, size: int) -> np.ndarray:
+    """Encoded image bytes (any format and mode PIL reads) → RGB uint8 [size, size, 3], resized bilinearly.
+
+    The one decode path of training data and of `job predict`; raises one of UNREADABLE_ERRORS.
+    """
+    with Image.open(io.BytesIO(data)) as image:
+        image = image.convert("RGB")
+        if image.size != (size, size):
+            image = image.resize((size, size), Image.Resampling.BILINEAR)
+        return np.asarray(image)
 
 
 def release_pages(array: np.ndarray) -> None:

@@ -23,6 +23,7 @@ from job.context import (
 from job.errors import JobError
 from job.evaluate import accuracy, confusion_matrix, fit_logistic, predict
 from job.pipelines import model_pixels, stratified_subset
+from job.serving import export_classifier
 from job.train import LoopConfig, ParamGroup, Trainer, WarmupCosine, make_optimizer
 from models.backbone import load_backbone_weights, pooled_block_features, transfer_features
 from models.heads import classifier_head
@@ -271,6 +272,7 @@ def train_downstream(ctx: Context, init: str, fraction: float, seed: int) -> dic
     if ctx.cluster.is_chief and init == PRETRAINED and fraction == f.label_fraction and seed == cfg.runtime.seed:
         layout.export.mkdir(parents=True, exist_ok=True)
         model.save(layout.classifier)
+        export_classifier(layout.classifier, layout.classifier_savedmodel, cfg.data.downstream_names)
     return ctx.finish(directory, {
         "init": init,
         "mode": f.mode,

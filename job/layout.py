@@ -7,7 +7,10 @@
       checkpoints/evaluate/done.json       probe, k-NN and baseline results
       model/backbone.keras                 the pretrained backbone (pixels in [0, 255] → pooled features)
       model/rotation_model.keras           backbone + rotation head
+      model/rotation_savedmodel/           the same as a servable SavedModel (encoded images → probabilities, angle)
       model/classifier.keras               fish-vs-duck classifier (seed 0 of the finetune stage)
+      model/classifier_savedmodel/         the same as a servable SavedModel (encoded images → probabilities,
+                                           class_name; job/serving.py)
       logs/pretext, logs/finetune/<run>    TensorBoard event files
       report/metrics.json, report/report.md, report/*.png
 
@@ -59,8 +62,16 @@ class RunLayout:
         return self.export / "rotation_model.keras"
 
     @property
+    def rotation_savedmodel(self) -> Path:
+        return self.export / "rotation_savedmodel"
+
+    @property
     def classifier(self) -> Path:
         return self.export / "classifier.keras"
+
+    @property
+    def classifier_savedmodel(self) -> Path:
+        return self.export / "classifier_savedmodel"
 
     def tensorboard(self, stage: str) -> Path:
         return self.root / "logs" / stage

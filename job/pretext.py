@@ -24,6 +24,7 @@ from job.context import (
 )
 from job.evaluate import accuracy, predict
 from job.pipelines import model_pixels, random_subset, rotate_four
+from job.serving import export_rotation_model
 from job.train import LoopConfig, ParamGroup, Trainer, WarmupCosine, make_optimizer
 from models.heads import classifier_head, rotation_head
 
@@ -134,6 +135,7 @@ def pretrain(ctx: Context) -> dict:
         layout.export.mkdir(parents=True, exist_ok=True)
         task.backbone.save(layout.backbone)
         task.rotation_model.save(layout.rotation_model)
+        export_rotation_model(layout.rotation_model, layout.rotation_savedmodel)
     return ctx.finish(layout.pretext, {
         "val_rotation_accuracy": final["rotation_accuracy"],
         "online_probe_val_accuracy": final.get("online_probe_accuracy"),

@@ -493,6 +493,19 @@ def fetch_dataset(
     return path
 
 
+def gcs_object_exists(uri: str, client: storage.Client | None = None) -> bool:
+    """Whether gs://bucket/name is an object (False for a prefix or a missing object); StorageError on failure."""
+    gcs = GcsUri.parse(uri)
+    if not gcs.name or gcs.name.endswith("/"):
+        return False
+    if client is None:
+        with contextlib.closing(make_client(pool_size=1)) as own_client:
+            return gcs_object_exists(uri, own_client)
+    with gcs_errors(uri, "read the metadata of"):
+        blob = client.bucket(gcs.bucket).get_blob(gcs.name, retry=make_retry(), timeout=REQUEST_TIMEOUT_S)
+    return blob is not None
+
+
 def _fetch_gcs(
     uri: str, cache_dir: Path, retry_deadline_s: float, workers: int, client: storage.Client | None
 ) -> Path:

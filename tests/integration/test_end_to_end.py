@@ -33,6 +33,7 @@ def test_every_artifact_is_written(finished_run):
     _, output, _, result = finished_run
     layout = RunLayout(output)
     for path in (layout.config, layout.backbone, layout.rotation_model, layout.classifier,
+                 layout.classifier_savedmodel / "saved_model.pb", layout.rotation_savedmodel / "saved_model.pb",
                  RunLayout.done(layout.pretext), RunLayout.done(layout.evaluate), layout.metrics,
                  layout.report / "report.md"):
         assert path.is_file(), path
@@ -87,6 +88,29 @@ def test_exported_models_load_and_predict(finished_run):
     assert keras.models.load_model(layout.classifier, compile=False)(images).shape == (2, 2)
     assert keras.models.load_model(layout.rotation_model, compile=False)(images).shape == (2, 4)
     assert keras.models.load_model(layout.backbone, compile=False)(images).shape[0] == 2
+
+
+def test_servable_exports_serve_encoded_images(finished_run, tmp_path):
+    """The SavedModels beside the .keras files, loaded with TensorFlow alone, agree with them on JPEG bytes."""
+    import keras
+    import tensorflow as tf
+
+    from job.data import decode_image
+    from job.serving import ANGLE, INPUT_NAME, PROBABILITIES, SERVING_SIGNATURE
+    from tests.unit.test_serving import encode, serve_in_fresh_process, smooth_images
+
+    _, output, _, _ = finished_run
+    layout = RunLayout(output)
+    encoded = [encode(image, "JPEG") for image in smooth_images(3, 32, 32)]
+    pixels = np.stack([decode_image(b, 32) for b in encoded]).astype(np.float32)
+    served = serve_in_fresh_process(layout.classifier_savedmodel, encoded, tmp_path)
+    expected = tf.nn.softmax(keras.models.load_model(layout.classifier, compile=False)(pixels)).numpy()
+    np.testing.assert_allclose(served["probabilities"], expected, atol=1e-5)
+    assert served["class_name"] == [["fish", "duck"][k] for k in expected.argmax(1)]
+    rotation = tf.saved_model.load(str(layout.rotation_savedmodel)).signatures[SERVING_SIGNATURE]
+    outputs = rotation(**{INPUT_NAME: tf.constant(encoded)})
+    assert outputs[PROBABILITIES].shape == (3, 4)
+    assert set(outputs[ANGLE].numpy().tolist()) <= {0, 90, 180, 270}
 
 
 def test_rerun_skips_complete_stages(finished_run):
