@@ -71,8 +71,8 @@ class FinetuneConfig:
     mode: str = "finetune"  # "finetune" (all layers, backbone at a lower rate) or "linear" (frozen)
     # MobileNetV2 layers whose globally pooled outputs, concatenated, feed the classifier head (the backbone is
     # cut after the deepest): rotation features peak before the last block, and early blocks keep colour.
-    # ["auto"]: the one of evaluate.depth_probe_layers whose frozen features classify best in 4-fold
-    # cross-validation on the downstream train labels (never val).
+    # ["auto"]: of evaluate.depth_probe_layers, each alone or beside the shallowest, the one whose frozen
+    # features classify best in 4-fold cross-validation on the downstream train labels (never val).
     transfer_layers: list[str] = field(default_factory=lambda: ["out_relu"])
     # "probe": from the pretrained backbone, the head starts as a logistic regression fitted on the frozen
     # features of the run's labelled images (LP-FT), so fine-tuning starts from a classifier, not from noise.

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 PRETRAINED, SCRATCH = "pretrained", "scratch"
 AUTO = "auto"  # finetune.transfer_layers = ["auto"]: the depth chosen by cross-validation on the train labels
 SELECTION_FOLDS = 4
+LAYER_JOIN = "+"  # a candidate of several transfer layers, as named in downstream.transfer_selection
 
 
 @dataclass(frozen=True)
@@ -118,24 +119,29 @@ class Learner:
 
 
 def transfer_layers(ctx: Context) -> list[str]:
-    """finetune.transfer_layers, with ["auto"] resolved (once per job) by `select_transfer_layer`."""
+    """finetune.transfer_layers, with ["auto"] resolved (once per job) by `select_transfer_layers`."""
     layers = list(ctx.config.finetune.transfer_layers)
     if layers != [AUTO]:
         return layers
     if "transfer_selection" not in ctx.built:
-        ctx.built["transfer_selection"] = select_transfer_layer(ctx)
-    return [max(ctx.built["transfer_selection"].items(), key=lambda item: item[1])[0]]
+        ctx.built["transfer_selection"] = select_transfer_layers(ctx)
+    best = max(ctx.built["transfer_selection"].items(), key=lambda item: item[1])[0]
+    return best.split(LAYER_JOIN)
 
 
 def transfer_selection(ctx: Context) -> dict[str, float] | None:
-    """The cross-validated accuracy of each candidate layer when the transfer layer was chosen, else None."""
+    """Each candidate's cross-validated accuracy when the transfer layers were chosen ("auto"), else None."""
     transfer_layers(ctx)
     return ctx.built.get("transfer_selection")
 
 
-def select_transfer_layer(ctx: Context) -> dict[str, float]:
-    """Each of evaluate.depth_probe_layers → the k-fold cross-validated accuracy of a linear probe on the
-    pretrained backbone's frozen pooled features there, on the downstream *train* images (never val)."""
+def select_transfer_layers(ctx: Context) -> dict[str, float]:
+    """Candidate transfer layers → k-fold cross-validated accuracy of a linear probe on the pretrained
+    backbone's frozen pooled features, on the downstream *train* images (never val).
+
+    Candidates: each of evaluate.depth_probe_layers alone, and each deeper one beside the shallowest (which
+    keeps what a shallow network sees, such as colour, while the deeper one adds what pretraining learned).
+    """
     cfg, e = ctx.config, ctx.config.evaluate
     split = downstream_split(ctx)
     backbone = build_configured_backbone(ctx, weights="none")
@@ -145,10 +151,13 @@ def select_transfer_layer(ctx: Context) -> dict[str, float]:
     except ValueError as err:
         raise JobError(f"evaluate.depth_probe_layers: {err}: use layer names of keras.applications.MobileNetV2, "
                        "e.g. block_5_add or out_relu.") from err
-    features = predict(by_depth, split.train_images)
+    pooled = dict(zip(e.depth_probe_layers, predict(by_depth, split.train_images), strict=True))
+    shallowest, *deeper = e.depth_probe_layers
+    candidates = [[layer] for layer in e.depth_probe_layers] + [[shallowest, layer] for layer in deeper]
     folds = np.random.default_rng(cfg.runtime.seed).permutation(len(split.train_labels)) % SELECTION_FOLDS
     scores = {}
-    for layer, x in zip(e.depth_probe_layers, features, strict=True):
+    for layers in candidates:
+        x = np.concatenate([pooled[layer] for layer in layers], axis=1)
         correct_count = 0
         for fold in range(SELECTION_FOLDS):
             train, held = folds != fold, folds == fold
@@ -156,9 +165,9 @@ def select_transfer_layer(ctx: Context) -> dict[str, float]:
                                         learning_rate=e.probe_learning_rate, weight_decay=e.probe_weight_decay,
                                         seed=cfg.runtime.seed)
             correct_count += int(np.sum(np.argmax(x[held] @ kernel + bias, -1) == split.train_labels[held]))
-        scores[layer] = correct_count / len(split.train_labels)
-    log.info("transfer layer by %d-fold cross-validation on the train labels: %s", SELECTION_FOLDS,
-             ", ".join(f"{layer} {score:.3f}" for layer, score in scores.items()))
+        scores[LAYER_JOIN.join(layers)] = correct_count / len(split.train_labels)
+    log.info("transfer layers by %d-fold cross-validation on the train labels: %s", SELECTION_FOLDS,
+             ", ".join(f"{name} {score:.3f}" for name, score in scores.items()))
     return scores
 
 
