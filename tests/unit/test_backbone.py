@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from models.backbone import build_backbone, pooled_block_features
+from models.mobilenet_layers import mobilenet_v2_layer_names
 
 
 @pytest.mark.parametrize("input_scale", [1, 2])
@@ -23,3 +24,11 @@ def test_unknown_layer_is_named():
     backbone = build_backbone(32, alpha=0.35)
     with pytest.raises(ValueError, match="block_99_add"):
         pooled_block_features(backbone, ["block_2_add", "block_99_add"])
+
+
+@pytest.mark.parametrize("alpha", [0.35, 1.0])
+def test_static_layer_names_are_mobilenet_v2s(alpha):
+    """The names config validation checks evaluate.depth_probe_layers against, without building a model."""
+    backbone = build_backbone(32, alpha=alpha)
+    body = next(layer for layer in backbone.layers if layer.name.startswith("mobilenet"))
+    assert {layer.name for layer in body.layers[1:]} == mobilenet_v2_layer_names()
