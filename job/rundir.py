@@ -123,26 +123,45 @@ def completed_stage_dirs(layout: RunLayout) -> Iterator[Path]:
     return (d for d in dirs if RunLayout.done(d).is_file())
 
 
+def _redone_from(commands: list[str], force: bool) -> int:
+    """The index in KIND_ORDER of the first kind of result these commands redo (past the end without --force)."""
+    return min(KIND_ORDER.index(FORCED_FROM[c]) for c in commands) if force else len(KIND_ORDER)
+
+
+def _changes(layout: RunLayout, stage_dir: Path, config: Config, data: Mapping[str, Any]) -> list[str] | None:
+    """What differs between a completed stage and this invocation; None for a stage without a fingerprint."""
+    recorded = json.loads(RunLayout.done(stage_dir).read_text()).get(FINGERPRINT_KEY)
+    return None if recorded is None else differences(recorded, fingerprint(config, kind_of(layout, stage_dir), data))
+
+
 def check_reuse(layout: RunLayout, config: Config, data: Mapping[str, Any], commands: list[str],
                 force: bool) -> None:
     """Raise one JobError when a completed stage this invocation would reuse (or leave beside its results)
     was made with other settings or data. Under --force, the stages the commands redo and those after them
     are not checked: they are redone, or checked when their own command runs."""
-    redone = min(KIND_ORDER.index(FORCED_FROM[c]) for c in commands) if force else len(KIND_ORDER)
+    redone = _redone_from(commands, force)
     for stage_dir in completed_stage_dirs(layout):
         kind = kind_of(layout, stage_dir)
         if KIND_ORDER.index(kind) >= redone:
             continue
-        done = json.loads(RunLayout.done(stage_dir).read_text())
         name = stage_dir.relative_to(layout.root)
-        if (recorded := done.get(FINGERPRINT_KEY)) is None:
+        if (changes := _changes(layout, stage_dir, config, data)) is None:
             log.warning("%s predates fingerprints: reusing it without checking its settings and data", name)
-            continue
-        if changes := differences(recorded, fingerprint(config, kind, data)):
+        elif changes:
             shown = "; ".join(changes[:MAX_CHANGES_SHOWN])
             more = f" and {len(changes) - MAX_CHANGES_SHOWN} more" if len(changes) > MAX_CHANGES_SHOWN else ""
             raise JobError(f"{name} ({kind}) in {layout.root} was made with other settings or data ({shown}{more}): "
                            "pass --force to redo it, or use another --output.")
+
+
+def stale_results(layout: RunLayout, config: Config, data: Mapping[str, Any], commands: list[str],
+                  force: bool) -> list[Path]:
+    """Under --force, completed results of the kinds the commands redo that other settings or data made: those
+    this invocation overwrites, and those it would leave behind (a seed or label fraction no longer configured),
+    which the caller deletes so that the directory holds one run."""
+    redone = _redone_from(commands, force)
+    return [d for d in completed_stage_dirs(layout)
+            if KIND_ORDER.index(kind_of(layout, d)) >= redone and _changes(layout, d, config, data)]
 
 
 # -- --force once per job ----------------------------------------------------------------------------

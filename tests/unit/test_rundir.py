@@ -21,7 +21,7 @@ from click.testing import CliRunner, Result
 from job import rundir
 from job.cli import main
 from job.config import load_config
-from job.errors import DiskFullError, from_os_error
+from job.errors import DiskFullError, JobError, from_os_error
 from job.layout import RunLayout
 from tests.jobproc import TINY
 
@@ -328,3 +328,21 @@ def test_disk_full_while_training(tmp_path, synth_zip, small_mount):
     line = error_line(result, code=DiskFullError.exit_code)
     assert "no space left" in line
     assert (out / "notes.txt").read_text() == "keep me\n"
+
+
+def test_force_discards_results_of_other_settings_it_would_leave_behind(tmp_path, synth_zip):
+    """Before (with fingerprints alone): `run --force --set finetune.seeds=1` after seeds=2 kept seed 1's old
+    run, and every later run refused the directory (--force never touched seed 1 again)."""
+    layout = RunLayout(tmp_path)
+    data = rundir.data_identity(str(synth_zip), synth_zip)
+    old, new = load_config(DEMO, ["finetune.seeds=2"]), load_config(DEMO, ["finetune.seeds=1"])
+    seed1 = layout.downstream("pretrained", "finetune", 1.0, 1)
+    seed1.mkdir(parents=True)
+    RunLayout.done(seed1).write_text(json.dumps(
+        {rundir.FINGERPRINT_KEY: rundir.fingerprint(old, rundir.DOWNSTREAM, data)}))
+    completed_pretext(tmp_path, synth_zip)  # demo settings: unchanged by finetune.seeds
+    assert rundir.stale_results(layout, new, data, ["pretrain", "finetune", "evaluate"], True) == [seed1]
+    assert rundir.stale_results(layout, new, data, ["pretrain"], True) == [seed1]
+    assert rundir.stale_results(layout, new, data, ["finetune"], False) == []
+    with pytest.raises(JobError, match="finetune.seeds 2 → 1"):
+        rundir.check_reuse(layout, new, data, ["finetune"], force=False)
