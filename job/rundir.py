@@ -58,7 +58,7 @@ def check_output_dir(path: Path) -> None:
     if not existing.is_dir():
         where = "is a file" if existing == path else f"lies under the file {existing}"
         raise JobError(f"--output {path} {where}: pass a directory (a new or an existing one) as --output.")
-    try:  # os.access says yes to root even on a read-only mount: try it (an unnamed file, gone on close)
+    try:  # a write, not os.access (root passes any mode bits): an unnamed file, gone on close
         with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as err:
