@@ -44,6 +44,6 @@ def from_os_error(err: BaseException) -> JobError | None:
         )
     if number in UNWRITABLE_ERRNOS or (number is None and any(t in text for t in UNWRITABLE_TEXTS)):
         reason = err.strerror if isinstance(err, OSError) and err.strerror else text.splitlines()[0]
-        return JobError(f"cannot access {where} ({reason}): fix its permissions, or pass another --output / "
-                        "data.cache_dir.")
+        return JobError(f"cannot use {where} ({reason}): fix its permissions (or remount it writable), or pass "
+                        "another --output / data.cache_dir.")
     return None

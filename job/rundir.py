@@ -62,7 +62,7 @@ def check_output_dir(path: Path) -> None:
         with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as err:
-        err.filename = err.filename or str(existing)
+        err.filename = str(existing)  # not the probe's temporary name
         raise (from_os_error(err) or JobError(f"--output {path} is not usable ({err}).")) from err
 
 

@@ -213,7 +213,7 @@ def test_output_in_an_unwritable_directory(tmp_path, synth_zip):
         if os.access(locked, os.W_OK):
             pytest.skip("running as root: a read-only mode does not stop writes")
         line = error_line(invoke("run", *job_options(synth_zip, locked / "out", tmp_path)))
-        assert str(locked) in line and "Permission denied" in line
+        assert f"cannot use {locked} (Permission denied)" in line
     finally:
         locked.chmod(0o700)
 
@@ -313,7 +313,7 @@ def test_read_only_run_directory(tmp_path, synth_zip, small_mount):
     files = completed_pretext(out, synth_zip)
     subprocess.run(["mount", "-o", "remount,ro", str(small_mount)], check=True)
     line = error_line(invoke("pretrain", *job_options(synth_zip, out, tmp_path)))
-    assert str(out) in line and "Read-only file system" in line
+    assert f"cannot use {out} (Read-only file system)" in line
     assert_intact(files)
 
 
