@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import functools
-import json
+import gc
 import logging
 import os
+import shutil
 import signal
 import sys
 from collections.abc import Callable
@@ -14,7 +15,7 @@ from pathlib import Path
 import click
 
 from job.config import DEFAULT_CONFIG, DataConfig, available_configs, load_config
-from job.errors import JobError
+from job.errors import DISK_FULL_TEXTS, DiskFullError, JobError, from_os_error
 from job.predict import PREDICT_BATCH
 
 log = logging.getLogger("job")
@@ -36,8 +37,7 @@ def _user_errors(function: Callable) -> Callable:
 
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
-        from job.train import Preempted
-
+        sys.unraisablehook, sys.excepthook = _quiet_disk_full_unraisable, _quiet_disk_full_excepthook
         for signum in STOP_SIGNALS:
             signal.signal(signum, _request_stop)
         try:
@@ -45,15 +45,44 @@ def _user_errors(function: Callable) -> Callable:
         except JobError as err:
             click.echo(f"error: {err}", err=True)
             sys.exit(err.exit_code)
-        except Preempted as stop:
-            click.echo(f"preempted: {stop}; rerun the same command to resume.", err=True)
-            # Everything is saved and synced; skip TensorFlow's slow multi-worker teardown (tens of seconds).
-            logging.shutdown()
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(EXIT_PREEMPTED)
+        except Exception as err:
+            train = sys.modules.get("job.train")  # not imported before: TensorFlow takes seconds to load
+            if train is not None and isinstance(err, train.Preempted):
+                click.echo(f"preempted: {err}; rerun the same command to resume.", err=True)
+                # Everything is saved and synced; skip TensorFlow's slow multi-worker teardown (tens of seconds).
+                logging.shutdown()
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(EXIT_PREEMPTED)
+            if (fault := from_os_error(err)) is None:  # a full disk or an unwritable path: not a bug
+                raise
+            log.debug("%s", err, exc_info=True)
+            gc.collect()  # close what the failed write left open now, while _quiet_disk_full still listens
+            click.echo(f"error: {fault}", err=True)
+            sys.exit(fault.exit_code)
 
     return wrapper
+
+
+def _is_disk_full(exc: BaseException | None) -> bool:
+    return exc is not None and (isinstance(from_os_error(exc), DiskFullError)
+                                or any(text in str(exc) for text in DISK_FULL_TEXTS))
+
+
+def _quiet_disk_full_unraisable(unraisable) -> None:
+    """h5py files a full disk interrupted fail again as they are closed: log those instead of a traceback."""
+    if _is_disk_full(unraisable.exc_value):
+        log.debug("ignored while closing %r: %s", unraisable.object, unraisable.exc_value)
+        return
+    sys.__unraisablehook__(unraisable)
+
+
+def _quiet_disk_full_excepthook(kind, value, traceback) -> None:
+    """The same for h5py's Cython deallocators, which print through sys.excepthook first."""
+    if _is_disk_full(value):
+        log.debug("ignored: %s", value)
+        return
+    sys.__excepthook__(kind, value, traceback)
 
 
 def _request_stop(signum, frame):
@@ -96,8 +125,7 @@ def _job_options(function: Callable) -> Callable:
 
 def _execute(stage_names: list[str], data: str, output: str, config_name: str, overrides: tuple[str, ...],
              force: bool) -> None:
-    from job import stages
-    from job.distribute import make_cluster
+    from job import rundir
     from job.layout import RunLayout
     from job.storage import fetch_dataset
     from job.sync import open_output
@@ -105,20 +133,37 @@ def _execute(stage_names: list[str], data: str, output: str, config_name: str, o
     config = load_config(config_name, overrides)
     output = output or vertex_output()
     cache = Path(config.data.cache_dir).expanduser()
+    if "://" not in output:
+        rundir.check_output_dir(Path(output))
     local_output, syncer = open_output(output, cache / "runs", config.runtime.sync_interval_s)
     if syncer is not None:
         pulled = syncer.pull()
         log.info("Pulled %d files of %s into %s", pulled, output, local_output)
     data_path = fetch_dataset(data, cache / "downloads")
+    from job import stages  # TensorFlow: imported once the data is there (a bad --data fails in seconds)
+    from job.context import check_model
+    from job.distribute import make_cluster
+    from job.train import write_json
+
     cluster = make_cluster(config.runtime.slurm_port_base)
     for signum in STOP_SIGNALS:  # TensorFlow's multi-worker runtime installs its own SIGTERM handler
         signal.signal(signum, _request_stop)
     layout = RunLayout(local_output)
-    context = stages.Context(config, layout, data_path, cluster, force)
+    identity = rundir.data_identity(data, data_path)
+    context = stages.Context(config, layout, data_path, cluster, force, data_identity=identity)
+    # Every check before anything in the output is deleted or rewritten.
     stages.check_inputs(context)
+    check_model(context)
+    rundir.check_reuse(layout, config, identity, stage_names, force)
+    if force:
+        context.force_record = rundir.ForceRecord.load(layout, os.environ)
     if cluster.is_chief:
+        for stale in rundir.stale_results(layout, config, identity, stage_names, force):
+            log.info("--force: discarding %s, made with other settings or data", stale)
+            shutil.rmtree(stale)
         local_output.mkdir(parents=True, exist_ok=True)
-        layout.config.write_text(json.dumps(config.to_dict(), indent=2))
+        write_json(layout.config, config.to_dict())
+        write_json(layout.run_record, {"data": identity, "commands": stage_names})
     if syncer is not None and cluster.is_chief:
         syncer.start()
     steps = {"pretrain": stages.pretrain, "finetune": stages.finetune, "evaluate": stages.evaluate}

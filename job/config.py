@@ -13,9 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from job.errors import JobError
+from models.mobilenet_layers import mobilenet_v2_layer_names
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 DEFAULT_CONFIG = "demo"
+# model.weights files: Keras' weight files (HDF5) and saved models (zip archives), told by suffix and signature.
+WEIGHTS_SIGNATURES = {".weights.h5": b"\x89HDF\r\n\x1a\n", ".h5": b"\x89HDF\r\n\x1a\n", ".keras": b"PK\x03\x04"}
 
 
 @dataclass
@@ -246,6 +249,8 @@ def validate(config: Config) -> None:
         "data.image_size": config.data.image_size,
         "model.alpha": config.model.alpha,
         "model.input_scale": config.model.input_scale,
+        "pretext.epochs": config.pretext.epochs,  # 0 would export an untrained backbone as pretrained
+        "finetune.epochs": config.finetune.epochs,
         "pretext.batch_images": config.pretext.batch_images,
         "pretext.learning_rate": config.pretext.learning_rate,
         "finetune.batch_size": config.finetune.batch_size,
@@ -261,11 +266,9 @@ def validate(config: Config) -> None:
         if value <= 0:
             raise JobError(f"{name} = {value} must be positive.")
     non_negative = {
-        "pretext.epochs": config.pretext.epochs,
         "pretext.max_images": config.pretext.max_images,
         "pretext.steps_per_epoch": config.pretext.steps_per_epoch,
         "pretext.weight_decay": config.pretext.weight_decay,
-        "finetune.epochs": config.finetune.epochs,
         "finetune.weight_decay": config.finetune.weight_decay,
         "data.crop_padding": config.data.crop_padding,
     }
@@ -286,6 +289,28 @@ def validate(config: Config) -> None:
         raise JobError(
             f"data.downstream_wnids {wnids} and data.downstream_names {names} must name two different classes."
         )
-    weights = config.model.weights
-    if weights not in ("none", "imagenet") and not Path(weights).expanduser().is_file():
+    _validate_weights(config.model.weights)
+    named = {"evaluate.depth_probe_layers": config.evaluate.depth_probe_layers,
+             "finetune.transfer_layers": [name for name in layers if name != "auto"]}
+    for key, names in named.items():
+        if unknown := [name for name in names if name not in mobilenet_v2_layer_names()]:
+            raise JobError(f"{key}: MobileNetV2 has no layer {', '.join(map(repr, unknown))}: "
+                           "use its layer names, e.g. block_5_add or out_relu.")
+
+
+def _validate_weights(weights: str) -> None:
+    """model.weights is 'none', 'imagenet' or an existing Keras weights file (by suffix and signature)."""
+    if weights in ("none", "imagenet"):
+        return
+    path = Path(weights).expanduser()
+    if not path.is_file():
         raise JobError(f"model.weights = {weights!r}: use 'none', 'imagenet' or the path of an existing file.")
+    suffix = next((s for s in WEIGHTS_SIGNATURES if path.name.endswith(s)), None)
+    if suffix is None:
+        raise JobError(f"model.weights = {weights!r} is not a weights file: pass a {', '.join(WEIGHTS_SIGNATURES)} "
+                       "file (e.g. model/backbone.keras of an earlier run), 'none' or 'imagenet'.")
+    signature = WEIGHTS_SIGNATURES[suffix]
+    with path.open("rb") as handle:
+        if handle.read(len(signature)) != signature:
+            raise JobError(f"model.weights = {weights!r} is not a valid {suffix} file (wrong signature): pass a file "
+                           "saved by Keras, 'none' or 'imagenet'.")

@@ -18,8 +18,9 @@ from job.distribute import Cluster
 from job.errors import JobError
 from job.layout import RunLayout
 from job.pipelines import BatchPlan, ImageStore, Sharding, plan_epoch, train_dataset
+from job.rundir import FINGERPRINT_KEY, ForceRecord, fingerprint, kind_of
 from job.train import write_json
-from models.backbone import build_backbone
+from models.backbone import WeightsUnavailable, build_backbone
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,8 @@ class Context:
     data_path: Path
     cluster: Cluster
     force: bool = False
+    data_identity: dict | None = None  # --data and its version, recorded in each done.json (job/rundir.py)
+    force_record: ForceRecord | None = None  # stages this job's --force already cleared before a restart
     _forced: set[Path] = field(default_factory=set)
     # Objects built once per job and shared by the runs of a stage (the downstream split, traced models).
     built: dict = field(default_factory=dict)
@@ -56,25 +59,43 @@ class Context:
         }
 
     def completed(self, stage_dir: Path) -> dict | None:
-        """The stage's done.json, or None when it must (re)run; `--force` clears each stage once."""
+        """The stage's done.json, or None when it must (re)run; `--force` clears each stage once per job
+        (not again when the scheduler restarts the job: see job/rundir.py)."""
         if self.force and stage_dir not in self._forced:
             self._forced.add(stage_dir)
-            if self.cluster.is_chief and stage_dir.exists():
-                log.info("--force: discarding %s", stage_dir)
-                shutil.rmtree(stage_dir)
+            record = self.force_record
+            if record is not None and record.already_cleared(stage_dir):
+                log.info("--force: ignored for %s, which job %s cleared before this restart: resuming it",
+                         stage_dir, record.job)
+                return read_done(stage_dir)
+            if self.cluster.is_chief:
+                if stage_dir.exists():
+                    log.info("--force: discarding %s", stage_dir)
+                    shutil.rmtree(stage_dir)
+                if record is not None:
+                    record.record(stage_dir)
             return None
         return read_done(stage_dir)
 
     def finish(self, stage_dir: Path, result: dict) -> dict:
+        """Write the stage's done.json with the fingerprint of what it depends on; return its results."""
         if self.cluster.is_chief:
-            write_json(RunLayout.done(stage_dir), result)
+            stamp = {}
+            if self.data_identity is not None:
+                kind = kind_of(self.layout, stage_dir)
+                stamp = {FINGERPRINT_KEY: fingerprint(self.config, kind, self.data_identity)}
+            write_json(RunLayout.done(stage_dir), {**result, **stamp})
         return result
 
 
 def read_done(stage_dir: Path) -> dict | None:
-    """A stage's results (its done.json), or None when it has not completed."""
+    """A stage's results (its done.json without the fingerprint), or None when it has not completed."""
     done = RunLayout.done(stage_dir)
-    return json.loads(done.read_text()) if done.is_file() else None
+    if not done.is_file():
+        return None
+    result = json.loads(done.read_text())
+    result.pop(FINGERPRINT_KEY, None)
+    return result
 
 
 def mixed_precision(ctx: Context) -> bool:
@@ -89,14 +110,31 @@ def use_xla(ctx: Context) -> bool:
 
 def build_configured_backbone(ctx: Context, weights: str | None = None) -> keras.Model:
     m = ctx.config.model
-    return build_backbone(
-        ctx.config.data.image_size,
-        alpha=m.alpha,
-        weights=m.weights if weights is None else weights,
-        bn_momentum=m.bn_momentum,
-        stem_stride=m.stem_stride,
-        input_scale=m.input_scale,
-    )
+    weights = m.weights if weights is None else weights
+    try:
+        return build_backbone(
+            ctx.config.data.image_size,
+            alpha=m.alpha,
+            weights=weights,
+            bn_momentum=m.bn_momentum,
+            stem_stride=m.stem_stride,
+            input_scale=m.input_scale,
+        )
+    except WeightsUnavailable as err:
+        raise JobError(f"model.weights = 'imagenet' could not be downloaded ({err}): connect to the network, "
+                       "or use model.weights = 'none' or the path of a weights file.") from err
+    except (ValueError, OSError) as err:
+        if weights == "none":
+            raise
+        raise JobError(f"model.weights = {weights!r} does not fit this model ({err}): use weights saved for "
+                       f"model.alpha = {m.alpha}, or model.weights = 'none'.") from err
+
+
+def check_model(ctx: Context) -> None:
+    """Build the configured backbone once when it loads weights (download, file, shapes): a bad model.weights
+    fails here, before anything in the output is touched."""
+    if ctx.config.model.weights != "none":
+        build_configured_backbone(ctx)
 
 
 def check_batch(ctx: Context, batch: int, key: str) -> None:

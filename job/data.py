@@ -294,7 +294,7 @@ def release_pages(array: np.ndarray) -> None:
         mapping.madvise(mmap.MADV_DONTNEED)
 
 
-def _source_identity(path: Path) -> str:
+def source_identity(path: Path) -> str:
     """What changes when the data changes: a file's size and mtime, or those of every file in a tree."""
     if path.is_dir():
         digest = hashlib.sha1()
@@ -307,7 +307,7 @@ def _source_identity(path: Path) -> str:
 
 
 def _cache_dir(path: Path, image_size: int, cache_root: Path) -> Path:
-    identity = _source_identity(path)
+    identity = source_identity(path)
     key = hashlib.sha1(f"{identity}|{image_size}|{CACHE_FORMAT_VERSION}".encode()).hexdigest()[:16]
     return Path(cache_root).expanduser() / "decoded" / key
 

@@ -2,6 +2,8 @@
 
     <output>/
       config.json                          the resolved configuration of the last invocation
+      run.json                             the data it read (--data as given and its version)
+      force.json                           the job whose --force cleared which stages (a restart resumes them)
       checkpoints/pretext/                 ckpt/ (CheckpointManager), history.json, best.weights.h5, done.json
       checkpoints/downstream/<run>/        one per downstream training (init, mode, labels, seed): same files
       checkpoints/evaluate/done.json       probe, k-NN and baseline results
@@ -33,6 +35,14 @@ class RunLayout:
     @property
     def config(self) -> Path:
         return self.root / "config.json"
+
+    @property
+    def run_record(self) -> Path:
+        return self.root / "run.json"
+
+    @property
+    def force_marker(self) -> Path:
+        return self.root / "force.json"
 
     @property
     def pretext(self) -> Path:

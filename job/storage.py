@@ -14,6 +14,7 @@ import ipaddress
 import json
 import logging
 import os
+import socket
 import sys
 import threading
 import time
@@ -97,8 +98,37 @@ _TRANSIENT_TYPES: tuple[type[BaseException], ...] = (
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """`exc` and what it wraps: causes, contexts, urllib3's `reason`, exceptions among its args."""
+    stack, seen = [exc], set()
+    while stack and len(seen) < MAX_CAUSE_DEPTH * 4:
+        current = stack.pop()
+        if not isinstance(current, BaseException) or id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        stack += [current.__cause__, current.__context__, getattr(current, "reason", None), *current.args]
+
+
+def unreachable(exc: BaseException) -> str | None:
+    """Why the server cannot be reached at all (its name does not resolve, or it refuses connections), else
+    None. Retrying those only delays the error: they are not transient."""
+    for cause in _causes(exc):
+        if isinstance(cause, urllib3.exceptions.NameResolutionError | socket.gaierror):
+            host = getattr(getattr(cause, "conn", None), "host", None)
+            return f"host {host} does not resolve" if host else "the host name does not resolve"
+        if isinstance(cause, ConnectionRefusedError):
+            conn = next((getattr(c, "conn", None) for c in _causes(exc) if getattr(c, "conn", None)), None)
+            where = f"{conn.host}:{conn.port}" if conn is not None else "the server"
+            return f"{where} refused the connection"
+    return None
+
+
 def is_transient(exc: BaseException) -> bool:
-    """True for errors worth retrying: 408/429/5xx, connection resets, timeouts, truncated bodies."""
+    """True for errors worth retrying: 408/429/5xx, connection resets, timeouts, truncated bodies; not a host
+    that does not resolve or refuses connections."""
+    if unreachable(exc) is not None:
+        return False
     if isinstance(exc, _TRANSIENT_TYPES):
         return True
     if isinstance(exc, api_exceptions.GoogleAPICallError):
@@ -227,6 +257,20 @@ def gcs_errors(
 ) -> Iterator[None]:
     """Turn google-cloud-storage exceptions into one-sentence StorageErrors naming `uri`."""
     try:
+        with _gcs_call_errors(uri, action, fix):
+            yield
+    except Exception as exc:
+        cause = exc.__cause__ if isinstance(exc, StorageError) else exc
+        if cause is None or (reason := unreachable(cause)) is None:
+            raise
+        raise StorageError(
+            f"Could not {action} {uri}: {reason}; check the URI, {EMULATOR_ENV_VAR} if set, and your network."
+        ) from cause
+
+
+@contextlib.contextmanager
+def _gcs_call_errors(uri: str, action: str, fix: str) -> Iterator[None]:
+    try:
         yield
     except StorageError:
         raise
@@ -306,6 +350,22 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+VERSION_KEYS = ("generation", "etag", "last_modified", "size", "md5", "crc32c", "sha256")
+
+
+def fetched_version(local: Path) -> dict[str, Any] | None:
+    """What identifies the remote data behind `local` (a path fetch_dataset returned), from the record the
+    download left beside it: the object's generation/etag/checksums, or a digest of a tree's manifest."""
+    record = _read_json(local.with_name(local.name + SIDECAR_SUFFIX))
+    if record is None:
+        return None
+    if "objects" in record:  # a gs:// tree: each object's generation and checksums
+        objects = {rel: {k: meta.get(k) for k in VERSION_KEYS} for rel, meta in record["objects"].items()}
+        digest = hashlib.sha1(json.dumps(objects, sort_keys=True).encode("utf-8")).hexdigest()
+        return {"objects": len(objects), "manifest_sha1": digest}
+    return {key: record[key] for key in VERSION_KEYS if record.get(key) is not None}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -772,6 +832,18 @@ def _http_download_once(
 
 @contextlib.contextmanager
 def _http_errors(uri: str) -> Iterator[None]:
+    try:
+        with _http_call_errors(uri):
+            yield
+    except Exception as exc:
+        cause = exc.__cause__ if isinstance(exc, StorageError) else exc
+        if cause is None or (reason := unreachable(cause)) is None:
+            raise
+        raise StorageError(f"{uri} could not be downloaded: {reason}; check the URL and your network.") from cause
+
+
+@contextlib.contextmanager
+def _http_call_errors(uri: str) -> Iterator[None]:
     try:
         yield
     except StorageError:

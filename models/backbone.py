@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from urllib.error import URLError
 
 import keras
 
@@ -12,6 +13,10 @@ log = logging.getLogger(__name__)
 STEM_LAYER = "Conv1"  # the first strided convolution of keras.applications.MobileNetV2
 FEATURES_NAME = "features"
 FINAL_LAYER = "out_relu"  # the last activation of keras.applications.MobileNetV2: the backbone's own features
+
+
+class WeightsUnavailable(RuntimeError):
+    """The ImageNet weights could not be downloaded (no network, a proxy, a firewall)."""
 
 
 def build_backbone(
@@ -28,13 +33,19 @@ def build_backbone(
     (stride 32 leaves 2x2); `bn_momentum` replaces Keras' 0.999, which is too slow for short runs.
     """
     size = image_size * input_scale
-    base = keras.applications.MobileNetV2(
-        input_shape=(size, size, 3),
-        alpha=alpha,
-        include_top=False,
-        weights="imagenet" if weights == "imagenet" else None,
-        pooling=None,
-    )
+    try:
+        base = keras.applications.MobileNetV2(
+            input_shape=(size, size, 3),
+            alpha=alpha,
+            include_top=False,
+            weights="imagenet" if weights == "imagenet" else None,
+            pooling=None,
+        )
+    except Exception as err:
+        # keras.utils.get_file turns a URLError into a bare Exception("URL fetch failure on ...").
+        if weights == "imagenet" and isinstance(err.__context__, (URLError, OSError)):
+            raise WeightsUnavailable(str(err)) from err
+        raise
     config = base.get_config()
     for layer in config["layers"]:
         if layer["class_name"] == "BatchNormalization":

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from models.backbone import build_backbone, pooled_block_features, transfer_features
+from models.mobilenet_layers import mobilenet_v2_layer_names
 
 
 @pytest.mark.parametrize("input_scale", [1, 2])
@@ -39,3 +40,11 @@ def test_transfer_features_concatenate_pooled_layers_and_stop_at_the_deepest():
     stem = backbone.get_layer(index=-2).get_layer("Conv1")
     stem.kernel.assign(stem.kernel * 2.0)
     assert not np.allclose(np.asarray(features(images)), before)
+
+
+@pytest.mark.parametrize("alpha", [0.35, 1.0])
+def test_static_layer_names_are_mobilenet_v2s(alpha):
+    """The names config validation checks evaluate.depth_probe_layers against, without building a model."""
+    backbone = build_backbone(32, alpha=alpha)
+    body = next(layer for layer in backbone.layers if layer.name.startswith("mobilenet"))
+    assert {layer.name for layer in body.layers[1:]} == mobilenet_v2_layer_names()

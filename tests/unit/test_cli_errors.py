@@ -178,7 +178,7 @@ def test_downstream_wnid_absent_from_data_finetune(tmp_path, synth_zip):
 
 @pytest.mark.slow
 def test_downstream_wnid_absent_from_data_run(tmp_path, synth_zip):
-    """`run` with an unknown downstream class: decodes, builds and exports the backbone (0 pretext epochs keep
+    """`run` with an unknown downstream class: decodes, builds and exports the backbone (one pretext step keeps
     it short), then fails in finetune with exit 2 naming the class."""
     out = tmp_path / "out"
     out.mkdir()
@@ -186,7 +186,7 @@ def test_downstream_wnid_absent_from_data_run(tmp_path, synth_zip):
     result = invoke(
         "run", "--data", str(synth_zip), "--output", str(out), *cache_set(tmp_path),
         "--set", f'data.downstream_wnids=["{MISSING_WNID}","n01855672"]',
-        "--set", "pretext.epochs=0", "--set", "pretext.batch_images=8",
+        "--set", "pretext.epochs=1", "--set", "pretext.max_images=8", "--set", "pretext.batch_images=8",
         "--set", "pretext.val_max_images=4", "--set", "runtime.xla=off",
     )
     line = one_line_error(result)

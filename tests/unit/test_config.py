@@ -9,6 +9,8 @@ import pytest
 from job.config import CONFIG_DIR, DEFAULT_CONFIG, Config, available_configs, load_config
 from job.errors import JobError
 
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
 
 def expect_error(*overrides: str, source: str | None = None) -> str:
     """The message of the JobError that loading the config with these overrides raises."""
@@ -195,14 +197,39 @@ def test_out_of_range(overrides, fragments):
 
 
 def test_in_range_edges_are_accepted():
-    config = load_config("demo", ["data.image_size=32", "finetune.label_fraction=1.0", "pretext.epochs=0"])
-    assert (config.data.image_size, config.finetune.label_fraction, config.pretext.epochs) == (32, 1.0, 0)
+    config = load_config("demo", ["data.image_size=32", "finetune.label_fraction=1.0", "pretext.epochs=1"])
+    assert (config.data.image_size, config.finetune.label_fraction, config.pretext.epochs) == (32, 1.0, 1)
 
 
 def test_weights_path_to_existing_file_is_accepted(tmp_path):
     weights = tmp_path / "w.weights.h5"
-    weights.write_bytes(b"")
+    weights.write_bytes(HDF5_SIGNATURE)
     assert load_config("demo", [f"model.weights={weights}"]).model.weights == str(weights)
+
+
+@pytest.mark.parametrize("key", ["pretext.epochs", "finetune.epochs"])
+def test_zero_epochs_is_an_error(key):
+    """Before: pretext.epochs=0 exported an untrained backbone as pretrained; finetune.epochs=0 divided by 0."""
+    assert f"{key} = 0 must be positive" in expect_error(f"{key}=0")
+
+
+@pytest.mark.parametrize(("name", "content", "fragment"), [
+    ("notes.txt", HDF5_SIGNATURE, "is not a weights file"),
+    ("w.weights.h5", b"plain text", "wrong signature"),
+    ("backbone.keras", b"plain text", "wrong signature"),
+])
+def test_weights_that_are_not_a_weights_file(tmp_path, name, content, fragment):
+    """Before: accepted by validation; the run then failed after --force had deleted the completed stages."""
+    path = tmp_path / name
+    path.write_bytes(content)
+    message = expect_error(f"model.weights={path}")
+    assert fragment in message and str(path) in message and "model.weights" in message
+
+
+def test_unknown_depth_probe_layer_is_an_error():
+    """Before: accepted; evaluate failed on it after the downstream runs (and after --force deleted them)."""
+    message = expect_error('evaluate.depth_probe_layers=["block_5_add", "block_99_add"]')
+    assert "evaluate.depth_probe_layers" in message and "block_99_add" in message and "block_5_add'" not in message
 
 
 def test_missing_config_file(tmp_path):
@@ -270,3 +297,19 @@ def test_to_dict_round_trips_through_toml_sections(tmp_path):
 
 def test_config_dir_is_the_package_configs():
     assert CONFIG_DIR == Path(__file__).resolve().parents[2] / "job" / "configs"
+
+
+@pytest.mark.parametrize("value, fragment", [
+    ('["block_9_add", "block_99_add"]', "block_99_add"),
+    ('["auto", "block_9_add"]', "alone"),
+    ("[]", "is not allowed"),
+])
+def test_bad_transfer_layers_are_errors(value, fragment):
+    message = expect_error(f"finetune.transfer_layers={value}")
+    assert "finetune.transfer_layers" in message and fragment in message
+
+
+def test_transfer_layers_accept_names_and_auto():
+    assert load_config("demo", ['finetune.transfer_layers=["block_2_add", "block_9_add"]']).finetune.transfer_layers \
+        == ["block_2_add", "block_9_add"]
+    assert load_config("demo", ['finetune.transfer_layers=["auto"]']).finetune.transfer_layers == ["auto"]
