@@ -126,6 +126,7 @@ def _job_options(function: Callable) -> Callable:
 def _execute(stage_names: list[str], data: str, output: str, config_name: str, overrides: tuple[str, ...],
              force: bool) -> None:
     from job import rundir
+    from job.files import write_json
     from job.layout import RunLayout
     from job.storage import fetch_dataset
     from job.sync import open_output
@@ -143,7 +144,6 @@ def _execute(stage_names: list[str], data: str, output: str, config_name: str, o
     from job import stages  # TensorFlow: imported once the data is there (a bad --data fails in seconds)
     from job.context import check_model
     from job.distribute import make_cluster
-    from job.train import write_json
 
     cluster = make_cluster(config.runtime.slurm_port_base)
     for signum in STOP_SIGNALS:  # TensorFlow's multi-worker runtime installs its own SIGTERM handler

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
-import json
 import logging
 import mmap
 import os
@@ -26,6 +25,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from job.errors import JobError
+from job.files import fsync_path, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,7 @@ DECODE_CHUNK = 512
 PROGRESS_EVERY_S = 10.0
 # What a corrupt, truncated or unsupported image file raises while it is decoded.
 UNREADABLE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
+META_FILE = "meta.json"
 HINT = "point --data at the tiny-imagenet-200 zip or directory (or make one with `python -m job synth`)"
 
 
@@ -133,7 +134,7 @@ def load_dataset(path: Path, image_size: int, cache_dir: Path | None = None, thr
     """Read, validate and decode the dataset; reuse the decoded cache when the source is unchanged."""
     path = Path(path)
     cache = _cache_dir(path, image_size, cache_dir) if cache_dir is not None else None
-    if cache is not None and (cache / "meta.json").is_file():
+    if cache is not None and (cache / META_FILE).is_file():
         log.info("Using decoded images cached in %s", cache)
         return _load_cache(cache, str(path))
     tree = _Tree(path)
@@ -329,16 +330,20 @@ def _save_cache(partial: Path, cache: Path, dataset: Dataset) -> None:
         "val_files": dataset.val.files,
         "decode_seconds": dataset.decode_seconds,
     }
-    (partial / "meta.json").write_text(json.dumps(meta))
+    write_json(partial / META_FILE, meta)
+    # meta.json vouches for the arrays beside it: all of them reach the disk before the cache is published.
+    for path in (*partial.iterdir(), partial):
+        fsync_path(path)
     try:
         os.replace(partial, cache)
+        fsync_path(cache.parent)
         log.info("Cached decoded images in %s", cache)
     except OSError:  # another worker cached the same source first
         shutil.rmtree(partial, ignore_errors=True)
 
 
 def _load_cache(cache: Path, source: str) -> Dataset:
-    meta = json.loads((cache / "meta.json").read_text())
+    meta = read_json(cache / META_FILE, f"delete {cache} to decode the images again")
 
     def split(name: str) -> ImageSet:
         return ImageSet(

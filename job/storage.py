@@ -39,6 +39,7 @@ from google.cloud import storage
 from google.cloud.storage.exceptions import DataCorruption, InvalidResponse
 
 from job.errors import JobError, StorageError
+from job.files import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -337,13 +338,6 @@ def temp_path_for(dest: Path) -> Path:
     return dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}{PARTIAL_SUFFIX}")
 
 
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON via temp file + os.replace."""
-    tmp = temp_path_for(path)
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _read_json(path: Path) -> dict[str, Any] | None:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -621,7 +615,7 @@ def _fetch_gcs_object(uri: str, blob: storage.Blob, cache_dir: Path, retry: Retr
     if _is_current(dest, blob, recorded, meta):
         logger.info("Using cached %s (generation %s) at %s", uri, blob.generation, dest)
         if not _same_object(recorded, meta):
-            write_json_atomic(sidecar, meta)
+            write_json(sidecar, meta)
         return dest
     logger.info("Downloading %s (%.1f MB) to %s", uri, (blob.size or 0) / 1e6, dest)
     progress = TransferProgress(meta["size"], f"download {name}")
@@ -633,7 +627,7 @@ def _fetch_gcs_object(uri: str, blob: storage.Blob, cache_dir: Path, retry: Retr
         raise
     finally:
         progress.close()
-    write_json_atomic(sidecar, meta)
+    write_json(sidecar, meta)
     return dest
 
 
@@ -697,7 +691,7 @@ def _fetch_gcs_tree(
     finally:
         if progress is not None:
             progress.close()
-        write_json_atomic(manifest_path, {"uri": uri, "objects": objects})
+        write_json(manifest_path, {"uri": uri, "objects": objects})
     if errors:
         missing = len(todo) - sum(1 for b, _ in todo if b.name[len(prefix) :] in objects)
         raise StorageError(
@@ -771,7 +765,7 @@ def _fetch_http(uri: str, cache_dir: Path, sha256: str | None, retry_deadline_s:
 
         with _http_errors(uri):
             resp_headers, size, digest = retry(attempt)()
-    write_json_atomic(sidecar, _http_meta(uri, resp_headers, size, digest))
+    write_json(sidecar, _http_meta(uri, resp_headers, size, digest))
     return dest
 
 

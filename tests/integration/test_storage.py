@@ -23,6 +23,7 @@ from google.cloud import storage
 
 import job.storage as job_storage
 from job.errors import JobError, StorageError
+from job.files import atomic_path
 from job.storage import fetch_dataset
 from job.sync import OutputSync, is_completion_marker, is_in_progress, is_marker, open_output
 from tests.integration.conftest import Emulator
@@ -383,6 +384,21 @@ def test_temp_and_marker_rules() -> None:
     assert is_in_progress(f"ckpt/{ATOMIC_TMP}") and is_in_progress("ckpt/ckpt-3_temp/part-0.index")
     assert is_in_progress("a.tmp") and is_in_progress("b.partial") and is_in_progress("tmpxyz")
     assert not is_in_progress("ckpt/ckpt-1.data-00000-of-00001")
+
+
+def test_files_being_written_atomically_are_not_uploaded(gcs_emulator: Emulator, tmp_path: Path, make_sync) -> None:
+    """Before: the half-written `.tmp-<token>-best.weights.h5` went up beside the run, and stayed there."""
+    run = tmp_path / "run"
+    sync = make_sync(f"gs://{gcs_emulator.bucket}/runs/atomic", run)
+    weights = run / "checkpoints/pretext/best.weights.h5"
+    with atomic_path(weights) as tmp:
+        tmp.write_bytes(b"half of the weights")
+        sync.push()  # a periodic push while Keras writes
+        tmp.write_bytes(b"all of the weights")
+    sync.push()
+    objects = _remote(gcs_emulator.client(), gcs_emulator.bucket, "runs/atomic/")
+    assert set(objects) == {"checkpoints/pretext/best.weights.h5"}
+    assert objects["checkpoints/pretext/best.weights.h5"].md5_hash == _md5_b64(b"all of the weights")
 
 
 def test_push_uploads_once_in_order(

@@ -104,6 +104,16 @@ def test_other_settings_on_a_completed_stage_are_refused(tmp_path, synth_zip, ov
     assert_intact(files)
 
 
+def test_torn_done_json_is_one_line_naming_the_fix(tmp_path, synth_zip):
+    """Before: a JSONDecodeError traceback (exit 1) on every rerun."""
+    out = tmp_path / "out"
+    completed_pretext(out, synth_zip)
+    done = RunLayout.done(RunLayout(out).pretext)
+    done.write_bytes(b"")
+    line = error_line(invoke("pretrain", *job_options(synth_zip, out, tmp_path)))
+    assert f"{done} is empty or torn" in line and "delete it" in line and "--force" in line
+
+
 def test_other_data_on_a_completed_stage_is_refused(tmp_path, synth_zip, synth_dir):
     """Before: --data was recorded nowhere; the other data's results were silently reused."""
     out = tmp_path / "out"

@@ -1,0 +1,110 @@
+"""Issue 16: every artifact is written whole or not at all, and a torn JSON record is one line naming its fix."""
+
+from __future__ import annotations
+
+import json
+import os
+import types
+from pathlib import Path
+
+import matplotlib.figure
+import numpy as np
+import pytest
+
+from job.data import load_dataset
+from job.errors import JobError
+from job.layout import RunLayout
+from job.report import Examples, write_report
+from tests.unit.test_report import metrics  # noqa: F401 - the fixture
+
+HALF = b"half a file"
+
+
+def _examples(size: int = 8) -> Examples:
+    images = np.zeros((1, size, size, 3), np.uint8)
+    return Examples(
+        rotated_images=np.zeros((4, size, size, 3), np.uint8), rotation_true=np.array([0, 90, 180, 270]),
+        rotation_predicted=np.array([0, 90, 180, 270]), val_images=images, val_true=np.array([0]),
+        val_predicted=np.array([0]), class_names=["fish", "duck"], count=1,
+    )
+
+
+def test_report_interrupted_mid_figure_keeps_the_previous_files(tmp_path, monkeypatch, metrics):  # noqa: F811
+    """Before: curves.png was left holding the half-written bytes (savefig wrote the final name in place)."""
+    report = tmp_path / "report"
+    write_report(report, metrics, _examples())
+    before = {p.name: p.read_bytes() for p in report.iterdir()}
+
+    def torn_savefig(self, fname, **kwargs):
+        Path(fname).write_bytes(HALF)
+        raise SystemExit(143)  # a second stop signal
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", torn_savefig)
+    with pytest.raises(SystemExit):
+        write_report(report, metrics, _examples())
+    assert {p.name: p.read_bytes() for p in report.iterdir()} == before  # no temp file left either
+
+
+def _torn(path: Path, content: bytes = b"") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    return path
+
+
+@pytest.mark.parametrize("content", [b"", b'{"val_rotation_accuracy": 0.5, "ep'])
+def test_torn_done_json_is_one_line_naming_the_fix(tmp_path, content):
+    """Before: json.decoder.JSONDecodeError ('Expecting value: line 1 column 1') from read_done, on every rerun."""
+    from job.context import read_done
+
+    layout = RunLayout(tmp_path)
+    done = _torn(RunLayout.done(layout.pretext), content)
+    with pytest.raises(JobError) as info:
+        read_done(layout.pretext)
+    message = str(info.value)
+    assert str(done) in message and "empty or torn" in message and "--force" in message
+    assert "\n" not in message
+
+
+def test_torn_history_json_is_one_line_naming_the_fix(tmp_path):
+    """Before: JSONDecodeError from Trainer._load_history."""
+    from job.train import HISTORY_FILE, Trainer
+
+    history = _torn(tmp_path / HISTORY_FILE, b'[{"epoch": 1, "loss"')
+    with pytest.raises(JobError, match="history.json is empty or torn") as info:
+        Trainer._load_history(types.SimpleNamespace(directory=tmp_path), 1)
+    assert str(history) in str(info.value) and "delete it" in str(info.value)
+
+
+def test_torn_decode_cache_meta_is_one_line_naming_the_fix(tmp_path, synth_zip):
+    """Before: JSONDecodeError from data._load_cache on every later run."""
+    cache = tmp_path / "cache"
+    load_dataset(synth_zip, 32, cache)
+    (meta,) = cache.glob("decoded/*/meta.json")
+    meta.write_bytes(b"")
+    with pytest.raises(JobError, match="meta.json is empty or torn") as info:
+        load_dataset(synth_zip, 32, cache)
+    assert f"delete {meta.parent}" in str(info.value)
+
+
+def test_decode_cache_meta_is_synced_before_it_is_published(tmp_path, synth_zip, monkeypatch):
+    """Before: nothing was fsynced; a power loss could publish a cache with an empty meta.json."""
+    synced: list[str] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    load_dataset(synth_zip, 32, tmp_path)
+    assert any(s.endswith("/meta.json") for s in synced)
+    assert any(s.endswith("/train_images.npy") for s in synced)
+
+
+def test_json_records_round_trip(tmp_path):
+    from job.files import read_json, write_json
+
+    path = tmp_path / "a" / "b.json"
+    write_json(path, {"x": [1, 2]}, durable=True)
+    assert read_json(path, "unused") == {"x": [1, 2]} == json.loads(path.read_text())
+    assert [p.name for p in path.parent.iterdir()] == ["b.json"]
