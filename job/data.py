@@ -7,6 +7,7 @@ by the source's identity and image size, and later runs memory-map them.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import io
 import logging
@@ -15,8 +16,10 @@ import os
 import shutil
 import stat
 import tempfile
+import threading
 import time
 import zipfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -36,6 +39,12 @@ DECODE_CHUNK = 512
 PROGRESS_EVERY_S = 10.0
 # What a corrupt, truncated or unsupported image file raises while it is decoded.
 UNREADABLE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
+# What a damaged zip member raises while it is read (bad CRC, bad deflate stream): its bytes are unreadable.
+CORRUPT_MEMBER_ERRORS = (KeyError, zipfile.BadZipFile, zlib.error, EOFError)
+# An OSError while reading (EIO, ESTALE on NFS or a /gcs/ mount) is the storage's, not the image's: retried,
+# then the run fails; never cached as a smaller dataset.
+READ_ATTEMPTS = 4
+READ_RETRY_DELAY_S = 0.5  # doubled after each failed attempt
 META_FILE = "meta.json"
 HINT = "point --data at the tiny-imagenet-200 zip or directory (or make one with `python -m job synth`)"
 
@@ -243,13 +252,24 @@ def _decode_split(
     images = np.lib.format.open_memmap(target, "w+", np.uint8, shape) if target else np.zeros(shape, np.uint8)
     ok = np.zeros(len(files), bool)
     workers = threads or os.cpu_count() or 1
+    failed = threading.Event()  # one file could not be read: the others stop, the run fails
 
     def decode(i: int) -> None:
+        if failed.is_set():
+            return
         name = files[i]
         try:
-            images[i] = decode_image(tree.read(name), size)
+            data = read_with_retries(tree, name)
+        except CORRUPT_MEMBER_ERRORS as err:
+            log.warning("Skipping unreadable image %s (%s)", tree.describe(name), err)
+            return
+        except JobError:
+            failed.set()
+            raise
+        try:
+            images[i] = decode_image(data, size)
             ok[i] = True
-        except (*UNREADABLE_ERRORS, KeyError) as err:
+        except UNREADABLE_ERRORS as err:
             log.warning("Skipping unreadable image %s (%s)", tree.describe(name), err)
 
     last_report = time.perf_counter()
@@ -274,6 +294,25 @@ def _decode_split(
             images = compacted
         release_pages(images)
     return ImageSet(images[: len(kept)], np.asarray(labels, np.int32)[kept], [files[i] for i in kept])
+
+
+def read_with_retries(tree: _Tree, name: str) -> bytes:
+    """The bytes of one file, an OSError retried READ_ATTEMPTS times in all; then one JobError naming it."""
+    delay = READ_RETRY_DELAY_S
+    for attempt in range(1, READ_ATTEMPTS + 1):
+        try:
+            return tree.read(name)
+        except OSError as err:
+            if attempt == READ_ATTEMPTS:
+                reason = err.strerror or errno.errorcode.get(err.errno or 0) or str(err)
+                raise JobError(
+                    f"could not read {tree.describe(name)} ({reason}, {READ_ATTEMPTS} attempts): check the disk or "
+                    "mount holding --data, then rerun (nothing was cached)."
+                ) from err
+            log.warning("Reading %s failed (%s); retrying in %.1f s", tree.describe(name), err, delay)
+            time.sleep(delay)
+            delay *= 2
+    raise AssertionError("unreachable")
 
 
 def decode_image(data: bytes, size: int) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import types
@@ -11,6 +12,7 @@ import matplotlib.figure
 import numpy as np
 import pytest
 
+from job import data as job_data
 from job.data import load_dataset
 from job.errors import JobError
 from job.layout import RunLayout
@@ -99,6 +101,46 @@ def test_decode_cache_meta_is_synced_before_it_is_published(tmp_path, synth_zip,
     load_dataset(synth_zip, 32, tmp_path)
     assert any(s.endswith("/meta.json") for s in synced)
     assert any(s.endswith("/train_images.npy") for s in synced)
+
+
+# -- transient read errors are not unreadable images ---------------------------------------------------------
+@pytest.fixture
+def eio_reads(monkeypatch):
+    """Make reads of the first train image fail with EIO `failures` times (set on the returned namespace)."""
+    monkeypatch.setattr(job_data, "READ_RETRY_DELAY_S", 0.0, raising=False)
+    state = types.SimpleNamespace(failures=0, attempts=0, target=None)
+    real = job_data._Tree.read
+
+    def read(self, name: str) -> bytes:
+        if state.target is None and name.startswith("train/"):
+            state.target = name
+        if name == state.target:
+            state.attempts += 1
+            if state.attempts <= state.failures:
+                raise OSError(errno.EIO, os.strerror(errno.EIO), name)
+        return real(self, name)
+
+    monkeypatch.setattr(job_data._Tree, "read", read)
+    return state
+
+
+def test_a_transient_read_error_is_retried_and_the_image_kept(tmp_path, synth_zip, eio_reads):
+    """Before: the image was dropped as 'unreadable' and the smaller set cached for good."""
+    eio_reads.failures = 1
+    dataset = load_dataset(synth_zip, 32, tmp_path, threads=1)
+    assert eio_reads.attempts == 2
+    assert dataset.skipped == [] and eio_reads.target in dataset.train.files
+
+
+def test_a_persistent_read_error_fails_the_run_and_caches_nothing(tmp_path, synth_zip, eio_reads):
+    """Before: load_dataset succeeded with one image fewer, listed as skipped, and cached that."""
+    eio_reads.failures = 10**6  # every attempt
+    with pytest.raises(JobError) as info:
+        load_dataset(synth_zip, 32, tmp_path, threads=1)
+    message = str(info.value)
+    assert eio_reads.target in message and "Input/output error" in message and "\n" not in message
+    assert eio_reads.attempts == job_data.READ_ATTEMPTS
+    assert list((tmp_path / "decoded").iterdir()) == []  # no cache, no partial
 
 
 def test_json_records_round_trip(tmp_path):
