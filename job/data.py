@@ -14,6 +14,7 @@ import logging
 import mmap
 import os
 import shutil
+import socket
 import stat
 import tempfile
 import threading
@@ -46,6 +47,10 @@ CORRUPT_MEMBER_ERRORS = (KeyError, zipfile.BadZipFile, zlib.error, EOFError)
 READ_ATTEMPTS = 4
 READ_RETRY_DELAY_S = 0.5  # doubled after each failed attempt
 META_FILE = "meta.json"
+PARTIAL_MARKER = ".partial-"
+# A decode in progress: <key>.partial-<host>-<pid>-<random>. Another host's partial (a shared cache) is only
+# removed once nothing in it changed for this long.
+STALE_PARTIAL_AGE_S = 24 * 3600.0
 HINT = "point --data at the tiny-imagenet-200 zip or directory (or make one with `python -m job synth`)"
 
 
@@ -152,6 +157,8 @@ def load_dataset(path: Path, image_size: int, cache_dir: Path | None = None, thr
     val_files, val_labels = _val_files(tree, wnids)
     # With a cache, images are decoded straight into its memory-mapped .npy files: a large dataset is never
     # held in process memory, and nothing is copied to save it.
+    if cache is not None:
+        _remove_stale_partials(cache.parent)
     partial = _partial_cache(cache) if cache is not None else None
     try:
         start = time.perf_counter()
@@ -354,7 +361,42 @@ def _cache_dir(path: Path, image_size: int, cache_root: Path) -> Path:
 
 def _partial_cache(cache: Path) -> Path:
     cache.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=cache.parent, prefix=f"{cache.name}.partial-"))
+    owner = f"{socket.gethostname()}-{os.getpid()}-"
+    return Path(tempfile.mkdtemp(dir=cache.parent, prefix=f"{cache.name}{PARTIAL_MARKER}{owner}"))
+
+
+def _remove_stale_partials(root: Path) -> None:
+    """Delete what killed decodes left in `root`: partial caches of this host whose process is gone, and any
+    untouched for STALE_PARTIAL_AGE_S (another host's, on a shared cache). Live decodes are left alone."""
+    if not root.is_dir():
+        return
+    host = socket.gethostname()
+    for partial in root.glob(f"*{PARTIAL_MARKER}*"):
+        owner = partial.name.partition(PARTIAL_MARKER)[2]
+        owner_host, _, rest = owner.rpartition("-")[0].rpartition("-")
+        pid = rest if owner_host == host else ""
+        if (pid.isdigit() and not _process_exists(int(pid))) or _idle_seconds(partial) > STALE_PARTIAL_AGE_S:
+            log.info("Removing %s: left by a decode that did not finish", partial)
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _idle_seconds(directory: Path) -> float:
+    """Seconds since anything in `directory` last changed."""
+    try:
+        newest = max([directory.stat().st_mtime, *(p.stat().st_mtime for p in directory.rglob("*"))])
+    except OSError:  # removed meanwhile
+        return 0.0
+    return time.time() - newest
 
 
 def _save_cache(partial: Path, cache: Path, dataset: Dataset) -> None:

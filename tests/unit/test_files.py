@@ -5,6 +5,9 @@ from __future__ import annotations
 import errno
 import json
 import os
+import socket
+import subprocess
+import sys
 import types
 from pathlib import Path
 
@@ -141,6 +144,22 @@ def test_a_persistent_read_error_fails_the_run_and_caches_nothing(tmp_path, synt
     assert eio_reads.target in message and "Input/output error" in message and "\n" not in message
     assert eio_reads.attempts == job_data.READ_ATTEMPTS
     assert list((tmp_path / "decoded").iterdir()) == []  # no cache, no partial
+
+
+# -- stale partial decodes ---------------------------------------------------------------------------------
+def test_partials_of_dead_decodes_are_removed_and_live_ones_kept(tmp_path, synth_zip):
+    """Before: both partial directories stayed in the cache for good."""
+    decoded = tmp_path / "decoded"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    stale = _torn(decoded / f"0123456789abcdef.partial-{host}-{int(dead.stdout)}-abcd1234" / "train_images.npy", HALF)
+    live = _torn(decoded / f"0123456789abcdef.partial-{host}-{os.getpid()}-abcd1234" / "train_images.npy", HALF)
+    old = _torn(decoded / "fedcba9876543210.partial-k2m4x9z1" / "train_images.npy", HALF)  # an earlier release's
+    os.utime(old, (0, 0))
+    os.utime(old.parent, (0, 0))
+    load_dataset(synth_zip, 32, tmp_path)
+    assert not stale.parent.exists() and not old.parent.exists()
+    assert live.read_bytes() == HALF
 
 
 def test_json_records_round_trip(tmp_path):
