@@ -169,3 +169,25 @@ def test_json_records_round_trip(tmp_path):
     write_json(path, {"x": [1, 2]}, durable=True)
     assert read_json(path, "unused") == {"x": [1, 2]} == json.loads(path.read_text())
     assert [p.name for p in path.parent.iterdir()] == ["b.json"]
+
+
+# -- evaluate: the report before done.json -----------------------------------------------------------------
+def test_evaluate_writes_the_report_before_done_json(tmp_path, monkeypatch):
+    """Before: write_report ran after evaluate/done.json existed (a watcher of done.json read the old report)."""
+    from job import stages
+    from job.config import load_config
+    from job.context import Context
+
+    layout = RunLayout(tmp_path)
+    _torn(RunLayout.done(layout.pretext), b'{"epochs": 1}')
+    _torn(layout.backbone, b"a backbone")
+    ctx = Context(load_config("demo"), layout, tmp_path, types.SimpleNamespace(is_chief=True))
+    seen: list[bool] = []
+    monkeypatch.setattr(stages, "_evaluations", lambda ctx: {"linear_probe_val_accuracy": 0.9})
+    monkeypatch.setattr(stages, "_examples", lambda ctx, done: None)
+    monkeypatch.setattr(Context, "dataset_summary", lambda self: {})
+    monkeypatch.setattr(stages.report, "build_metrics", lambda pretext, done, data: {"done": done})
+    monkeypatch.setattr(stages.report, "write_report",
+                        lambda directory, values, examples: seen.append(RunLayout.done(layout.evaluate).exists()))
+    assert stages.evaluate(ctx) == {"done": {"linear_probe_val_accuracy": 0.9}}
+    assert seen == [False] and RunLayout.done(layout.evaluate).is_file()
