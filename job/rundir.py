@@ -21,7 +21,7 @@ from job.data import source_identity
 from job.errors import JobError, from_os_error
 from job.files import read_json, write_json
 from job.layout import RunLayout
-from job.storage import fetched_version
+from job.storage import fetched_version, redact
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +70,11 @@ def check_output_dir(path: Path) -> None:
 
 # -- fingerprints ------------------------------------------------------------------------------------
 def data_identity(uri: str, local: Path) -> dict[str, Any]:
-    """--data as given (local paths made absolute) and its version: size and mtime of a local file (of every
-    file of a tree), or the generation/etag and checksums the download recorded for gs:// and https://."""
-    if "://" in uri:
-        return {"uri": uri, "version": fetched_version(local)}
+    """--data as given (local paths made absolute, query strings redacted) and its version: size and mtime of a
+    local file (of every file of a tree), or the generation/etag and checksums the download recorded for gs://
+    and https://."""
+    if "://" in uri:  # a signed URL's query (its signature) is neither recorded nor compared
+        return {"uri": redact(uri), "version": fetched_version(local)}
     path = Path(uri).expanduser().resolve()
     return {"uri": str(path), "version": source_identity(path).removeprefix(f"{path}|")}
 
