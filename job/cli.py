@@ -126,6 +126,7 @@ def _job_options(function: Callable) -> Callable:
 def _execute(stage_names: list[str], data: str, output: str, config_name: str, overrides: tuple[str, ...],
              force: bool) -> None:
     from job import rundir
+    from job.files import write_json
     from job.layout import RunLayout
     from job.storage import fetch_dataset
     from job.sync import open_output
@@ -143,7 +144,6 @@ def _execute(stage_names: list[str], data: str, output: str, config_name: str, o
     from job import stages  # TensorFlow: imported once the data is there (a bad --data fails in seconds)
     from job.context import check_model
     from job.distribute import make_cluster
-    from job.train import write_json
 
     cluster = make_cluster(config.runtime.slurm_port_base)
     for signum in STOP_SIGNALS:  # TensorFlow's multi-worker runtime installs its own SIGTERM handler
@@ -167,14 +167,20 @@ def _execute(stage_names: list[str], data: str, output: str, config_name: str, o
     if syncer is not None and cluster.is_chief:
         syncer.start()
     steps = {"pretrain": stages.pretrain, "finetune": stages.finetune, "evaluate": stages.evaluate}
+    final_sync = syncer if syncer is not None and cluster.is_chief else None
     try:
         for name in stage_names:
             log.info("== %s ==", name)
             steps[name](context)
-    finally:
-        if syncer is not None and cluster.is_chief:
-            stats = syncer.close()
-            log.info("Synced %s: %s", output, stats)
+    except BaseException:
+        if final_sync is not None:  # push what there is, but a failed push must not replace the job's own error
+            try:
+                log.info("Synced %s: %s", output, final_sync.close())
+            except Exception as err:  # noqa: BLE001 - logged; the job's exception follows
+                log.error("Final sync to %s failed: %s", output, err)
+        raise
+    if final_sync is not None:
+        log.info("Synced %s: %s", output, final_sync.close())
     if "evaluate" in stage_names and cluster.is_chief:
         click.echo(f"Report: {output.rstrip('/')}/report/report.md")
 

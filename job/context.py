@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from dataclasses import dataclass, field
@@ -16,10 +15,10 @@ from job.config import Config
 from job.data import Dataset, load_dataset
 from job.distribute import Cluster
 from job.errors import JobError
+from job.files import read_json, write_json
 from job.layout import RunLayout
 from job.pipelines import BatchPlan, ImageStore, Sharding, plan_epoch, train_dataset
-from job.rundir import FINGERPRINT_KEY, ForceRecord, fingerprint, kind_of
-from job.train import write_json
+from job.rundir import FINGERPRINT_KEY, REDO_FIX, ForceRecord, fingerprint, kind_of
 from models.backbone import WeightsUnavailable, build_backbone
 
 log = logging.getLogger(__name__)
@@ -84,7 +83,8 @@ class Context:
             if self.data_identity is not None:
                 kind = kind_of(self.layout, stage_dir)
                 stamp = {FINGERPRINT_KEY: fingerprint(self.config, kind, self.data_identity)}
-            write_json(RunLayout.done(stage_dir), {**result, **stamp})
+            # Durable: the bucket and every later run trust it; a power loss must not leave it empty.
+            write_json(RunLayout.done(stage_dir), {**result, **stamp}, durable=True)
         return result
 
 
@@ -93,7 +93,7 @@ def read_done(stage_dir: Path) -> dict | None:
     done = RunLayout.done(stage_dir)
     if not done.is_file():
         return None
-    result = json.loads(done.read_text())
+    result = read_json(done, REDO_FIX)
     result.pop(FINGERPRINT_KEY, None)
     return result
 

@@ -7,17 +7,20 @@ by the source's identity and image size, and later runs memory-map them.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import io
-import json
 import logging
 import mmap
 import os
 import shutil
+import socket
 import stat
 import tempfile
+import threading
 import time
 import zipfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -26,6 +29,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from job.errors import JobError
+from job.files import fsync_path, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +40,17 @@ DECODE_CHUNK = 512
 PROGRESS_EVERY_S = 10.0
 # What a corrupt, truncated or unsupported image file raises while it is decoded.
 UNREADABLE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
+# What a damaged zip member raises while it is read (bad CRC, bad deflate stream): its bytes are unreadable.
+CORRUPT_MEMBER_ERRORS = (KeyError, zipfile.BadZipFile, zlib.error, EOFError)
+# An OSError while reading (EIO, ESTALE on NFS or a /gcs/ mount) is the storage's, not the image's: retried,
+# then the run fails; never cached as a smaller dataset.
+READ_ATTEMPTS = 4
+READ_RETRY_DELAY_S = 0.5  # doubled after each failed attempt
+META_FILE = "meta.json"
+PARTIAL_MARKER = ".partial-"
+# A decode in progress: <key>.partial-<host>-<pid>-<random>. Another host's partial (a shared cache) is only
+# removed once nothing in it changed for this long.
+STALE_PARTIAL_AGE_S = 24 * 3600.0
 HINT = "point --data at the tiny-imagenet-200 zip or directory (or make one with `python -m job synth`)"
 
 
@@ -133,7 +148,7 @@ def load_dataset(path: Path, image_size: int, cache_dir: Path | None = None, thr
     """Read, validate and decode the dataset; reuse the decoded cache when the source is unchanged."""
     path = Path(path)
     cache = _cache_dir(path, image_size, cache_dir) if cache_dir is not None else None
-    if cache is not None and (cache / "meta.json").is_file():
+    if cache is not None and (cache / META_FILE).is_file():
         log.info("Using decoded images cached in %s", cache)
         return _load_cache(cache, str(path))
     tree = _Tree(path)
@@ -142,6 +157,8 @@ def load_dataset(path: Path, image_size: int, cache_dir: Path | None = None, thr
     val_files, val_labels = _val_files(tree, wnids)
     # With a cache, images are decoded straight into its memory-mapped .npy files: a large dataset is never
     # held in process memory, and nothing is copied to save it.
+    if cache is not None:
+        _remove_stale_partials(cache.parent)
     partial = _partial_cache(cache) if cache is not None else None
     try:
         start = time.perf_counter()
@@ -242,13 +259,24 @@ def _decode_split(
     images = np.lib.format.open_memmap(target, "w+", np.uint8, shape) if target else np.zeros(shape, np.uint8)
     ok = np.zeros(len(files), bool)
     workers = threads or os.cpu_count() or 1
+    failed = threading.Event()  # one file could not be read: the others stop, the run fails
 
     def decode(i: int) -> None:
+        if failed.is_set():
+            return
         name = files[i]
         try:
-            images[i] = decode_image(tree.read(name), size)
+            data = read_with_retries(tree, name)
+        except CORRUPT_MEMBER_ERRORS as err:
+            log.warning("Skipping unreadable image %s (%s)", tree.describe(name), err)
+            return
+        except JobError:
+            failed.set()
+            raise
+        try:
+            images[i] = decode_image(data, size)
             ok[i] = True
-        except (*UNREADABLE_ERRORS, KeyError) as err:
+        except UNREADABLE_ERRORS as err:
             log.warning("Skipping unreadable image %s (%s)", tree.describe(name), err)
 
     last_report = time.perf_counter()
@@ -273,6 +301,25 @@ def _decode_split(
             images = compacted
         release_pages(images)
     return ImageSet(images[: len(kept)], np.asarray(labels, np.int32)[kept], [files[i] for i in kept])
+
+
+def read_with_retries(tree: _Tree, name: str) -> bytes:
+    """The bytes of one file, an OSError retried READ_ATTEMPTS times in all; then one JobError naming it."""
+    delay = READ_RETRY_DELAY_S
+    for attempt in range(1, READ_ATTEMPTS + 1):
+        try:
+            return tree.read(name)
+        except OSError as err:
+            if attempt == READ_ATTEMPTS:
+                reason = err.strerror or errno.errorcode.get(err.errno or 0) or str(err)
+                raise JobError(
+                    f"could not read {tree.describe(name)} ({reason}, {READ_ATTEMPTS} attempts): check the disk or "
+                    "mount holding --data, then rerun (nothing was cached)."
+                ) from err
+            log.warning("Reading %s failed (%s); retrying in %.1f s", tree.describe(name), err, delay)
+            time.sleep(delay)
+            delay *= 2
+    raise AssertionError("unreachable")
 
 
 def decode_image(data: bytes, size: int) -> np.ndarray:
@@ -314,7 +361,42 @@ def _cache_dir(path: Path, image_size: int, cache_root: Path) -> Path:
 
 def _partial_cache(cache: Path) -> Path:
     cache.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=cache.parent, prefix=f"{cache.name}.partial-"))
+    owner = f"{socket.gethostname()}-{os.getpid()}-"
+    return Path(tempfile.mkdtemp(dir=cache.parent, prefix=f"{cache.name}{PARTIAL_MARKER}{owner}"))
+
+
+def _remove_stale_partials(root: Path) -> None:
+    """Delete what killed decodes left in `root`: partial caches of this host whose process is gone, and any
+    untouched for STALE_PARTIAL_AGE_S (another host's, on a shared cache). Live decodes are left alone."""
+    if not root.is_dir():
+        return
+    host = socket.gethostname()
+    for partial in root.glob(f"*{PARTIAL_MARKER}*"):
+        owner = partial.name.partition(PARTIAL_MARKER)[2]
+        owner_host, _, rest = owner.rpartition("-")[0].rpartition("-")
+        pid = rest if owner_host == host else ""
+        if (pid.isdigit() and not _process_exists(int(pid))) or _idle_seconds(partial) > STALE_PARTIAL_AGE_S:
+            log.info("Removing %s: left by a decode that did not finish", partial)
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _idle_seconds(directory: Path) -> float:
+    """Seconds since anything in `directory` last changed."""
+    try:
+        newest = max([directory.stat().st_mtime, *(p.stat().st_mtime for p in directory.rglob("*"))])
+    except OSError:  # removed meanwhile
+        return 0.0
+    return time.time() - newest
 
 
 def _save_cache(partial: Path, cache: Path, dataset: Dataset) -> None:
@@ -329,16 +411,20 @@ def _save_cache(partial: Path, cache: Path, dataset: Dataset) -> None:
         "val_files": dataset.val.files,
         "decode_seconds": dataset.decode_seconds,
     }
-    (partial / "meta.json").write_text(json.dumps(meta))
+    write_json(partial / META_FILE, meta)
+    # meta.json vouches for the arrays beside it: all of them reach the disk before the cache is published.
+    for path in (*partial.iterdir(), partial):
+        fsync_path(path)
     try:
         os.replace(partial, cache)
+        fsync_path(cache.parent)
         log.info("Cached decoded images in %s", cache)
     except OSError:  # another worker cached the same source first
         shutil.rmtree(partial, ignore_errors=True)
 
 
 def _load_cache(cache: Path, source: str) -> Dataset:
-    meta = json.loads((cache / "meta.json").read_text())
+    meta = read_json(cache / META_FILE, f"delete {cache} to decode the images again")
 
     def split(name: str) -> ImageSet:
         return ImageSet(

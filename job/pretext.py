@@ -23,6 +23,7 @@ from job.context import (
     weighted,
 )
 from job.evaluate import accuracy, predict
+from job.files import atomic_path
 from job.pipelines import model_pixels, random_subset, rotate_four
 from job.serving import export_rotation_model
 from job.train import LoopConfig, ParamGroup, Trainer, WarmupCosine, make_optimizer
@@ -133,8 +134,9 @@ def pretrain(ctx: Context) -> dict:
     trainer.close()
     if ctx.cluster.is_chief:
         layout.export.mkdir(parents=True, exist_ok=True)
-        task.backbone.save(layout.backbone)
-        task.rotation_model.save(layout.rotation_model)
+        for model, path in ((task.backbone, layout.backbone), (task.rotation_model, layout.rotation_model)):
+            with atomic_path(path) as tmp:  # a stop signal mid-save leaves the previous export
+                model.save(tmp)
         export_rotation_model(layout.rotation_model, layout.rotation_savedmodel)
     return ctx.finish(layout.pretext, {
         "val_rotation_accuracy": final["rotation_accuracy"],

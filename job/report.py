@@ -5,7 +5,6 @@ metrics.json keys are documented in the README; `METRIC_KEYS` lists the dotted k
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from job.files import atomic_path, write_json, write_text  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -148,11 +149,12 @@ def write_report(directory: Path, metrics: dict, examples: Examples) -> Path:
         "label_efficiency.png": _plot_label_efficiency(metrics),
     }
     for name, figure in figures.items():
-        figure.savefig(directory / name, dpi=100, bbox_inches="tight")
+        with atomic_path(directory / name) as tmp:
+            figure.savefig(tmp, dpi=100, bbox_inches="tight")
         plt.close(figure)
-    (directory / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    write_json(directory / "metrics.json", metrics)
     path = directory / "report.md"
-    path.write_text(_markdown(metrics, list(figures)))
+    write_text(path, _markdown(metrics, list(figures)))
     log.info("Report written to %s", path)
     return path
 

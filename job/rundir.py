@@ -19,8 +19,9 @@ from typing import Any
 from job.config import Config
 from job.data import source_identity
 from job.errors import JobError, from_os_error
+from job.files import read_json, write_json
 from job.layout import RunLayout
-from job.storage import fetched_version, write_json_atomic
+from job.storage import fetched_version, redact
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ NOT_PRETEXT = frozenset({"data.downstream_wnids", "model.classifier_dropout"})  
 # The first kind of result each command redoes under --force (evaluate trains downstream runs too).
 FORCED_FROM = {"pretrain": PRETRAIN, "finetune": DOWNSTREAM, "evaluate": DOWNSTREAM}
 MAX_CHANGES_SHOWN = 3
+REDO_FIX = "delete it to redo that stage, or rerun with --force"  # for a torn done.json
 
 SLURM_JOB_ID, SLURM_RESTART_COUNT, VERTEX_JOB_ID = "SLURM_JOB_ID", "SLURM_RESTART_COUNT", "CLOUD_ML_JOB_ID"
 
@@ -68,10 +70,11 @@ def check_output_dir(path: Path) -> None:
 
 # -- fingerprints ------------------------------------------------------------------------------------
 def data_identity(uri: str, local: Path) -> dict[str, Any]:
-    """--data as given (local paths made absolute) and its version: size and mtime of a local file (of every
-    file of a tree), or the generation/etag and checksums the download recorded for gs:// and https://."""
-    if "://" in uri:
-        return {"uri": uri, "version": fetched_version(local)}
+    """--data as given (local paths made absolute, query strings redacted) and its version: size and mtime of a
+    local file (of every file of a tree), or the generation/etag and checksums the download recorded for gs://
+    and https://."""
+    if "://" in uri:  # a signed URL's query (its signature) is neither recorded nor compared
+        return {"uri": redact(uri), "version": fetched_version(local)}
     path = Path(uri).expanduser().resolve()
     return {"uri": str(path), "version": source_identity(path).removeprefix(f"{path}|")}
 
@@ -130,7 +133,7 @@ def _redone_from(commands: list[str], force: bool) -> int:
 
 def _changes(layout: RunLayout, stage_dir: Path, config: Config, data: Mapping[str, Any]) -> list[str] | None:
     """What differs between a completed stage and this invocation; None for a stage without a fingerprint."""
-    recorded = json.loads(RunLayout.done(stage_dir).read_text()).get(FINGERPRINT_KEY)
+    recorded = read_json(RunLayout.done(stage_dir), REDO_FIX).get(FINGERPRINT_KEY)
     return None if recorded is None else differences(recorded, fingerprint(config, kind_of(layout, stage_dir), data))
 
 
@@ -161,7 +164,14 @@ def stale_results(layout: RunLayout, config: Config, data: Mapping[str, Any], co
     which the caller deletes so that the directory holds one run."""
     redone = _redone_from(commands, force)
     return [d for d in completed_stage_dirs(layout)
-            if KIND_ORDER.index(kind_of(layout, d)) >= redone and _changes(layout, d, config, data)]
+            if KIND_ORDER.index(kind_of(layout, d)) >= redone and _stale(layout, d, config, data)]
+
+
+def _stale(layout: RunLayout, stage_dir: Path, config: Config, data: Mapping[str, Any]) -> bool:
+    try:
+        return bool(_changes(layout, stage_dir, config, data))
+    except JobError:  # a torn done.json: --force redoes that stage anyway
+        return True
 
 
 # -- --force once per job ----------------------------------------------------------------------------
@@ -195,7 +205,8 @@ class ForceRecord:
 
     @classmethod
     def load(cls, layout: RunLayout, environ: Mapping[str, str]) -> ForceRecord:
-        marker = json.loads(layout.force_marker.read_text()) if layout.force_marker.is_file() else None
+        fix = "delete it (a restart of this job then redoes the stages it cleared)"
+        marker = read_json(layout.force_marker, fix) if layout.force_marker.is_file() else None
         cleared = set(marker.get("cleared", [])) if is_restart(environ, marker) else set()
         return cls(layout.force_marker, layout.root, job_identity(environ), cleared)
 
@@ -210,4 +221,4 @@ class ForceRecord:
         if self.job is None:
             return
         self.cleared.add(self._key(stage_dir))
-        write_json_atomic(self.path, {"job": self.job, "cleared": sorted(self.cleared), "pid": os.getpid()})
+        write_json(self.path, {"job": self.job, "cleared": sorted(self.cleared), "pid": os.getpid()})

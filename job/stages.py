@@ -52,11 +52,15 @@ def evaluate(ctx: Context) -> dict:
     pretext = read_done(layout.pretext)
     if pretext is None or not layout.backbone.is_file():
         raise JobError(f"{layout.backbone} is missing: run `python -m job pretrain` with this --output first.")
-    if (done := ctx.completed(layout.evaluate)) is None or not layout.metrics.is_file():
-        done = ctx.finish(layout.evaluate, _evaluations(ctx))
+    done = ctx.completed(layout.evaluate)
+    fresh = done is None or not layout.metrics.is_file()
+    if fresh:
+        done = _evaluations(ctx)
     metrics = report.build_metrics(pretext, done, ctx.dataset_summary())
     if ctx.cluster.is_chief:
         report.write_report(layout.report, metrics, _examples(ctx, done))
+    if fresh:  # after the report: whoever sees done.json finds this report, not an older one
+        ctx.finish(layout.evaluate, done)
     return metrics
 
 

@@ -14,6 +14,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import socket
 import sys
 import threading
@@ -39,6 +40,7 @@ from google.cloud import storage
 from google.cloud.storage.exceptions import DataCorruption, InvalidResponse
 
 from job.errors import JobError, StorageError
+from job.files import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +70,9 @@ HTTP_CHUNK_BYTES = 1 << 20
 DEFAULT_HTTP_NAME = "download"
 
 MAX_CAUSE_DEPTH = 5
+# A URL's query string (a signed URL's signature and expiry) never reaches a log, an error or a record on disk.
+REDACTED_QUERY = "?<redacted>"
+QUERY_RE = re.compile(r"\?[^\s'\"<>()]+")
 MAX_REASON_CHARS = 200
 
 PROGRESS_LOG_FRACTION = 0.10
@@ -155,7 +160,7 @@ def make_retry(
     """Exponential-backoff retry for metadata calls, listings, downloads and uploads alike."""
 
     def _log_and_count(exc: Exception) -> None:
-        logger.debug("Retrying after transient storage error: %r", exc)
+        logger.debug("Retrying after transient storage error: %s", redact(repr(exc)))
         if on_error is not None:
             on_error(exc)
 
@@ -229,6 +234,24 @@ class GcsUri:
 def cache_key(uri: str) -> str:
     """Stable short directory name for a URI."""
     return hashlib.sha1(uri.encode("utf-8")).hexdigest()[:CACHE_KEY_CHARS]
+
+
+def redact(text: str) -> str:
+    """`text` with every URL query string (`?…`) replaced by `?<redacted>`."""
+    return QUERY_RE.sub(REDACTED_QUERY, text)
+
+
+class RedactingFilter(logging.Filter):
+    """Redacts query strings in the records of a library logger (urllib3 logs each request's URL at DEBUG)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "?" in message:
+            record.msg, record.args = redact(message), ()
+        return True
+
+
+logging.getLogger("urllib3.connectionpool").addFilter(RedactingFilter())
 
 
 def describe_error(exc: BaseException) -> str:
@@ -335,13 +358,6 @@ def checksum_mismatch(path: Path, blob: storage.Blob) -> str | None:
 def temp_path_for(dest: Path) -> Path:
     """A sibling temp name that job.sync skips and that never looks like a finished file."""
     return dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}{PARTIAL_SUFFIX}")
-
-
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON via temp file + os.replace."""
-    tmp = temp_path_for(path)
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -621,7 +637,7 @@ def _fetch_gcs_object(uri: str, blob: storage.Blob, cache_dir: Path, retry: Retr
     if _is_current(dest, blob, recorded, meta):
         logger.info("Using cached %s (generation %s) at %s", uri, blob.generation, dest)
         if not _same_object(recorded, meta):
-            write_json_atomic(sidecar, meta)
+            write_json(sidecar, meta)
         return dest
     logger.info("Downloading %s (%.1f MB) to %s", uri, (blob.size or 0) / 1e6, dest)
     progress = TransferProgress(meta["size"], f"download {name}")
@@ -633,7 +649,7 @@ def _fetch_gcs_object(uri: str, blob: storage.Blob, cache_dir: Path, retry: Retr
         raise
     finally:
         progress.close()
-    write_json_atomic(sidecar, meta)
+    write_json(sidecar, meta)
     return dest
 
 
@@ -697,7 +713,7 @@ def _fetch_gcs_tree(
     finally:
         if progress is not None:
             progress.close()
-        write_json_atomic(manifest_path, {"uri": uri, "objects": objects})
+        write_json(manifest_path, {"uri": uri, "objects": objects})
     if errors:
         missing = len(todo) - sum(1 for b, _ in todo if b.name[len(prefix) :] in objects)
         raise StorageError(
@@ -745,9 +761,10 @@ def _http_meta(uri: str, headers: Any, size: int, digest: str | None) -> dict[st
 
 
 def _fetch_http(uri: str, cache_dir: Path, sha256: str | None, retry_deadline_s: float) -> Path:
-    parsed = urlparse(uri)
+    """Download `uri` (the full URL, query included) into the cache; logs, errors and the sidecar show it redacted."""
+    parsed, shown = urlparse(uri), redact(uri)
     if parsed.scheme == "http" and not _is_loopback(parsed.hostname):
-        logger.warning("%s uses plain http: integrity relies on the sha256 you pass, if any", uri)
+        logger.warning("%s uses plain http: integrity relies on the sha256 you pass, if any", shown)
     expected_sha = sha256.lower() if sha256 else None
     name = PurePosixPath(parsed.path).name or DEFAULT_HTTP_NAME
     dest = cache_dir / cache_key(uri) / name
@@ -758,10 +775,10 @@ def _fetch_http(uri: str, cache_dir: Path, sha256: str | None, retry_deadline_s:
         recorded = _read_json(sidecar)
         if recorded and dest.is_file() and dest.stat().st_size == recorded.get("size"):
             if expected_sha and recorded.get("sha256") == expected_sha:
-                logger.info("Using cached %s (sha256 matches) at %s", uri, dest)
+                logger.info("Using cached %s (sha256 matches) at %s", shown, dest)
                 return dest
             if not expected_sha and _http_unchanged(session, uri, headers, recorded, retry):
-                logger.info("Using cached %s (unchanged on the server) at %s", uri, dest)
+                logger.info("Using cached %s (unchanged on the server) at %s", shown, dest)
                 return dest
         sidecar.unlink(missing_ok=True)
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -769,9 +786,9 @@ def _fetch_http(uri: str, cache_dir: Path, sha256: str | None, retry_deadline_s:
         def attempt() -> tuple[Any, int, str]:
             return _http_download_once(session, uri, headers, dest, expected_sha)
 
-        with _http_errors(uri):
+        with _http_errors(shown):
             resp_headers, size, digest = retry(attempt)()
-    write_json_atomic(sidecar, _http_meta(uri, resp_headers, size, digest))
+    write_json(sidecar, _http_meta(shown, resp_headers, size, digest))
     return dest
 
 
@@ -782,7 +799,7 @@ def _http_unchanged(
     try:
         resp = retry(session.head)(uri, headers=headers, allow_redirects=True, timeout=REQUEST_TIMEOUT_S)
     except Exception as exc:  # noqa: BLE001 - a failed HEAD just means "download again"
-        logger.info("HEAD %s failed (%r); downloading again", uri, exc)
+        logger.info("HEAD %s failed (%s); downloading again", redact(uri), redact(repr(exc)))
         return False
     if not resp.ok:
         return False
@@ -821,7 +838,7 @@ def _http_download_once(
                 raise _IncompleteDownload(f"got {size} bytes but Content-Length was {expected}")
             if expected_sha and digest.hexdigest() != expected_sha:
                 raise StorageError(
-                    f"{uri} has sha256 {digest.hexdigest()} but {expected_sha} was expected: "
+                    f"{redact(uri)} has sha256 {digest.hexdigest()} but {expected_sha} was expected: "
                     "the download was deleted; check the URL and the expected checksum."
                 )
             os.replace(tmp, dest)
@@ -832,6 +849,7 @@ def _http_download_once(
 
 @contextlib.contextmanager
 def _http_errors(uri: str) -> Iterator[None]:
+    """Download failures as StorageErrors naming `uri` (pass it redacted)."""
     try:
         with _http_call_errors(uri):
             yield
@@ -839,7 +857,9 @@ def _http_errors(uri: str) -> Iterator[None]:
         cause = exc.__cause__ if isinstance(exc, StorageError) else exc
         if cause is None or (reason := unreachable(cause)) is None:
             raise
-        raise StorageError(f"{uri} could not be downloaded: {reason}; check the URL and your network.") from cause
+        raise StorageError(
+            f"{uri} could not be downloaded: {redact(reason)}; check the URL and your network."
+        ) from cause
 
 
 @contextlib.contextmanager
@@ -857,12 +877,12 @@ def _http_call_errors(uri: str) -> Iterator[None]:
         ) from exc
     except api_exceptions.RetryError as exc:
         raise StorageError(
-            f"{uri} could not be downloaded: still failing after retrying ({describe_error(exc)}); "
+            f"{uri} could not be downloaded: still failing after retrying ({redact(describe_error(exc))}); "
             "check the URL and your network, then rerun."
         ) from exc
     except (requests.exceptions.RequestException, OSError) as exc:
         raise StorageError(
-            f"{uri} could not be downloaded ({exc!r}): check the URL and your network."
+            f"{uri} could not be downloaded ({redact(repr(exc))}): check the URL and your network."
         ) from exc
 
 

@@ -24,6 +24,7 @@ from typing import Self
 from google.cloud import storage
 
 from job.errors import JobError, StorageError
+from job.files import TEMP_PREFIX
 from job.storage import (
     CACHE_KEY_CHARS,
     DEFAULT_RETRY_DEADLINE_S,
@@ -53,7 +54,7 @@ COMPLETION_MARKER_SUFFIXES = (".done", ".complete.json")
 
 # Being written right now: never uploaded (they get renamed to their final name when complete).
 TEMP_SUFFIXES = (".tmp", ".partial")
-TEMP_PREFIXES = ("tmp",)
+TEMP_PREFIXES = ("tmp", TEMP_PREFIX)  # TEMP_PREFIX: job.files.atomic_path's names
 TF_ATOMIC_WRITE_RE = re.compile(r"\.tmp[0-9a-f]{32}$")  # file_io.atomic_write_string_to_file
 TF_SHARDED_TEMP_DIR_SUFFIX = "_temp"  # sharded saves write to <prefix>_temp/part-* first
 

@@ -7,11 +7,9 @@ loss and metric sums), parameter groups with their optimizers, a dataset factory
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -23,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from job.distribute import Cluster
+from job.files import atomic_path, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -332,7 +331,8 @@ class Trainer:
         if value > float(self.best.numpy()):
             self.best.assign(value)
             self.bad_epochs.assign(0)
-            self.model.save_weights(self._best_path)
+            with atomic_path(self._best_path) as tmp:  # a stop signal mid-write leaves the previous best
+                self.model.save_weights(tmp)
         else:
             self.bad_epochs.assign_add(1)
         return self.config.patience > 0 and int(self.bad_epochs.numpy()) >= self.config.patience
@@ -346,7 +346,8 @@ class Trainer:
         path = self.directory / HISTORY_FILE
         if not path.is_file():
             return []
-        return [h for h in json.loads(path.read_text()) if h["epoch"] <= completed_epochs]
+        fix = "delete it to resume without the earlier epochs' history, or rerun with --force"
+        return [h for h in read_json(path, fix) if h["epoch"] <= completed_epochs]
 
     def _save_history(self, history: list[dict[str, float]]) -> None:
         if self.cluster.is_chief:
@@ -422,11 +423,4 @@ def _scale_loss(groups: list[ParamGroup], loss: tf.Tensor) -> tf.Tensor:
 def _current_lr(optimizer: keras.optimizers.Optimizer) -> float:
     inner = getattr(optimizer, "inner_optimizer", optimizer)
     return float(keras.ops.convert_to_numpy(inner.learning_rate))
-
-
-def write_json(path: Path, payload) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as handle:
-        json.dump(payload, handle, indent=2)
-    Path(handle.name).replace(path)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import logging
 import os
 import random
 import threading
@@ -23,6 +24,8 @@ from google.cloud import storage
 
 import job.storage as job_storage
 from job.errors import JobError, StorageError
+from job.files import atomic_path
+from job.rundir import data_identity
 from job.storage import fetch_dataset
 from job.sync import OutputSync, is_completion_marker, is_in_progress, is_marker, open_output
 from tests.integration.conftest import Emulator
@@ -32,6 +35,7 @@ FAST_RETRY_INITIAL_S = 0.01
 FAST_RETRY_MAX_S = 0.2
 SHORT_DEADLINE_S = 1.5
 RESUMABLE_UPLOAD_BYTES = 9 << 20
+SECRET = "c2lnbmF0dXJl0123"
 ATOMIC_TMP = "checkpoint.tmp" + "0123456789abcdef" * 2
 
 
@@ -360,6 +364,37 @@ def test_fetch_http(http_site: tuple[str, Path, list[str]], tmp_path: Path) -> N
         fetch_dataset(f"{base}/missing.zip", other)
 
 
+def test_signed_url_query_is_redacted_but_used(
+    http_site: tuple[str, Path, list[str]], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before: the signature was in the sidecar (`"uri": ".../tiny.zip?X-Goog-Signature=..."`), the logs and the
+    errors, and in run.json / done.json through the data identity."""
+    caplog.set_level(logging.DEBUG)
+    base, site, hits = http_site
+    (site / "tiny.zip").write_bytes(_zip_bytes(seed=8))
+    query = f"X-Goog-Signature={SECRET}&X-Goog-Expires=600"
+    cache = tmp_path / "cache"
+
+    path = fetch_dataset(f"{base}/tiny.zip?{query}", cache)
+    assert hits == [f"/tiny.zip?{query}"]  # downloaded with the full URL
+    assert fetch_dataset(f"{base}/tiny.zip?{query}", cache) == path  # cached: HEAD, unchanged
+    assert hits[-1] == f"HEAD /tiny.zip?{query}"
+    (sidecar,) = cache.rglob(f"*{job_storage.SIDECAR_SUFFIX}")
+    assert f'"{base}/tiny.zip?<redacted>"' in sidecar.read_text()
+    identity = data_identity(f"{base}/tiny.zip?{query}", path)
+    assert identity["uri"] == f"{base}/tiny.zip?<redacted>"
+
+    with pytest.raises(StorageError) as info:
+        fetch_dataset(f"{base}/missing.zip?{query}", cache)
+    assert f"{base}/missing.zip?<redacted>" in str(info.value)
+    refused = f"http://{LOOPBACK}:1/tiny.zip?{query}"  # nothing listens on port 1: a connection error
+    with pytest.raises(StorageError) as info:
+        fetch_dataset(refused, cache, retry_deadline_s=0.2)
+    texts = [str(info.value), caplog.text, *(p.read_text() for p in cache.rglob("*.json"))]
+    assert all(SECRET not in text for text in texts), [t for t in texts if SECRET in t]
+    assert "?<redacted>" in caplog.text
+
+
 def test_fetch_http_short_body_fails_after_retries(http_site: tuple[str, Path, list[str]], tmp_path: Path) -> None:
     base, _, hits = http_site
     with pytest.raises(StorageError, match="after retrying") as info:
@@ -383,6 +418,21 @@ def test_temp_and_marker_rules() -> None:
     assert is_in_progress(f"ckpt/{ATOMIC_TMP}") and is_in_progress("ckpt/ckpt-3_temp/part-0.index")
     assert is_in_progress("a.tmp") and is_in_progress("b.partial") and is_in_progress("tmpxyz")
     assert not is_in_progress("ckpt/ckpt-1.data-00000-of-00001")
+
+
+def test_files_being_written_atomically_are_not_uploaded(gcs_emulator: Emulator, tmp_path: Path, make_sync) -> None:
+    """Before: the half-written `.tmp-<token>-best.weights.h5` went up beside the run, and stayed there."""
+    run = tmp_path / "run"
+    sync = make_sync(f"gs://{gcs_emulator.bucket}/runs/atomic", run)
+    weights = run / "checkpoints/pretext/best.weights.h5"
+    with atomic_path(weights) as tmp:
+        tmp.write_bytes(b"half of the weights")
+        sync.push()  # a periodic push while Keras writes
+        tmp.write_bytes(b"all of the weights")
+    sync.push()
+    objects = _remote(gcs_emulator.client(), gcs_emulator.bucket, "runs/atomic/")
+    assert set(objects) == {"checkpoints/pretext/best.weights.h5"}
+    assert objects["checkpoints/pretext/best.weights.h5"].md5_hash == _md5_b64(b"all of the weights")
 
 
 def test_push_uploads_once_in_order(

@@ -21,7 +21,7 @@ from click.testing import CliRunner, Result
 from job import rundir
 from job.cli import main
 from job.config import load_config
-from job.errors import DiskFullError, JobError, from_os_error
+from job.errors import DiskFullError, JobError, StorageError, from_os_error
 from job.layout import RunLayout
 from tests.jobproc import TINY
 
@@ -102,6 +102,16 @@ def test_other_settings_on_a_completed_stage_are_refused(tmp_path, synth_zip, ov
     line = error_line(invoke("pretrain", *job_options(synth_zip, out, tmp_path, override)))
     assert change in line and "checkpoints/pretext" in line and "--force" in line and "--output" in line
     assert_intact(files)
+
+
+def test_torn_done_json_is_one_line_naming_the_fix(tmp_path, synth_zip):
+    """Before: a JSONDecodeError traceback (exit 1) on every rerun."""
+    out = tmp_path / "out"
+    completed_pretext(out, synth_zip)
+    done = RunLayout.done(RunLayout(out).pretext)
+    done.write_bytes(b"")
+    line = error_line(invoke("pretrain", *job_options(synth_zip, out, tmp_path)))
+    assert f"{done} is empty or torn" in line and "delete it" in line and "--force" in line
 
 
 def test_other_data_on_a_completed_stage_is_refused(tmp_path, synth_zip, synth_dir):
@@ -346,3 +356,40 @@ def test_force_discards_results_of_other_settings_it_would_leave_behind(tmp_path
     assert rundir.stale_results(layout, new, data, ["finetune"], False) == []
     with pytest.raises(JobError, match="finetune.seeds 2 → 1"):
         rundir.check_reuse(layout, new, data, ["finetune"], force=False)
+
+
+# -- a failed final push does not replace the job's own error ------------------------------------------
+class _FailingSync:
+    """An output syncer whose final push fails."""
+
+    def pull(self) -> int:
+        return 0
+
+    def start(self) -> None:
+        pass
+
+    def close(self) -> None:
+        raise StorageError("Could not upload 1 of 1 file(s) to gs://bucket/run/ (first: done.json: HTTP 503)")
+
+
+def test_failed_final_sync_does_not_replace_the_preemption(tmp_path, synth_zip, monkeypatch, caplog):
+    """Before: exit 3 with the sync's error; the preemption (exit 143) and its message were lost."""
+    from job import stages, sync, train
+
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    monkeypatch.setattr(sync, "open_output", lambda output, root, interval: (mirror, _FailingSync()))
+
+    def preempted(ctx) -> None:
+        raise train.Preempted(7)
+
+    def exit_now(code: int) -> None:  # the CLI's os._exit after a preemption, as an exception the runner sees
+        raise SystemExit(code)
+
+    monkeypatch.setattr(stages, "pretrain", preempted)
+    monkeypatch.setattr(os, "_exit", exit_now)
+    monkeypatch.setattr(logging, "shutdown", lambda: None)  # it would close pytest's log capture
+    result = invoke("pretrain", *job_options(synth_zip, "gs://bucket/run", tmp_path))  # type: ignore[arg-type]
+    assert result.exit_code == 143, (result.output, result.exception)
+    assert "preempted: stopped on request at step 7" in result.stderr
+    assert "Final sync to gs://bucket/run failed: Could not upload" in caplog.text
