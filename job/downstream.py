@@ -22,6 +22,7 @@ from job.context import (
 )
 from job.errors import JobError
 from job.evaluate import accuracy, confusion_matrix, fit_logistic, predict
+from job.files import atomic_path
 from job.pipelines import model_pixels, stratified_subset
 from job.serving import export_classifier
 from job.train import LoopConfig, ParamGroup, Trainer, WarmupCosine, make_optimizer
@@ -279,8 +280,8 @@ def train_downstream(ctx: Context, init: str, fraction: float, seed: int) -> dic
     logits = predict(model, split.val_images)
     predicted = np.argmax(logits, -1)
     if ctx.cluster.is_chief and init == PRETRAINED and fraction == f.label_fraction and seed == cfg.runtime.seed:
-        layout.export.mkdir(parents=True, exist_ok=True)
-        model.save(layout.classifier)
+        with atomic_path(layout.classifier) as tmp:
+            model.save(tmp)
         export_classifier(layout.classifier, layout.classifier_savedmodel, cfg.data.downstream_names)
     return ctx.finish(directory, {
         "init": init,
