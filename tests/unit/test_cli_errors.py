@@ -11,7 +11,9 @@ import pytest
 from click.testing import CliRunner, Result
 
 from job.cli import main
+from job.layout import RunLayout
 from job.synth import ROOT_NAME
+from job.train import HISTORY_FILE
 
 JOB_COMMANDS = ["run", "pretrain", "finetune", "evaluate"]
 MISSING_WNID = "n00000001"
@@ -150,11 +152,13 @@ def test_finetune_without_pretrained_backbone(tmp_path, synth_zip):
 
 
 def _previous_run(out: Path) -> dict[Path, bytes]:
-    """Files a previous invocation left in --output (an unrelated note and a finished-looking stage)."""
+    """Files a previous invocation left in --output (an unrelated note and a finished-looking stage), at the
+    paths the job uses (RunLayout), so that a --force that discarded them would be caught."""
+    layout = RunLayout(out)
     files = {
         out / "notes.txt": b"keep me\n",
-        out / "export" / "backbone.keras": b"not really a model",
-        out / "pretext" / "history.json": b"[]",
+        layout.backbone: b"not really a model",
+        layout.pretext / HISTORY_FILE: b"[]",
     }
     for path, data in files.items():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -210,13 +214,15 @@ def test_force_with_bad_data_keeps_previous_results(tmp_path, synth_zip):
     """--force redoes stages, but a run that cannot even read its data should not discard earlier results."""
     out = tmp_path / "out"
     kept = _previous_run(out)
-    (out / "pretext" / "done.json").write_text("{}")
+    done = RunLayout.done(RunLayout(out).pretext)
+    done.write_text("{}")
     data = tmp_path / "missing.zip"
     data.write_bytes(b"not a zip")
     result = invoke("run", "--data", str(data), "--output", str(out), "--force", *cache_set(tmp_path))
     assert str(data) in one_line_error(result)
-    assert (out / "pretext" / "done.json").read_text() == "{}"
-    assert (out / "pretext" / "history.json").read_bytes() == kept[out / "pretext" / "history.json"]
+    assert done.read_text() == "{}"
+    for path, content in kept.items():
+        assert path.read_bytes() == content, path
 
 
 def test_synth_error_is_one_line(tmp_path):
