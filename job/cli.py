@@ -43,8 +43,7 @@ def _user_errors(function: Callable) -> Callable:
         try:
             return function(*args, **kwargs)
         except JobError as err:
-            click.echo(f"error: {err}", err=True)
-            sys.exit(err.exit_code)
+            fault = err
         except Exception as err:
             train = sys.modules.get("job.train")  # not imported before: TensorFlow takes seconds to load
             if train is not None and isinstance(err, train.Preempted):
@@ -57,11 +56,34 @@ def _user_errors(function: Callable) -> Callable:
             if (fault := from_os_error(err)) is None:  # a full disk or an unwritable path: not a bug
                 raise
             log.debug("%s", err, exc_info=True)
-            gc.collect()  # close what the failed write left open now, while _quiet_disk_full still listens
-            click.echo(f"error: {fault}", err=True)
-            sys.exit(fault.exit_code)
+        # Drop the traceback, and with its frames whatever a failed write left open, while _quiet_disk_full
+        # still listens.
+        fault.__traceback__ = fault.__cause__ = fault.__context__ = None
+        click.echo(f"error: {fault}", err=True)
+        _exit_after_failed_writes(fault.exit_code)
 
     return wrapper
+
+
+def _exit_after_failed_writes(code: int) -> None:
+    """Exit with `code`. When a failed write (a full disk) left HDF5 objects open, skip the interpreter's exit
+    handlers: HDF5's own crashes on a half-written Keras weights file (exit 139 instead of `code`)."""
+    gc.collect()
+    if _hdf5_files_open():
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+def _hdf5_files_open() -> bool:
+    """Whether HDF5 still holds a file, group, dataset or attribute open (h5py keeps datatypes open itself)."""
+    h5py = sys.modules.get("h5py")  # loaded with Keras, only by commands that train
+    if h5py is None:
+        return False
+    h5f = h5py.h5f
+    return bool(h5f.get_obj_ids(types=h5f.OBJ_FILE | h5f.OBJ_GROUP | h5f.OBJ_DATASET | h5f.OBJ_ATTR))
 
 
 def _is_disk_full(exc: BaseException | None) -> bool:

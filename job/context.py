@@ -55,6 +55,7 @@ class Context:
             "skipped_files": d.skipped[: LISTED_SKIPPED],
             "classes": len(d.wnids),
             "decode_images_per_sec": (len(d.train) + len(d.val)) / d.decode_seconds if d.decode_seconds else None,
+            "decode_seconds": d.decode_seconds or None,
         }
 
     def completed(self, stage_dir: Path) -> dict | None:

@@ -47,6 +47,11 @@ METRIC_KEYS = (
     "baseline.colour_histogram_val_accuracy",
     "baseline.colour_histogram_val_accuracy_std",
     "label_efficiency",
+    "timing.decode_s",
+    "timing.pretext_train_s",
+    "timing.frozen_probes_s",
+    "timing.downstream_s",
+    "timing.colour_baseline_s",
     "data.train_images",
     "data.val_images",
     "data.skipped_images",
@@ -120,6 +125,11 @@ def build_metrics(pretext: dict, evaluations: dict, data: dict) -> dict:
             "colour_histogram_val_accuracy_std": colour_std,
         },
         "label_efficiency": evaluations["label_efficiency"],
+        "timing": {
+            "decode_s": data.get("decode_seconds"),
+            "pretext_train_s": pretext["train_seconds"],
+            **evaluations.get("timing", {"frozen_probes_s": None, "downstream_s": None, "colour_baseline_s": None}),
+        },
         "data": {
             "train_images": data["train_images"],
             "val_images": data["val_images"],

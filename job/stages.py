@@ -8,6 +8,7 @@ evaluate:  backbone â†’ linear probe, k-NN, scratch baseline, label efficiency â
 from __future__ import annotations
 
 import logging
+import time
 
 import keras
 import numpy as np
@@ -78,6 +79,7 @@ def _probe_settings(ctx: Context) -> dict:
 
 def _evaluations(ctx: Context) -> dict:
     cfg, e = ctx.config, ctx.config.evaluate
+    clock = time.perf_counter()
     split = downstream_split(ctx)
     backbone = _pretrained_backbone(ctx)
     keras.utils.set_random_seed(cfg.runtime.seed)
@@ -116,6 +118,8 @@ def _evaluations(ctx: Context) -> dict:
         log.info("evaluate: %d-way linear probe top-1 %.4f (random init %.4f)", len(data.wnids),
                  result["linear_probe_200_top1"], result["random_linear_probe_200_top1"])
     result["depth_probe"] = _depth_probe(ctx, backbone, random_backbone, split) if e.depth_probe else None
+    timing = {"frozen_probes_s": time.perf_counter() - clock}
+    clock = time.perf_counter()
     result["finetune"] = finetune(ctx)
     fractions = sorted(set(e.label_fractions))
     result["scratch"] = (
@@ -123,7 +127,9 @@ def _evaluations(ctx: Context) -> dict:
         if e.scratch_baseline else []
     )
     colour_fractions = sorted({*fractions, cfg.finetune.label_fraction})
+    colour_clock = time.perf_counter()
     colour = _colour_baseline(ctx, split, colour_fractions) if e.colour_baseline else {}
+    timing["colour_baseline_s"] = time.perf_counter() - colour_clock
     result["colour_histogram"] = colour.get(cfg.finetune.label_fraction, [])
     result["label_efficiency"] = [
         {
@@ -134,6 +140,9 @@ def _evaluations(ctx: Context) -> dict:
         }
         for fraction in fractions
     ]
+    # Downstream trainings of this invocation (runs completed earlier count as done, at no cost).
+    timing["downstream_s"] = time.perf_counter() - clock - timing["colour_baseline_s"]
+    result["timing"] = timing
     return result
 
 

@@ -73,6 +73,8 @@ def test_every_metrics_key_is_present_and_sane(finished_run):
     assert metrics["downstream"]["transfer_layers"] == max(selection, key=selection.get).split("+")
     assert metrics["downstream"]["head_init"] == "probe"
     assert 0.0 <= metrics["downstream"]["random_linear_probe_val_accuracy"] <= 1.0
+    timing = metrics["timing"]
+    assert timing["pretext_train_s"] > 0 and timing["downstream_s"] > 0 and timing["frozen_probes_s"] > 0
     report = (RunLayout(output).report / "report.md").read_text()
     assert f"{metrics['pretext']['val_rotation_accuracy']:.4f}" in report
     assert "| out_relu |" in report

@@ -242,7 +242,8 @@ def test_two_tasks_train_as_one_multi_worker_job(submit):
     assert done["steps"] == STEPS_PER_EPOCH and done["epochs"] == 1
     assert [h["epoch"] for h in json.loads((layout.pretext / "history.json").read_text())] == [1]
     # One set of shared artifacts, the chief's: its exports, its TensorBoard file, no per-worker copies.
-    assert sorted(p.name for p in layout.export.iterdir()) == ["backbone.keras", "rotation_model.keras"]
+    assert sorted(p.name for p in layout.export.iterdir()) == [
+        "backbone.keras", "rotation_model.keras", "rotation_savedmodel"]
     assert sorted(p.relative_to(job.output).as_posix() for p in job.output.rglob("*.keras")) == [
         "model/backbone.keras", "model/rotation_model.keras"]
     chief_pid = next(r["pid"] for r in records if r["procid"] == 0)
