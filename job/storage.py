@@ -279,16 +279,23 @@ def gcs_errors(
     uri: str, action: str, fix: str = "check the URI and your network, then rerun"
 ) -> Iterator[None]:
     """Turn google-cloud-storage exceptions into one-sentence StorageErrors naming `uri`."""
+    def unreachable_host(reason: str) -> str:
+        return f"Could not {action} {uri}: {reason}; check the URI, {EMULATOR_ENV_VAR} if set, and your network."
+
+    with _unreachable_fails_fast(unreachable_host), _gcs_call_errors(uri, action, fix):
+        yield
+
+
+@contextlib.contextmanager
+def _unreachable_fails_fast(message: Callable[[str], str]) -> Iterator[None]:
+    """A host that does not resolve or refuses connections (retrying would not help): one StorageError."""
     try:
-        with _gcs_call_errors(uri, action, fix):
-            yield
+        yield
     except Exception as exc:
         cause = exc.__cause__ if isinstance(exc, StorageError) else exc
         if cause is None or (reason := unreachable(cause)) is None:
             raise
-        raise StorageError(
-            f"Could not {action} {uri}: {reason}; check the URI, {EMULATOR_ENV_VAR} if set, and your network."
-        ) from cause
+        raise StorageError(message(reason)) from cause
 
 
 @contextlib.contextmanager
@@ -850,16 +857,11 @@ def _http_download_once(
 @contextlib.contextmanager
 def _http_errors(uri: str) -> Iterator[None]:
     """Download failures as StorageErrors naming `uri` (pass it redacted)."""
-    try:
-        with _http_call_errors(uri):
-            yield
-    except Exception as exc:
-        cause = exc.__cause__ if isinstance(exc, StorageError) else exc
-        if cause is None or (reason := unreachable(cause)) is None:
-            raise
-        raise StorageError(
-            f"{uri} could not be downloaded: {redact(reason)}; check the URL and your network."
-        ) from cause
+    def unreachable_host(reason: str) -> str:
+        return f"{uri} could not be downloaded: {redact(reason)}; check the URL and your network."
+
+    with _unreachable_fails_fast(unreachable_host), _http_call_errors(uri):
+        yield
 
 
 @contextlib.contextmanager
