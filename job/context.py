@@ -19,7 +19,7 @@ from job.files import read_json, write_json
 from job.layout import RunLayout
 from job.pipelines import BatchPlan, ImageStore, Sharding, plan_epoch, train_dataset
 from job.rundir import FINGERPRINT_KEY, REDO_FIX, ForceRecord, fingerprint, kind_of
-from models.backbone import WeightsUnavailable, build_backbone
+from models.backbone import WeightsUnavailable, build_backbone, load_backbone_weights
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +136,19 @@ def check_model(ctx: Context) -> None:
     fails here, before anything in the output is touched."""
     if ctx.config.model.weights != "none":
         build_configured_backbone(ctx)
+
+
+def pretrained_backbone(ctx: Context) -> keras.Model:
+    """The configured backbone with the pretrain stage's exported weights (model/backbone.keras)."""
+    backbone = build_configured_backbone(ctx, weights="none")
+    load_backbone_weights(backbone, ctx.layout.backbone)
+    return backbone
+
+
+def probe_settings(ctx: Context) -> dict:
+    """The logistic-regression probes' settings (evaluate.probe_*), as keywords of job.evaluate.fit_logistic."""
+    e = ctx.config.evaluate
+    return {"steps": e.probe_steps, "learning_rate": e.probe_learning_rate, "weight_decay": e.probe_weight_decay}
 
 
 def check_batch(ctx: Context, batch: int, key: str) -> None:

@@ -16,6 +16,8 @@ from job.context import (
     check_batch,
     correct,
     dataset_fn,
+    pretrained_backbone,
+    probe_settings,
     sparse_ce,
     use_xla,
     weighted,
@@ -108,14 +110,9 @@ class Learner:
         for schedule in self.schedules:
             schedule.set_length(warmup_steps, total_steps)
 
-
     def init_head(self, ctx: Context, images: np.ndarray, labels: np.ndarray, seed: int) -> None:
         """LP-FT: set the head to a logistic regression fitted on the frozen features of the labelled images."""
-        e = ctx.config.evaluate
-        kernel, bias = fit_logistic(
-            predict(self.features, images), labels, 2, steps=e.probe_steps, learning_rate=e.probe_learning_rate,
-            weight_decay=e.probe_weight_decay, seed=seed,
-        )
+        kernel, bias = fit_logistic(predict(self.features, images), labels, 2, seed=seed, **probe_settings(ctx))
         self.head.get_layer("logits").set_weights([kernel, bias])
 
 
@@ -145,13 +142,7 @@ def select_transfer_layers(ctx: Context) -> dict[str, float]:
     """
     cfg, e = ctx.config, ctx.config.evaluate
     split = downstream_split(ctx)
-    backbone = build_configured_backbone(ctx, weights="none")
-    load_backbone_weights(backbone, ctx.layout.backbone)
-    try:
-        by_depth = pooled_block_features(backbone, e.depth_probe_layers)
-    except ValueError as err:
-        raise JobError(f"evaluate.depth_probe_layers: {err}: use layer names of keras.applications.MobileNetV2, "
-                       "e.g. block_5_add or out_relu.") from err
+    by_depth = pooled_block_features(pretrained_backbone(ctx), e.depth_probe_layers)
     pooled = dict(zip(e.depth_probe_layers, predict(by_depth, split.train_images), strict=True))
     shallowest, *deeper = e.depth_probe_layers
     candidates = [[layer] for layer in e.depth_probe_layers] + [[shallowest, layer] for layer in deeper]
@@ -162,9 +153,8 @@ def select_transfer_layers(ctx: Context) -> dict[str, float]:
         correct_count = 0
         for fold in range(SELECTION_FOLDS):
             train, held = folds != fold, folds == fold
-            kernel, bias = fit_logistic(x[train], split.train_labels[train], 2, steps=e.probe_steps,
-                                        learning_rate=e.probe_learning_rate, weight_decay=e.probe_weight_decay,
-                                        seed=cfg.runtime.seed)
+            kernel, bias = fit_logistic(x[train], split.train_labels[train], 2, seed=cfg.runtime.seed,
+                                        **probe_settings(ctx))
             correct_count += int(np.sum(np.argmax(x[held] @ kernel + bias, -1) == split.train_labels[held]))
         scores[LAYER_JOIN.join(layers)] = correct_count / len(split.train_labels)
     log.info("transfer layers by %d-fold cross-validation on the train labels: %s", SELECTION_FOLDS,
@@ -178,11 +168,7 @@ def _classifier(ctx: Context) -> tuple[keras.Model, keras.Model, keras.Model, ke
     Returns the classifier, the whole backbone, the feature model and the head.
     """
     backbone = build_configured_backbone(ctx, weights="none")
-    try:
-        features = transfer_features(backbone, transfer_layers(ctx))
-    except ValueError as err:
-        raise JobError(f"finetune.transfer_layers: {err}: use layer names of keras.applications.MobileNetV2, "
-                       "e.g. block_12_add or out_relu.") from err
+    features = transfer_features(backbone, transfer_layers(ctx))  # names checked by job.config.validate
     head = classifier_head(features.output_shape[-1], 2, ctx.config.model.classifier_dropout)
     pixels = keras.Input(backbone.input_shape[1:], name="pixels")
     return keras.Model(pixels, head(features(pixels)), name="classifier"), backbone, features, head

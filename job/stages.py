@@ -14,7 +14,7 @@ import keras
 import numpy as np
 
 from job import report
-from job.context import Context, build_configured_backbone, read_done
+from job.context import Context, build_configured_backbone, pretrained_backbone, probe_settings, read_done
 from job.downstream import (
     PRETRAINED,
     SCRATCH,
@@ -28,7 +28,7 @@ from job.errors import JobError
 from job.evaluate import colour_histograms, knn_accuracy, linear_probe, predict
 from job.pipelines import rotate_four, stratified_subset
 from job.pretext import pretrain
-from models.backbone import load_backbone_weights, pooled_block_features, transfer_features
+from models.backbone import pooled_block_features, transfer_features
 
 log = logging.getLogger(__name__)
 
@@ -65,23 +65,11 @@ def evaluate(ctx: Context) -> dict:
     return metrics
 
 
-def _pretrained_backbone(ctx: Context) -> keras.Model:
-    backbone = build_configured_backbone(ctx, weights="none")
-    load_backbone_weights(backbone, ctx.layout.backbone)
-    return backbone
-
-
-def _probe_settings(ctx: Context) -> dict:
-    """The logistic-regression probes' settings (evaluate.probe_*)."""
-    e = ctx.config.evaluate
-    return {"steps": e.probe_steps, "learning_rate": e.probe_learning_rate, "weight_decay": e.probe_weight_decay}
-
-
 def _evaluations(ctx: Context) -> dict:
     cfg, e = ctx.config, ctx.config.evaluate
     clock = time.perf_counter()
     split = downstream_split(ctx)
-    backbone = _pretrained_backbone(ctx)
+    backbone = pretrained_backbone(ctx)
     keras.utils.set_random_seed(cfg.runtime.seed)
     random_backbone = build_configured_backbone(ctx, weights="none")
     layers = transfer_layers(ctx)
@@ -89,7 +77,7 @@ def _evaluations(ctx: Context) -> dict:
     features = {"pretrained": transfer_features(backbone, layers), "random": transfer_features(random_backbone, layers)}
     train_features, val_features = predict(features["pretrained"], split.train_images), predict(
         features["pretrained"], split.val_images)
-    probe = _probe_settings(ctx)
+    probe = probe_settings(ctx)
     result: dict = {
         "transfer_layers": list(layers),
         "transfer_selection": transfer_selection(ctx),
@@ -151,7 +139,7 @@ def _colour_baseline(ctx: Context, split, fractions: list[float]) -> dict[float,
     e = ctx.config.evaluate
     train = colour_histograms(split.train_images, e.colour_bins)
     val = colour_histograms(split.val_images, e.colour_bins)
-    probe = _probe_settings(ctx)
+    probe = probe_settings(ctx)
     scores = {}
     for fraction in fractions:
         scores[fraction] = []
@@ -169,12 +157,8 @@ def _depth_probe(ctx: Context, backbone: keras.Model, random_backbone: keras.Mod
     """Downstream linear probe on features pooled at each configured depth, pretrained vs random init."""
     cfg, e = ctx.config, ctx.config.evaluate
     networks = {"pretrained": backbone, "random": random_backbone}
-    try:
-        by_depth = {name: pooled_block_features(net, e.depth_probe_layers) for name, net in networks.items()}
-    except ValueError as err:
-        raise JobError(f"evaluate.depth_probe_layers: {err}: use layer names of keras.applications.MobileNetV2, "
-                       "e.g. block_5_add or out_relu.") from err
-    probe = _probe_settings(ctx)
+    by_depth = {name: pooled_block_features(net, e.depth_probe_layers) for name, net in networks.items()}
+    probe = probe_settings(ctx)
     scores = {}
     for name, model in by_depth.items():
         train, val = predict(model, split.train_images), predict(model, split.val_images)
