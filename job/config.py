@@ -71,7 +71,10 @@ class FinetuneConfig:
     epochs: int = 20
     min_steps: int = 100  # small label fractions still get this many steps (epochs then repeat their images)
     batch_size: int = 64
-    mode: str = "finetune"  # "finetune" (all layers, backbone at a lower rate) or "linear" (frozen)
+    # "finetune" (all layers), "linear" (frozen backbone) or "s4l": fine-tuning jointly with the rotation loss on
+    # all downstream train images, labelled or not, through the whole backbone and a rotation head (S4L, Zhai et
+    # al. 2019); from the pretrained backbone the rotation head starts as the pretext task's.
+    mode: str = "finetune"
     # MobileNetV2 layers whose globally pooled outputs, concatenated, feed the classifier head (the backbone is
     # cut after the deepest): rotation features peak before the last block, and early blocks keep colour.
     # ["auto"]: of evaluate.depth_probe_layers, each alone or beside the shallowest, the one whose frozen
@@ -89,6 +92,8 @@ class FinetuneConfig:
     warmup_epochs: float = 1.0
     early_stopping_patience: int = 0
     seeds: int = 1  # the downstream stage is repeated with this many seeds; mean and std reported
+    s4l_images: int = 16  # "s4l": unlabelled images per step, each in four rotations
+    s4l_rotation_weight: float = 1.0  # "s4l": weight of the rotation loss beside the supervised one
 
 
 @dataclass
@@ -103,6 +108,9 @@ class EvaluateConfig:
     colour_baseline: bool = True  # logistic regression on RGB colour histograms, at every label fraction
     colour_bins: int = 4  # histogram cells per channel (bins**3 features)
     label_fractions: list[float] = field(default_factory=lambda: [1.0])
+    # Also train S4L (finetune.mode = "s4l") from the pretrained backbone at every label fraction, reported as a
+    # row of its own beside the pure transfer numbers.
+    s4l: bool = False
     linear_probe_200: bool = False  # 200-way linear probe on Tiny ImageNet val
     # Downstream linear probe on features pooled at several depths, pretrained vs random init: where the
     # transferable information sits (and whether pretraining added any over a random network).
@@ -144,7 +152,7 @@ class Config:
 _CHOICES = {
     ("pretext", "optimizer"): ("adamw", "sgd"),
     ("finetune", "optimizer"): ("adamw", "sgd"),
-    ("finetune", "mode"): ("finetune", "linear"),
+    ("finetune", "mode"): ("finetune", "linear", "s4l"),
     ("finetune", "head_init"): ("random", "probe"),
     ("runtime", "mixed_precision"): ("auto", "on", "off"),
     ("runtime", "xla"): ("auto", "on", "off"),
@@ -256,6 +264,7 @@ def validate(config: Config) -> None:
         "finetune.batch_size": config.finetune.batch_size,
         "finetune.learning_rate": config.finetune.learning_rate,
         "finetune.seeds": config.finetune.seeds,
+        "finetune.s4l_images": config.finetune.s4l_images,
         "evaluate.knn_k": config.evaluate.knn_k,
         "evaluate.colour_bins": config.evaluate.colour_bins,
         "runtime.checkpoint_every_steps": config.runtime.checkpoint_every_steps,
@@ -270,6 +279,7 @@ def validate(config: Config) -> None:
         "pretext.steps_per_epoch": config.pretext.steps_per_epoch,
         "pretext.weight_decay": config.pretext.weight_decay,
         "finetune.weight_decay": config.finetune.weight_decay,
+        "finetune.s4l_rotation_weight": config.finetune.s4l_rotation_weight,
         "data.crop_padding": config.data.crop_padding,
     }
     for name, value in non_negative.items():

@@ -169,9 +169,9 @@ def weighted(values, weights):
     return tf.reduce_sum(values * weights), tf.reduce_sum(weights)
 
 
-def dataset_fn(images, labels, indices, batch, steps, ctx: Context, rotations: bool):
+def dataset_fn(images, labels, indices, batch, steps, ctx: Context, rotations: bool, seed_offset: int = 0):
     """(epoch, start_step, input_context) → this pipeline's tf.data.Dataset for that epoch."""
-    seed, padding = ctx.config.runtime.seed, ctx.config.data.crop_padding
+    seed, padding = ctx.config.runtime.seed + seed_offset, ctx.config.data.crop_padding
     store = ImageStore(images)  # once per task, shared by every epoch's dataset
 
     def make(epoch: int, start_step: int, context) -> tf.data.Dataset:

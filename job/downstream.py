@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from job.context import (
     Context,
@@ -29,11 +30,13 @@ from job.pipelines import model_pixels, stratified_subset
 from job.serving import export_classifier
 from job.train import LoopConfig, ParamGroup, Trainer, WarmupCosine, make_optimizer
 from models.backbone import load_backbone_weights, pooled_block_features, transfer_features
-from models.heads import classifier_head
+from models.heads import ROTATION_HEAD, classifier_head, rotation_head
 
 log = logging.getLogger(__name__)
 
 PRETRAINED, SCRATCH = "pretrained", "scratch"
+S4L = "s4l"  # finetune.mode: fine-tuning jointly with the rotation loss on all train images
+UNLABELLED_SEED_OFFSET = 1  # S4L's unlabelled batches are shuffled apart from the labelled ones
 AUTO = "auto"  # finetune.transfer_layers = ["auto"]: the depth chosen by cross-validation on the train labels
 SELECTION_FOLDS = 4
 LAYER_JOIN = "+"  # a candidate of several transfer layers, as named in downstream.transfer_selection
@@ -80,30 +83,46 @@ def _select_split(ctx: Context) -> Downstream:
 
 
 @dataclass
+class Networks:
+    """The downstream networks of one mode, sharing one backbone's variables."""
+
+    classifier: keras.Model  # pixels → 2 logits
+    backbone: keras.Model  # the whole backbone, into which pretrained weights load
+    features: keras.Model  # pixels → what the head sees (finetune.transfer_layers), sharing its variables
+    head: keras.Model
+    rotation: keras.Model | None  # "s4l": pixels → 4 rotation logits, through the whole backbone
+    trained: keras.Model  # what the trainer updates and checkpoints: the classifier (and the rotation model)
+
+
+@dataclass
 class Learner:
-    """The classifier of one kind (pretrained or scratch), its optimizers and traced train steps.
+    """The networks of one kind (pretrained or scratch) and mode, their optimizers and traced train steps.
 
     Built once per job and reset for each run (seed, label fraction): tracing a MobileNetV2 train step
     takes ~30 s on a CPU, and the evaluation protocol trains up to 6 x seeds classifiers.
     """
 
-    model: keras.Model
-    backbone: keras.Model  # the whole backbone, into which pretrained weights load
-    features: keras.Model  # pixels → what the head sees (finetune.transfer_layers), sharing its variables
-    head: keras.Model
+    nets: Networks
     groups: list[ParamGroup]
     schedules: list[WarmupCosine]
     objective: Callable
     initial_optimizer_state: list[list[np.ndarray]]
     step_fn: Callable | None = None  # traced on the first run (once per batch shape)
 
-    def reset(self, ctx: Context, init: str, seed: int, warmup_steps: int, total_steps: int) -> None:
-        """Fresh seeded weights (the pretrained backbone's when init is pretrained), optimizers and schedules."""
+    @property
+    def model(self) -> keras.Model:
+        return self.nets.classifier
+
+    def reset(self, ctx: Context, init: str, mode: str, seed: int, warmup_steps: int, total_steps: int) -> None:
+        """Fresh seeded weights (the pretrained backbone's and rotation head's when init is pretrained),
+        optimizers and schedules."""
         keras.utils.set_random_seed(seed)
-        fresh, _, _, _ = _classifier(ctx)  # plain variables, outside the strategy: only their values are used
-        self.model.set_weights(fresh.get_weights())
+        fresh = _networks(ctx, mode)  # plain variables, outside the strategy: only their values are used
+        self.nets.trained.set_weights(fresh.trained.get_weights())
         if init == PRETRAINED:
-            load_backbone_weights(self.backbone, ctx.layout.backbone)
+            load_backbone_weights(self.nets.backbone, ctx.layout.backbone)
+            if self.nets.rotation is not None:
+                self.nets.rotation.get_layer(ROTATION_HEAD).set_weights(_pretrained_rotation_head(ctx))
         for group, state in zip(self.groups, self.initial_optimizer_state, strict=True):
             for variable, value in zip(group.optimizer.variables, state, strict=True):
                 variable.assign(value)
@@ -112,8 +131,16 @@ class Learner:
 
     def init_head(self, ctx: Context, images: np.ndarray, labels: np.ndarray, seed: int) -> None:
         """LP-FT: set the head to a logistic regression fitted on the frozen features of the labelled images."""
-        kernel, bias = fit_logistic(predict(self.features, images), labels, 2, seed=seed, **probe_settings(ctx))
-        self.head.get_layer("logits").set_weights([kernel, bias])
+        kernel, bias = fit_logistic(predict(self.nets.features, images), labels, 2, seed=seed, **probe_settings(ctx))
+        self.nets.head.get_layer("logits").set_weights([kernel, bias])
+
+
+def _pretrained_rotation_head(ctx: Context) -> list[np.ndarray]:
+    """The pretext task's rotation-head weights (model/rotation_model.keras), read once per job."""
+    if "rotation_head" not in ctx.built:
+        saved = keras.models.load_model(ctx.layout.rotation_model, compile=False)
+        ctx.built["rotation_head"] = saved.get_layer(ROTATION_HEAD).get_weights()
+    return ctx.built["rotation_head"]
 
 
 def transfer_layers(ctx: Context) -> list[str]:
@@ -162,29 +189,39 @@ def select_transfer_layers(ctx: Context) -> dict[str, float]:
     return scores
 
 
-def _classifier(ctx: Context) -> tuple[keras.Model, keras.Model, keras.Model, keras.Model]:
-    """pixels → transfer features → 2-way head, randomly initialised (Keras' global seed).
-
-    Returns the classifier, the whole backbone, the feature model and the head.
-    """
+def _networks(ctx: Context, mode: str) -> Networks:
+    """pixels → transfer features → 2-way head (and, for "s4l", → whole backbone → rotation head), randomly
+    initialised (Keras' global seed)."""
     backbone = build_configured_backbone(ctx, weights="none")
     features = transfer_features(backbone, transfer_layers(ctx))  # names checked by job.config.validate
     head = classifier_head(features.output_shape[-1], 2, ctx.config.model.classifier_dropout)
     pixels = keras.Input(backbone.input_shape[1:], name="pixels")
-    return keras.Model(pixels, head(features(pixels)), name="classifier"), backbone, features, head
+    classifier = keras.Model(pixels, head(features(pixels)), name="classifier")
+    if mode != S4L:
+        return Networks(classifier, backbone, features, head, None, classifier)
+    rotation_logits = rotation_head(backbone.output_shape[-1], ctx.config.model.head_hidden_units)(backbone(pixels))
+    rotation = keras.Model(pixels, rotation_logits, name="rotation_model")
+    trained = keras.Model(pixels, [classifier(pixels), rotation(pixels)], name="s4l")
+    return Networks(classifier, backbone, features, head, rotation, trained)
 
 
-def _learner(ctx: Context, init: str) -> Learner:
-    """The job's Learner for `init`, built on first use."""
-    key = f"learner/{init}"
+def _unique(variables: list) -> list:
+    """Variables in order, each once (the transfer features share the backbone's)."""
+    seen: set[int] = set()
+    return [v for v in variables if not (id(v) in seen or seen.add(id(v)))]
+
+
+def _learner(ctx: Context, init: str, mode: str) -> Learner:
+    """The job's Learner for `init` and `mode`, built on first use."""
+    key = f"learner/{init}/{mode}"
     if key in ctx.built:
         return ctx.built[key]
     f = ctx.config.finetune
     transfer_layers(ctx)  # an "auto" choice fits probes: outside the strategy's scope
     with ctx.cluster.strategy.scope():
-        model, backbone, features, head = _classifier(ctx)
+        nets = _networks(ctx, mode)
         if init == PRETRAINED and f.freeze_batchnorm:
-            for layer in features._flatten_layers(include_self=False, recursive=True):
+            for layer in nets.backbone._flatten_layers(include_self=False, recursive=True):
                 if isinstance(layer, keras.layers.BatchNormalization):
                     layer.trainable = False  # Keras runs a non-trainable BatchNormalization in inference mode
         schedules = []
@@ -194,36 +231,74 @@ def _learner(ctx: Context, init: str) -> Learner:
             schedules.append(schedule)
             return make_optimizer(f.optimizer, schedule, f.weight_decay)
 
-        if f.mode == "linear":
-            features.trainable = False
-            groups = [ParamGroup(head.trainable_variables, optimizer(1.0))]
+        trunk = nets.features if nets.rotation is None else nets.backbone  # what the loss reaches
+        heads = nets.head.trainable_variables + (nets.rotation.get_layer(ROTATION_HEAD).trainable_variables
+                                                 if nets.rotation is not None else [])
+        if mode == "linear":
+            nets.features.trainable = False
+            groups = [ParamGroup(nets.head.trainable_variables, optimizer(1.0))]
         elif f.backbone_lr_scale != 1.0 and init == PRETRAINED:  # a random backbone has nothing to preserve
             groups = [
-                ParamGroup(head.trainable_variables, optimizer(1.0)),
-                ParamGroup(features.trainable_variables, optimizer(f.backbone_lr_scale)),
+                ParamGroup(heads, optimizer(1.0)),
+                ParamGroup(_unique(trunk.trainable_variables), optimizer(f.backbone_lr_scale)),
             ]
         else:
-            groups = [ParamGroup(model.trainable_variables, optimizer(1.0))]
+            groups = [ParamGroup(_unique(nets.trained.trainable_variables), optimizer(1.0))]
         for group in groups:
             group.optimizer.build(group.variables)
 
+    classifier, rotation, rotation_weight = nets.classifier, nets.rotation, f.s4l_rotation_weight
+
     def objective(batch, training):
-        logits = model(model_pixels(batch["images"]), training=training)
+        logits = classifier(model_pixels(batch["images"]), training=training)
         loss = sparse_ce(batch["labels"], logits)
-        return loss * batch["weights"], {
+        metrics = {
             "loss": weighted(loss, batch["weights"]),
             "accuracy": weighted(correct(batch["labels"], logits), batch["weights"]),
         }
+        per_example = loss * batch["weights"]
+        if rotation is not None:  # S4L: plus the rotation loss on this step's unlabelled images
+            angles, weights = batch["unlabelled_rotations"], batch["unlabelled_weights"]
+            rotation_logits = rotation(model_pixels(batch["unlabelled_images"]), training=training)
+            rotation_loss = sparse_ce(angles, rotation_logits)
+            total, count = weighted(rotation_loss, weights)
+            # Added to every labelled example: their average then carries the mean rotation loss, weighted.
+            per_example += rotation_weight * total / tf.maximum(count, 1.0)
+            metrics["rotation_loss"] = (total, count)
+            metrics["rotation_accuracy"] = weighted(correct(angles, rotation_logits), weights)
+        return per_example, metrics
 
     state = [[v.numpy() for v in g.optimizer.variables] for g in groups]
-    ctx.built[key] = Learner(model, backbone, features, head, groups, schedules, objective, state)
+    ctx.built[key] = Learner(nets, groups, schedules, objective, state)
     return ctx.built[key]
 
 
-def train_downstream(ctx: Context, init: str, fraction: float, seed: int) -> dict:
-    """Train the fish/duck classifier from the pretrained backbone or from scratch; returns its results."""
+def _s4l_dataset_fn(ctx: Context, labelled: Callable, steps: int) -> Callable:
+    """Zip each labelled batch with finetune.s4l_images unlabelled images (all downstream train images, labels
+    unused) in four rotations: the S4L step sees both."""
+    split, f = downstream_split(ctx), ctx.config.finetune
+    check_batch(ctx, f.s4l_images, "finetune.s4l_images")
+    images = split.train_images
+    unlabelled = dataset_fn(images, np.zeros(len(images), np.int32), np.arange(len(images)), f.s4l_images, steps,
+                            ctx, rotations=True, seed_offset=UNLABELLED_SEED_OFFSET)
+
+    def make(epoch: int, start_step: int, context) -> tf.data.Dataset:
+        def merge(batch, extra):
+            return {**batch, "unlabelled_images": extra["images"], "unlabelled_rotations": extra["rotations"],
+                    "unlabelled_weights": extra["weights"]}
+
+        pair = (labelled(epoch, start_step, context), unlabelled(epoch, start_step, context))
+        return tf.data.Dataset.zip(pair).map(merge)
+
+    return make
+
+
+def train_downstream(ctx: Context, init: str, fraction: float, seed: int, mode: str | None = None) -> dict:
+    """Train the fish/duck classifier from the pretrained backbone or from scratch, in `mode` (default
+    finetune.mode); returns its results."""
     cfg, layout, f = ctx.config, ctx.layout, ctx.config.finetune
-    directory = layout.downstream(init, f.mode, fraction, seed)
+    mode = mode or f.mode
+    directory = layout.downstream(init, mode, fraction, seed)
     if (done := ctx.completed(directory)) is not None:
         return done
     split = downstream_split(ctx)
@@ -238,8 +313,8 @@ def train_downstream(ctx: Context, init: str, fraction: float, seed: int) -> dic
     steps, epochs = max(one_pass, math.ceil(f.min_steps / f.epochs)), f.epochs
     log.info("downstream %s: %d labelled images, %d epochs of %d steps", directory.name, len(subset), epochs, steps)
 
-    learner = _learner(ctx, init)
-    learner.reset(ctx, init, seed, warmup_steps=int(f.warmup_epochs * steps), total_steps=epochs * steps)
+    learner = _learner(ctx, init, mode)
+    learner.reset(ctx, init, mode, seed, warmup_steps=int(f.warmup_epochs * steps), total_steps=epochs * steps)
     if init == PRETRAINED and f.head_init == "probe":  # a random backbone's features have nothing to probe
         learner.init_head(ctx, images, labels, seed)
     model = learner.model
@@ -253,25 +328,24 @@ def train_downstream(ctx: Context, init: str, fraction: float, seed: int) -> dic
         log_every_steps=cfg.runtime.log_every_steps, patience=f.early_stopping_patience, monitor="accuracy",
         xla=use_xla(ctx), fresh_batchnorm=init == SCRATCH,
     )
-    trainer = Trainer(ctx.cluster, model, learner.objective, learner.groups, directory,
+    trainer = Trainer(ctx.cluster, learner.nets.trained, learner.objective, learner.groups, directory,
                       layout.tensorboard("finetune") / directory.name, loop, step_fn=learner.step_fn)
     learner.step_fn = trainer.step_fn
-    result = trainer.fit(
-        dataset_fn(images, labels, np.arange(len(labels)), batch, steps if steps > one_pass else 0, ctx,
-                   rotations=False),
-        evaluator,
-    )
+    labelled = dataset_fn(images, labels, np.arange(len(labels)), batch, steps if steps > one_pass else 0, ctx,
+                          rotations=False)
+    result = trainer.fit(_s4l_dataset_fn(ctx, labelled, steps) if mode == S4L else labelled, evaluator)
     trainer.finalize(use_best=False)
     trainer.close()
     logits = predict(model, split.val_images)
     predicted = np.argmax(logits, -1)
-    if ctx.cluster.is_chief and init == PRETRAINED and fraction == f.label_fraction and seed == cfg.runtime.seed:
+    if (ctx.cluster.is_chief and init == PRETRAINED and mode == f.mode and fraction == f.label_fraction
+            and seed == cfg.runtime.seed):
         with atomic_path(layout.classifier) as tmp:
             model.save(tmp)
         export_classifier(layout.classifier, layout.classifier_savedmodel, cfg.data.downstream_names)
     return ctx.finish(directory, {
         "init": init,
-        "mode": f.mode,
+        "mode": mode,
         "transfer_layers": transfer_layers(ctx),
         "head_init": f.head_init if init == PRETRAINED else "random",
         "label_fraction": fraction,

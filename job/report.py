@@ -224,12 +224,22 @@ def _delta(a: list[float], b: list[float]) -> str:
 def _verdict(metrics: dict) -> list[str]:
     """The report's first table: what pretraining bought over scratch and colour, and over random features."""
     d, p = metrics["downstream"], metrics["pretext"]
+    s4l = any(row.get("s4l") for row in metrics["label_efficiency"])
+    extra = " S4L (pretrained) | Δ scratch (S4L) |" if s4l else ""
     lines = ["## Verdict", "", "Fish vs duck val accuracy, mean ± std over seeds; Δ in points.", "",
-             "| labels | pretrained | scratch | colour histogram | Δ scratch | Δ colour |", "|---|---|---|---|---|---|"]
+             f"| labels | pretrained | scratch | colour histogram | Δ scratch | Δ colour |{extra}",
+             "|---|---|---|---|---|---|" + ("---|---|" if s4l else "")]
     for row in metrics["label_efficiency"]:
         ours, scratch, colour = row["pretrained"], row["scratch"], row.get("colour_histogram", [])
-        lines.append(f"| {row['fraction']:g} | {_fmt(*_mean_std(ours))} | {_fmt(*_mean_std(scratch))} | "
-                     f"{_fmt(*_mean_std(colour))} | {_delta(ours, scratch)} | {_delta(ours, colour)} |")
+        line = (f"| {row['fraction']:g} | {_fmt(*_mean_std(ours))} | {_fmt(*_mean_std(scratch))} | "
+                f"{_fmt(*_mean_std(colour))} | {_delta(ours, scratch)} | {_delta(ours, colour)} |")
+        if s4l:
+            joint = row.get("s4l", [])
+            line += f" {_fmt(*_mean_std(joint))} | {_delta(joint, scratch)} |"
+        lines.append(line)
+    if s4l:
+        lines += ["", "S4L: fine-tuned jointly with the rotation loss on all downstream train images (finetune.mode = "
+                  "\"s4l\"), a row of its own beside the pure transfer numbers."]
     layers = "+".join(d.get("transfer_layers") or ["out_relu"])
     depth = d.get("depth_probe") or []
     best_random = max(depth, key=lambda r: r["random"]) if depth else None
@@ -315,14 +325,14 @@ def _plot_rotations(examples: Examples):
 def _plot_label_efficiency(metrics: dict):
     rows = metrics["label_efficiency"]
     figure, ax = plt.subplots(figsize=(5, 4))
-    for key in ("pretrained", "scratch", "colour_histogram"):
+    for key in ("pretrained", "scratch", "colour_histogram", "s4l"):
         shown = [r for r in rows if r.get(key)]
         if not shown:
             continue
         means, stds = [np.mean(r[key]) for r in shown], [np.std(r[key]) for r in shown]
         style = {"linestyle": "--", "color": "grey"} if key == "colour_histogram" else {}
         ax.errorbar([r["fraction"] for r in shown], means, yerr=stds, marker="o", capsize=3,
-                    label=key.replace("_", " "), **style)
+                    label=key.replace("_", " ") if key != "s4l" else "S4L (pretrained)", **style)
     ax.set_xscale("log")
     ax.set_xlabel("fraction of downstream labels")
     ax.set_ylabel("val accuracy")

@@ -17,6 +17,7 @@ from job import report
 from job.context import Context, build_configured_backbone, pretrained_backbone, probe_settings, read_done
 from job.downstream import (
     PRETRAINED,
+    S4L,
     SCRATCH,
     check_inputs,
     downstream_split,
@@ -119,12 +120,15 @@ def _evaluations(ctx: Context) -> dict:
     colour = _colour_baseline(ctx, split, colour_fractions) if e.colour_baseline else {}
     timing["colour_baseline_s"] = time.perf_counter() - colour_clock
     result["colour_histogram"] = colour.get(cfg.finetune.label_fraction, [])
+    s4l = e.s4l and cfg.finetune.mode != S4L  # else the pretrained rows are S4L already
     result["label_efficiency"] = [
         {
             "fraction": fraction,
             "pretrained": [train_downstream(ctx, PRETRAINED, fraction, s)["val_accuracy"] for s in _seeds(ctx)],
             "scratch": [train_downstream(ctx, SCRATCH, fraction, s)["val_accuracy"] for s in _seeds(ctx)],
             "colour_histogram": colour.get(fraction, []),
+            **({S4L: [train_downstream(ctx, PRETRAINED, fraction, s, mode=S4L)["val_accuracy"] for s in _seeds(ctx)]}
+               if s4l else {}),
         }
         for fraction in fractions
     ]

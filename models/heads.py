@@ -5,6 +5,7 @@ from __future__ import annotations
 import keras
 
 NUM_ROTATIONS = 4
+ROTATION_HEAD = "rotation_head"  # the layer name by which the rotation model's head is found again
 
 
 def rotation_head(feature_dim: int, hidden_units: int = 0) -> keras.Model:
@@ -16,7 +17,7 @@ def rotation_head(feature_dim: int, hidden_units: int = 0) -> keras.Model:
         x = keras.layers.BatchNormalization(name="hidden_bn")(x)
         x = keras.layers.ReLU(name="hidden_relu")(x)
     logits = keras.layers.Dense(NUM_ROTATIONS, dtype="float32", name="rotation_logits")(x)
-    return keras.Model(inputs, logits, name="rotation_head")
+    return keras.Model(inputs, logits, name=ROTATION_HEAD)
 
 
 def classifier_head(feature_dim: int, num_classes: int, dropout: float = 0.0, name: str = "classifier_head"):

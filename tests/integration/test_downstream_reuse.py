@@ -24,11 +24,19 @@ def _context(data: Path, output: Path, cache: Path) -> Context:
 
 
 def _pretrained_backbone(ctx: Context, contexts: tuple[Context, ...]) -> None:
-    """A stand-in for a pretrained backbone: one random backbone, saved where the pretrain stage saves it."""
+    """A stand-in for the pretrain stage's exports: one random backbone and rotation model, saved where it saves
+    them."""
+    import keras
+
+    from models.heads import rotation_head
+
     backbone = build_configured_backbone(ctx)
+    pixels = keras.Input(backbone.input_shape[1:])
+    rotation = keras.Model(pixels, rotation_head(backbone.output_shape[-1])(backbone(pixels)), name="rotation_model")
     for other in contexts:
         other.layout.backbone.parent.mkdir(parents=True, exist_ok=True)
         backbone.save(other.layout.backbone)
+        rotation.save(other.layout.rotation_model)
 
 
 def test_a_reused_learner_trains_as_a_fresh_one(synth_zip, tmp_path):
@@ -66,17 +74,17 @@ def test_lp_ft_starts_from_the_probe_and_keeps_frozen_batchnorm(synth_zip, tmp_p
     ctx = Context(config, RunLayout(tmp_path / "run"), synth_zip, make_cluster())
     _pretrained_backbone(ctx, (ctx,))
     split = downstream_split(ctx)
-    learner = _learner(ctx, PRETRAINED)
-    learner.reset(ctx, PRETRAINED, seed=3, warmup_steps=0, total_steps=4)
+    learner = _learner(ctx, PRETRAINED, "finetune")
+    learner.reset(ctx, PRETRAINED, "finetune", seed=3, warmup_steps=0, total_steps=4)
     learner.init_head(ctx, split.train_images, split.train_labels, seed=3)
     e = config.evaluate
-    kernel, bias = fit_logistic(predict(learner.features, split.train_images), split.train_labels, 2,
+    kernel, bias = fit_logistic(predict(learner.nets.features, split.train_images), split.train_labels, 2,
                                 steps=e.probe_steps, learning_rate=e.probe_learning_rate,
                                 weight_decay=e.probe_weight_decay, seed=3)
-    expected = predict(learner.features, split.val_images) @ kernel + bias
+    expected = predict(learner.nets.features, split.val_images) @ kernel + bias
     np.testing.assert_allclose(predict(learner.model, split.val_images), expected, rtol=1e-4, atol=1e-4)
 
-    norms = [layer for layer in learner.features._flatten_layers(include_self=False, recursive=True)
+    norms = [layer for layer in learner.nets.features._flatten_layers(include_self=False, recursive=True)
              if isinstance(layer, keras.layers.BatchNormalization)]
     assert norms and not any(layer.trainable for layer in norms)
     before = [np.asarray(layer.moving_mean).copy() for layer in norms]
@@ -84,3 +92,42 @@ def test_lp_ft_starts_from_the_probe_and_keeps_frozen_batchnorm(synth_zip, tmp_p
     assert result["head_init"] == "probe" and result["transfer_layers"] == ["block_5_add"]
     for layer, mean in zip(norms, before, strict=True):
         np.testing.assert_array_equal(np.asarray(layer.moving_mean), mean)
+
+
+def test_s4l_trains_the_classifier_and_the_rotation_task_together(synth_zip, tmp_path):
+    """finetune.mode = "s4l": the rotation head starts as the pretext task's, every step also sees
+    finetune.s4l_images unlabelled images in four rotations, and the rotation loss reaches the layers past the
+    transfer cut (which the classifier alone never trains)."""
+    import keras
+
+    from job.context import dataset_fn
+    from job.downstream import S4L, _learner, _s4l_dataset_fn, downstream_split
+    from job.evaluate import predict
+
+    config = load_config("demo", [*TINY, f"data.cache_dir={tmp_path / 'cache'}", "finetune.mode='s4l'",
+                                  "finetune.s4l_images=4", "finetune.transfer_layers=['block_2_add']"])
+    ctx = Context(config, RunLayout(tmp_path / "run"), synth_zip, make_cluster())
+    _pretrained_backbone(ctx, (ctx,))
+    split = downstream_split(ctx)
+
+    labelled = dataset_fn(split.train_images, split.train_labels, np.arange(len(split.train_labels)), 8, 2, ctx,
+                          rotations=False)
+    batches = list(_s4l_dataset_fn(ctx, labelled, steps=2)(0, 0, None))
+    assert len(batches) == 2 and batches[0]["images"].shape[0] == 8
+    assert batches[0]["unlabelled_images"].shape[0] == 4 * 4
+    np.testing.assert_array_equal(batches[0]["unlabelled_rotations"], np.repeat(np.arange(4), 4))
+
+    learner = _learner(ctx, PRETRAINED, S4L)
+    learner.reset(ctx, PRETRAINED, S4L, seed=0, warmup_steps=0, total_steps=4)
+    saved = keras.models.load_model(ctx.layout.rotation_model, compile=False)
+    images = split.val_images[:8]
+    np.testing.assert_allclose(predict(learner.nets.rotation, images, rotations=True)[0],
+                               predict(saved, images, rotations=True)[0], rtol=1e-4, atol=1e-4)
+    # The backbone's last layers lie past block_2_add: only the rotation loss can move them.
+    last = [np.asarray(v).copy() for v in learner.nets.backbone.trainable_variables[-2:]]
+
+    result = train_downstream(ctx, PRETRAINED, 1.0, seed=0)
+    assert result["mode"] == S4L and ctx.layout.downstream(PRETRAINED, S4L, 1.0, 0).is_dir()
+    assert {"train_rotation_accuracy", "train_rotation_loss"} <= set(result["history"][0])
+    assert any(not np.allclose(np.asarray(v), old)
+               for v, old in zip(learner.nets.backbone.trainable_variables[-2:], last, strict=True))

@@ -61,3 +61,15 @@ def test_switched_off_evaluations_read_not_available(metrics):
     text = _markdown(metrics, [])
     assert "| all-class (200-way) on the transferred features | n/a | 0.0200 | n/a |" in text
     assert "random's best depth" not in text
+
+
+def test_s4l_is_a_row_of_its_own_beside_the_transfer_numbers(metrics):
+    assert "S4L" not in _markdown(metrics, [])
+    for row, joint in zip(metrics["label_efficiency"], ([0.7, 0.8], [1.0, 1.0]), strict=True):
+        row["s4l"] = joint
+    lines = _markdown(metrics, []).splitlines()
+    # The transfer columns are unchanged; S4L and its Δ against scratch follow.
+    assert "| 0.1 | 0.8500 ± 0.0500 | 0.6000 ± 0.0000 | 0.9000 ± 0.0000 | +25.0 | -5.0 | 0.7500 ± 0.0500 | +15.0 |" \
+        in lines
+    assert "| 1 | 0.9500 ± 0.0500 | 0.7500 ± 0.0500 | 0.8000 ± 0.0000 | +20.0 | +15.0 | 1.0000 ± 0.0000 | +25.0 |" \
+        in lines
