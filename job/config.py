@@ -104,7 +104,7 @@ class EvaluateConfig:
     probe_steps: int = 300  # full-batch steps of the logistic-regression probes
     probe_learning_rate: float = 0.05
     probe_weight_decay: float = 1e-4
-    scratch_baseline: bool = True  # the downstream recipe from random init
+    scratch_baseline: bool = True  # the downstream recipe from random init, at every label fraction
     colour_baseline: bool = True  # logistic regression on RGB colour histograms, at every label fraction
     colour_bins: int = 4  # histogram cells per channel (bins**3 features)
     label_fractions: list[float] = field(default_factory=lambda: [1.0])

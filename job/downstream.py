@@ -138,6 +138,9 @@ class Learner:
 def _pretrained_rotation_head(ctx: Context) -> list[np.ndarray]:
     """The pretext task's rotation-head weights (model/rotation_model.keras), read once per job."""
     if "rotation_head" not in ctx.built:
+        if not ctx.layout.rotation_model.is_file():
+            raise JobError(f"{ctx.layout.rotation_model} is missing (finetune.mode = \"s4l\" starts from the pretext "
+                           "task's rotation head): run `python -m job pretrain` with this --output first.")
         saved = keras.models.load_model(ctx.layout.rotation_model, compile=False)
         ctx.built["rotation_head"] = saved.get_layer(ROTATION_HEAD).get_weights()
     return ctx.built["rotation_head"]

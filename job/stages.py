@@ -125,7 +125,8 @@ def _evaluations(ctx: Context) -> dict:
         {
             "fraction": fraction,
             "pretrained": [train_downstream(ctx, PRETRAINED, fraction, s)["val_accuracy"] for s in _seeds(ctx)],
-            "scratch": [train_downstream(ctx, SCRATCH, fraction, s)["val_accuracy"] for s in _seeds(ctx)],
+            "scratch": ([train_downstream(ctx, SCRATCH, fraction, s)["val_accuracy"] for s in _seeds(ctx)]
+                        if e.scratch_baseline else []),
             "colour_histogram": colour.get(fraction, []),
             **({S4L: [train_downstream(ctx, PRETRAINED, fraction, s, mode=S4L)["val_accuracy"] for s in _seeds(ctx)]}
                if s4l else {}),

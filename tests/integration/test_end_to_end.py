@@ -15,7 +15,8 @@ from tests.jobproc import job_args, run_job
 pytestmark = pytest.mark.slow
 
 DEPTH_PROBE = ("evaluate.depth_probe=true", "evaluate.depth_probe_layers=['block_2_add', 'out_relu']",
-               "finetune.transfer_layers=['auto']", "finetune.head_init='probe'")
+               "finetune.transfer_layers=['auto']", "finetune.head_init='probe'", "evaluate.s4l=true",
+               "finetune.s4l_images=4")
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +64,7 @@ def test_every_metrics_key_is_present_and_sane(finished_run):
     assert np.sum(metrics["downstream"]["confusion_matrix"]) == 12
     assert [row["fraction"] for row in metrics["label_efficiency"]] == [0.5, 1.0]
     assert all(len(row["colour_histogram"]) == 1 for row in metrics["label_efficiency"])  # one seed
+    assert all(len(row["s4l"]) == 1 for row in metrics["label_efficiency"])  # evaluate.s4l: a row of its own
     assert 0.0 <= metrics["baseline"]["colour_histogram_val_accuracy"] <= 1.0
     depth = metrics["downstream"]["depth_probe"]
     assert [row["layer"] for row in depth] == ["block_2_add", "out_relu"]
@@ -78,6 +80,7 @@ def test_every_metrics_key_is_present_and_sane(finished_run):
     report = (RunLayout(output).report / "report.md").read_text()
     assert f"{metrics['pretext']['val_rotation_accuracy']:.4f}" in report
     assert "| out_relu |" in report
+    assert "S4L (pretrained)" in report
     assert report.index("## Verdict") < report.index("## Details")
 
 
