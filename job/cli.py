@@ -137,7 +137,8 @@ def _job_options(function: Callable) -> Callable:
         click.option("--config", "config_name", default=DEFAULT_CONFIG,
                      help=f"Config name ({', '.join(available_configs())}) or path to a TOML file."),
         click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
-                     help="Override one config value; repeatable (e.g. --set pretext.epochs=5)."),
+                     help="Override one config value; repeatable (e.g. --set pretext.epochs=5). "
+                          "--SECTION.KEY=VALUE does the same (as Vertex AI passes a tuning trial's values)."),
         click.option("--force", is_flag=True, default=False, help="Redo stages whose results are already in --output."),
     ]
     for option in reversed(options):
@@ -147,7 +148,7 @@ def _job_options(function: Callable) -> Callable:
 
 def _execute(stage_names: list[str], data: str, output: str, config_name: str, overrides: tuple[str, ...],
              force: bool) -> None:
-    from job import rundir
+    from job import hypertune, rundir
     from job.files import write_json
     from job.layout import RunLayout
     from job.storage import fetch_dataset
@@ -190,10 +191,11 @@ def _execute(stage_names: list[str], data: str, output: str, config_name: str, o
         syncer.start()
     steps = {"pretrain": stages.pretrain, "finetune": stages.finetune, "evaluate": stages.evaluate}
     final_sync = syncer if syncer is not None and cluster.is_chief else None
+    results = {}
     try:
         for name in stage_names:
             log.info("== %s ==", name)
-            steps[name](context)
+            results[name] = steps[name](context)
     except BaseException:
         if final_sync is not None:  # push what there is, but a failed push must not replace the job's own error
             try:
@@ -204,6 +206,7 @@ def _execute(stage_names: list[str], data: str, output: str, config_name: str, o
     if final_sync is not None:
         log.info("Synced %s: %s", output, final_sync.close())
     if "evaluate" in stage_names and cluster.is_chief:
+        hypertune.report(results["evaluate"], os.environ)  # a Vertex AI tuning trial's metrics; else nothing
         click.echo(f"Report: {output.rstrip('/')}/report/report.md")
 
 
@@ -223,11 +226,19 @@ def vertex_output() -> str:
     return base
 
 
+# Vertex AI passes a tuning trial's hyperparameters as `--SECTION.KEY=VALUE` arguments (job/hypertune.py).
+TRIAL_ARGUMENTS = {"ignore_unknown_options": True, "allow_extra_args": True}
+
+
 def _stage_command(name: str, stage_names: list[str], help_text: str) -> None:
-    @main.command(name=name, help=help_text)
+    @main.command(name=name, help=help_text, context_settings=TRIAL_ARGUMENTS)
     @_job_options
+    @click.pass_context
     @_user_errors
-    def command(data, output, config_name, overrides, force):
+    def command(ctx, data, output, config_name, overrides, force):
+        from job.hypertune import overrides_from_args
+
+        overrides = (*overrides, *overrides_from_args(ctx.args))
         _execute(stage_names, data, output, config_name, overrides, force)
 
 
