@@ -163,7 +163,7 @@ def _execute(stage_names: list[str], data: str, output: str, config_name: str, o
     if syncer is not None:
         pulled = syncer.pull()
         log.info("Pulled %d files of %s into %s", pulled, output, local_output)
-    data_path = fetch_dataset(data, cache / "downloads")
+    data_path = fetch_dataset(data, cache / "downloads", config.data.sha256 or None)
     from job import stages  # TensorFlow: imported once the data is there (a bad --data fails in seconds)
     from job.context import check_model
     from job.distribute import make_cluster
@@ -297,7 +297,7 @@ def bench(data: str, config_name: str, overrides: tuple[str, ...], batches: int,
 
     config = load_config(config_name, overrides)
     cache = Path(config.data.cache_dir).expanduser()
-    data_path = fetch_dataset(data, cache / "downloads")
+    data_path = fetch_dataset(data, cache / "downloads", config.data.sha256 or None)
     with tempfile.TemporaryDirectory() as scratch:
         context = stages.Context(config, RunLayout(Path(scratch)), data_path, make_cluster())
         results = benchmark.run_bench(context, batches, repeats)

@@ -8,6 +8,7 @@ import io
 import logging
 import os
 import random
+import signal
 import threading
 import time
 import zipfile
@@ -19,10 +20,12 @@ from typing import Any
 
 import google.auth
 import pytest
+from click.testing import CliRunner
 from google.auth.exceptions import DefaultCredentialsError
 from google.cloud import storage
 
 import job.storage as job_storage
+from job.cli import main
 from job.errors import JobError, StorageError
 from job.files import atomic_path
 from job.rundir import data_identity
@@ -362,6 +365,46 @@ def test_fetch_http(http_site: tuple[str, Path, list[str]], tmp_path: Path) -> N
 
     with pytest.raises(StorageError, match="does not exist"):
         fetch_dataset(f"{base}/missing.zip", other)
+
+
+@pytest.fixture
+def _restore_signals() -> Iterator[None]:
+    """The CLI installs its SIGTERM/SIGUSR1 handlers: put the test runner's back."""
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGUSR1)}
+    yield
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler)
+
+
+@pytest.mark.usefixtures("_restore_signals")
+def test_data_sha256_reaches_the_https_check_from_the_command_line(
+    http_site: tuple[str, Path, list[str]], tmp_path: Path
+) -> None:
+    """`--set data.sha256=...` is checked against the download (exit 3), before anything is written."""
+    base, site, hits = http_site
+    data = _zip_bytes(seed=7)
+    (site / "tiny.zip").write_bytes(data)
+    output, cache = tmp_path / "run", tmp_path / "cache"
+    common = ["run", "--data", f"{base}/tiny.zip", "--output", str(output), "--set", f"data.cache_dir={cache}"]
+
+    result = CliRunner().invoke(main, [*common, "--set", "data.sha256=" + "0" * 64])
+    assert result.exit_code == 3, (result.output, result.exception)
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: ") and f"has sha256 {hashlib.sha256(data).hexdigest()}" in error, error
+    assert f"but {'0' * 64} was expected" in error, error
+    assert hits == ["/tiny.zip"]
+    assert not output.exists() and [p for p in cache.rglob("*") if p.is_file()] == []
+
+
+@pytest.mark.usefixtures("_restore_signals")
+def test_data_sha256_with_data_that_is_not_downloaded_over_https_is_refused(tmp_path: Path) -> None:
+    archive = tmp_path / "tiny.zip"
+    archive.write_bytes(_zip_bytes(seed=8))
+    result = CliRunner().invoke(main, ["run", "--data", str(archive), "--output", str(tmp_path / "run"), "--set",
+                                       f"data.cache_dir={tmp_path / 'cache'}", "--set", "data.sha256=" + "a" * 64])
+    assert result.exit_code == 2, (result.output, result.exception)
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: data.sha256 is checked on https:// downloads only"), error
 
 
 def test_signed_url_query_is_redacted_but_used(
