@@ -246,7 +246,10 @@ _stage_command("run", ["pretrain", "finetune", "evaluate"],
                "The whole job: pretrain, finetune, evaluate and report (complete stages are skipped).")
 _stage_command("pretrain", ["pretrain"], "Rotation pretext training of the backbone.")
 _stage_command("finetune", ["finetune"], "Transfer the pretrained backbone to the downstream task.")
-_stage_command("evaluate", ["evaluate"], "Probes, k-NN, scratch baseline, label efficiency and the report.")
+_stage_command("evaluate", ["evaluate"],
+               "Probes, k-NN, the colour baseline and the report; trains what it compares (the finetune runs, the "
+               "scratch runs, a pretrained and a scratch run per seed at each evaluate.label_fractions), reusing "
+               "complete ones.")
 
 
 @main.command()

@@ -14,9 +14,9 @@ import json
 import re
 import shlex
 import shutil
-import tomllib
 import subprocess
 import sys
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -336,7 +336,8 @@ def test_oci_labels_describe_the_image(instructions):
 def _readme_docker_runs() -> list[str]:
     """Each `docker run` command of README.md's container section, continuation lines joined."""
     text = README.read_text().replace("\\\n", " ")
-    return [line.strip() for line in text.splitlines() if line.strip().startswith("docker run") and "rotnet-job" in line]
+    lines = [line.strip() for line in text.splitlines()]
+    return [line for line in lines if line.startswith("docker run") and "rotnet-job" in line]
 
 
 def test_readme_docker_run_works_for_a_host_user_and_stops_cleanly():
