@@ -137,8 +137,11 @@ def _job_options(function: Callable) -> Callable:
         click.option("--config", "config_name", default=DEFAULT_CONFIG,
                      help=f"Config name ({', '.join(available_configs())}) or path to a TOML file."),
         click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
-                     help="Override one config value; repeatable (e.g. --set pretext.epochs=5)."),
+                     help="Override one config value; repeatable (e.g. --set pretext.epochs=5). "
+                          "--SECTION.KEY=VALUE does the same (as Vertex AI passes a tuning trial's values)."),
         click.option("--force", is_flag=True, default=False, help="Redo stages whose results are already in --output."),
+        click.option("--take-over", is_flag=True, default=False,
+                     help="Write a gs:// --output whose lease another job holds (only when that job is dead)."),
     ]
     for option in reversed(options):
         function = option(function)
@@ -146,8 +149,8 @@ def _job_options(function: Callable) -> Callable:
 
 
 def _execute(stage_names: list[str], data: str, output: str, config_name: str, overrides: tuple[str, ...],
-             force: bool) -> None:
-    from job import rundir
+             force: bool, take_over: bool = False) -> None:
+    from job import hypertune, rundir
     from job.files import write_json
     from job.layout import RunLayout
     from job.storage import fetch_dataset
@@ -159,10 +162,7 @@ def _execute(stage_names: list[str], data: str, output: str, config_name: str, o
     if "://" not in output:
         rundir.check_output_dir(Path(output))
     local_output, syncer = open_output(output, cache / "runs", config.runtime.sync_interval_s)
-    if syncer is not None:
-        pulled = syncer.pull()
-        log.info("Pulled %d files of %s into %s", pulled, output, local_output)
-    data_path = fetch_dataset(data, cache / "downloads")
+    data_path = fetch_dataset(data, cache / "downloads", config.data.sha256 or None)
     from job import stages  # TensorFlow: imported once the data is there (a bad --data fails in seconds)
     from job.context import check_model
     from job.distribute import make_cluster
@@ -170,30 +170,45 @@ def _execute(stage_names: list[str], data: str, output: str, config_name: str, o
     cluster = make_cluster(config.runtime.slurm_port_base)
     for signum in STOP_SIGNALS:  # TensorFlow's multi-worker runtime installs its own SIGTERM handler
         signal.signal(signum, _request_stop)
-    layout = RunLayout(local_output)
-    identity = rundir.data_identity(data, data_path)
-    context = stages.Context(config, layout, data_path, cluster, force, data_identity=identity)
-    # Every check before anything in the output is deleted or rewritten.
-    stages.check_inputs(context)
-    check_model(context)
-    rundir.check_reuse(layout, config, identity, stage_names, force)
-    if force:
-        context.force_record = rundir.ForceRecord.load(layout, os.environ)
-    if cluster.is_chief:
-        for stale in rundir.stale_results(layout, config, identity, stage_names, force):
-            log.info("--force: discarding %s, made with other settings or data", stale)
-            shutil.rmtree(stale)
-        local_output.mkdir(parents=True, exist_ok=True)
-        write_json(layout.config, config.to_dict())
-        write_json(layout.run_record, {"data": identity, "commands": stage_names})
+    if syncer is not None and cluster.is_chief:  # one job per output, before the mirror is touched
+        syncer.acquire(rundir.job_identity(os.environ), take_over)
+    try:
+        if syncer is not None:
+            pulled = syncer.pull()
+            log.info("Pulled %d files of %s into %s", pulled, output, local_output)
+        layout = RunLayout(local_output)
+        identity = rundir.data_identity(data, data_path)
+        context = stages.Context(config, layout, data_path, cluster, force, data_identity=identity)
+        # Every check before anything in the output is deleted or rewritten.
+        stages.check_inputs(context)
+        check_model(context)
+        rundir.check_reuse(layout, config, identity, stage_names, force)
+        if force:
+            context.force_record = rundir.ForceRecord.load(layout, os.environ)
+        if syncer is not None and cluster.is_chief:  # a stage --force clears is cleared in the bucket too
+            context.clear_remote = lambda stage_dir: syncer.clear(stage_dir.relative_to(local_output).as_posix())
+        if cluster.is_chief:
+            for stale in rundir.stale_results(layout, config, identity, stage_names, force):
+                log.info("--force: discarding %s, made with other settings or data", stale)
+                shutil.rmtree(stale)
+                if context.clear_remote is not None:
+                    context.clear_remote(stale)
+            local_output.mkdir(parents=True, exist_ok=True)
+            write_json(layout.config, config.to_dict())
+            write_json(layout.run_record, {"data": identity, "commands": stage_names})
+    except BaseException:
+        if syncer is not None:
+            syncer.release()
+        raise
     if syncer is not None and cluster.is_chief:
         syncer.start()
     steps = {"pretrain": stages.pretrain, "finetune": stages.finetune, "evaluate": stages.evaluate}
     final_sync = syncer if syncer is not None and cluster.is_chief else None
+    results = {}
     try:
         for name in stage_names:
             log.info("== %s ==", name)
-            steps[name](context)
+            results[name] = steps[name](context)
     except BaseException:
         if final_sync is not None:  # push what there is, but a failed push must not replace the job's own error
             try:
@@ -204,6 +219,7 @@ def _execute(stage_names: list[str], data: str, output: str, config_name: str, o
     if final_sync is not None:
         log.info("Synced %s: %s", output, final_sync.close())
     if "evaluate" in stage_names and cluster.is_chief:
+        hypertune.report(results["evaluate"], os.environ)  # a Vertex AI tuning trial's metrics; else nothing
         click.echo(f"Report: {output.rstrip('/')}/report/report.md")
 
 
@@ -223,19 +239,30 @@ def vertex_output() -> str:
     return base
 
 
+# Vertex AI passes a tuning trial's hyperparameters as `--SECTION.KEY=VALUE` arguments (job/hypertune.py).
+TRIAL_ARGUMENTS = {"ignore_unknown_options": True, "allow_extra_args": True}
+
+
 def _stage_command(name: str, stage_names: list[str], help_text: str) -> None:
-    @main.command(name=name, help=help_text)
+    @main.command(name=name, help=help_text, context_settings=TRIAL_ARGUMENTS)
     @_job_options
+    @click.pass_context
     @_user_errors
-    def command(data, output, config_name, overrides, force):
-        _execute(stage_names, data, output, config_name, overrides, force)
+    def command(ctx, data, output, config_name, overrides, force, take_over):
+        from job.hypertune import overrides_from_args
+
+        overrides = (*overrides, *overrides_from_args(ctx.args))
+        _execute(stage_names, data, output, config_name, overrides, force, take_over)
 
 
 _stage_command("run", ["pretrain", "finetune", "evaluate"],
                "The whole job: pretrain, finetune, evaluate and report (complete stages are skipped).")
 _stage_command("pretrain", ["pretrain"], "Rotation pretext training of the backbone.")
 _stage_command("finetune", ["finetune"], "Transfer the pretrained backbone to the downstream task.")
-_stage_command("evaluate", ["evaluate"], "Probes, k-NN, scratch baseline, label efficiency and the report.")
+_stage_command("evaluate", ["evaluate"],
+               "Probes, k-NN, the colour baseline and the report; trains what it compares (the finetune runs, the "
+               "scratch runs, a pretrained and a scratch run per seed at each evaluate.label_fractions), reusing "
+               "complete ones.")
 
 
 @main.command()
@@ -286,7 +313,7 @@ def bench(data: str, config_name: str, overrides: tuple[str, ...], batches: int,
 
     config = load_config(config_name, overrides)
     cache = Path(config.data.cache_dir).expanduser()
-    data_path = fetch_dataset(data, cache / "downloads")
+    data_path = fetch_dataset(data, cache / "downloads", config.data.sha256 or None)
     with tempfile.TemporaryDirectory() as scratch:
         context = stages.Context(config, RunLayout(Path(scratch)), data_path, make_cluster())
         results = benchmark.run_bench(context, batches, repeats)

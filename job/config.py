@@ -6,6 +6,7 @@ Every tunable number of the job lives here, with its default and a one-line mean
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from models.mobilenet_layers import mobilenet_v2_layer_names
 CONFIG_DIR = Path(__file__).parent / "configs"
 DEFAULT_CONFIG = "demo"
 # model.weights files: Keras' weight files (HDF5) and saved models (zip archives), told by suffix and signature.
+SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 WEIGHTS_SIGNATURES = {".weights.h5": b"\x89HDF\r\n\x1a\n", ".h5": b"\x89HDF\r\n\x1a\n", ".keras": b"PK\x03\x04"}
 
 
@@ -32,6 +34,9 @@ class DataConfig:
     decode_threads: int = 0  # 0 = one per CPU core
     crop_padding: int = 4  # random crop after padding this many pixels (reflect) on each side
     prefetch_batches: int = 4
+    # The expected sha256 (64 hex digits) of an https:// --data file: a download that differs is deleted and the
+    # run fails (exit 3); a cached copy recorded with this sha256 is reused without a request. "" = not checked.
+    sha256: str = ""
 
 
 @dataclass
@@ -299,6 +304,9 @@ def validate(config: Config) -> None:
         raise JobError(
             f"data.downstream_wnids {wnids} and data.downstream_names {names} must name two different classes."
         )
+    if config.data.sha256 and not SHA256_HEX.fullmatch(config.data.sha256):
+        raise JobError(f"data.sha256 = {config.data.sha256!r} is not a sha256: pass its 64 hex digits "
+                       "(e.g. from `sha256sum FILE`), or \"\" to check none.")
     _validate_weights(config.model.weights)
     named = {"evaluate.depth_probe_layers": config.evaluate.depth_probe_layers,
              "finetune.transfer_layers": [name for name in layers if name != "auto"]}

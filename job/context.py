@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -37,6 +38,7 @@ class Context:
     force: bool = False
     data_identity: dict | None = None  # --data and its version, recorded in each done.json (job/rundir.py)
     force_record: ForceRecord | None = None  # stages this job's --force already cleared before a restart
+    clear_remote: Callable[[Path], object] | None = None  # clears a stage directory in a gs:// output too
     _forced: set[Path] = field(default_factory=set)
     # Objects built once per job and shared by the runs of a stage (the downstream split, traced models).
     built: dict = field(default_factory=dict)
@@ -72,6 +74,8 @@ class Context:
                 if stage_dir.exists():
                     log.info("--force: discarding %s", stage_dir)
                     shutil.rmtree(stage_dir)
+                if self.clear_remote is not None:  # else an interrupted redo would pull the old done.json back
+                    self.clear_remote(stage_dir)
                 if record is not None:
                     record.record(stage_dir)
             return None

@@ -5,6 +5,8 @@
       run.json                             the data it read (--data as given and its version)
       force.json                           the job whose --force cleared which stages (a restart resumes them)
       checkpoints/pretext/                 ckpt/ (CheckpointManager), history.json, best.weights.h5, done.json
+      checkpoints/pretext/ckpt/            per kept checkpoint ckpt-N.index, .data-*, and its companions
+                                           ckpt-N.history.json, ckpt-N.best.weights.h5 (job/units.py)
       checkpoints/downstream/<run>/        one per downstream training (init, mode, labels, seed): same files
       checkpoints/evaluate/done.json       probe, k-NN and baseline results
       model/backbone.keras                 the pretrained backbone (pixels in [0, 255] → pooled features)

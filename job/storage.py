@@ -562,6 +562,9 @@ def fetch_dataset(
     Remote data is cached under `cache_dir` and only downloaded again when the remote object changed.
     """
     scheme = urlparse(uri).scheme.lower()
+    if sha256 and scheme not in ("http", "https"):
+        raise JobError(f"data.sha256 is checked on https:// downloads only, and --data {redact(uri)} is not one: "
+                       "remove data.sha256 (gs:// objects are verified against their md5/crc32c).")
     if scheme == "gs":
         return _fetch_gcs(uri, Path(cache_dir), retry_deadline_s, workers, client)
     if scheme in ("http", "https"):

@@ -20,6 +20,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from job import units
 from job.distribute import Cluster
 from job.files import atomic_path, read_json, write_json
 
@@ -156,8 +157,11 @@ class Trainer:
         # file while they would read it (and HDF5 locks it).
         self._best_path = (self.directory if cluster.is_chief else self._ckpt_dir) / BEST_WEIGHTS
         self.manager = tf.train.CheckpointManager(
-            self.checkpoint, str(self._ckpt_dir), max_to_keep=config.keep_checkpoints
+            self.checkpoint, str(self._ckpt_dir), max_to_keep=config.keep_checkpoints,
+            checkpoint_name=units.CHECKPOINT_NAME,
         )
+        self._history: list[dict[str, float]] = []  # the completed epochs', saved with each checkpoint
+        self._restored: units.Companions | None = None
         self.writer = (
             tf.summary.create_file_writer(str(tensorboard_dir)) if cluster.is_chief else tf.summary.create_noop_writer()
         )
@@ -210,6 +214,7 @@ class Trainer:
         latest = self.manager.latest_checkpoint or tf.train.latest_checkpoint(str(self.directory / CHECKPOINT_DIR))
         if latest:
             self.checkpoint.restore(latest).expect_partial()
+            self._adopt(Path(latest))
             log.info("Resumed from %s at step %d", latest, int(self.step.numpy()))
         return int(self.step.numpy())
 
@@ -224,7 +229,7 @@ class Trainer:
     def _fit(self, dataset_fn: DatasetFn, evaluator: Evaluator) -> LoopResult:
         cfg, strategy = self.config, self.cluster.strategy
         start = self.restore()
-        history = self._load_history(start // cfg.steps_per_epoch)
+        history = self._history = self._load_history(start // cfg.steps_per_epoch)
         first_epoch = start // cfg.steps_per_epoch
         train_seconds = sum(h.get("epoch_seconds", 0.0) for h in history)
         stopped = cfg.patience > 0 and int(self.bad_epochs.numpy()) >= cfg.patience
@@ -244,7 +249,7 @@ class Trainer:
             self._write_scalars(val_metrics, "val")
             history.append(record)
             self._save_history(history)
-            self.manager.save(checkpoint_number=int(self.step.numpy()))
+            self._save(int(self.step.numpy()))
             log.info(
                 "epoch %d/%d  %s  (%.0f s)",
                 epoch + 1, cfg.epochs, "  ".join(f"{k}={v:.4f}" for k, v in record.items() if k != "epoch"),
@@ -301,11 +306,27 @@ class Trainer:
             if self.stop_agreed and not at_epoch_end:  # at an epoch end, fit() evaluates and saves first
                 self._save_and_stop(step)
             if step % cfg.checkpoint_every_steps == 0 and not at_epoch_end:
-                self.manager.save(checkpoint_number=step)
+                self._save(step)
         return {f"train_{k}": s / max(c, 1.0) for k, (s, c) in epoch_sums.items()}
 
-    def _save_and_stop(self, step: int) -> None:
+    def _save(self, step: int) -> None:
+        """Checkpoint `step` as one unit (job/units.py): its companions first, so that the index naming it finds
+        them, then TF's files and index; companions of the checkpoints the manager drops go with them."""
+        prefix = self._ckpt_dir / f"{units.CHECKPOINT_NAME}-{step}"
+        if self.cluster.is_chief:
+            units.stamp(prefix, self._history, self._best_path)
         self.manager.save(checkpoint_number=step)
+        if self.cluster.is_chief:
+            units.sweep(self._ckpt_dir, self.manager.checkpoints)
+
+    def _adopt(self, prefix: Path) -> None:
+        """Resume with the restored checkpoint's own history and best weights, not whatever is beside it."""
+        self._restored = units.companions(prefix)
+        if self._restored is not None:
+            units.adopt_best_weights(self._restored, self._best_path)
+
+    def _save_and_stop(self, step: int) -> None:
+        self._save(step)
         self.writer.flush()
         self._barrier()  # no worker exits (and has the launcher stop the others) before all have saved
         log.warning("Stop requested: checkpoint saved at step %d", step)
@@ -343,6 +364,8 @@ class Trainer:
                 tf.summary.scalar(f"{prefix}/{name}", value)
 
     def _load_history(self, completed_epochs: int) -> list[dict[str, float]]:
+        if self._restored is not None:
+            return [h for h in self._restored.history if h["epoch"] <= completed_epochs]
         path = self.directory / HISTORY_FILE
         if not path.is_file():
             return []

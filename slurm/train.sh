@@ -5,7 +5,9 @@
 #   JOB_DATA=/shared/tiny-imagenet-200.zip JOB_OUTPUT=/shared/runs/rotnet sbatch slurm/train.sh [extra job args]
 #
 # Every #SBATCH default below can be overridden on the sbatch command line (e.g. `sbatch --nodes=2 ...`,
-# `sbatch --gpus-per-task=0 ...` on a cluster without GPUs, `sbatch --time=02:00:00 ...`).
+# `sbatch --time=02:00:00 ...`, `sbatch --mem-per-gpu=32G ...`). On a cluster without GPUs pass
+# `--gpus-per-task=0 --mem-per-gpu=0`: Slurm refuses a per-GPU memory request without GPUs ("Invalid generic
+# resource (gres) specification"), and `--mem`/`--mem-per-cpu` cannot replace it (sbatch: "mutually exclusive").
 #
 # Environment (read at submission: sbatch exports the submitting shell's environment):
 #   JOB_DATA     --data: Tiny ImageNet zip/directory, gs:// or https:// (default: data/tiny-imagenet-200.zip)
@@ -13,9 +15,11 @@
 #   JOB_CONFIG   --config: a config name or TOML file           (default: the job's own default)
 #   JOB_COMMAND  run | pretrain | finetune | evaluate            (default: run)
 #   JOB_SET      space-separated section.key=value overrides, each passed as --set (no spaces inside values:
-#                pass those as extra arguments, e.g. sbatch slurm/train.sh --set 'evaluate.seeds=[0, 1]')
+#                pass those as extra arguments, e.g. sbatch slurm/train.sh --set 'evaluate.label_fractions=[0.1, 1.0]')
 #   JOB_PYTHON   the interpreter, may be several words (default: python; e.g. .venv/bin/python or
 #                "apptainer exec --nv rotnet.sif python")
+#   JOB_CACHE_DIR  data.cache_dir: downloads and the decode cache (default: rotnet-job/ in the node-local
+#                $SLURM_TMPDIR, else $TMPDIR, when set; else the job's default ~/.cache/rotnet-job)
 # Arguments after the script name are passed to `python -m job $JOB_COMMAND` unchanged.
 #
 # One Slurm task per worker: with more than one task (e.g. --nodes=2, or --ntasks-per-node=2), every task
@@ -34,6 +38,10 @@
 #SBATCH --ntasks-per-node=1
 #SBATCH --gpus-per-task=1
 #SBATCH --cpus-per-task=8
+# Host memory per GPU (one GPU per task): on 100,000 images the data layer peaks at 2.5 GB of RSS (README:
+# Throughput), plus TensorFlow's CUDA/cuDNN host allocations and the decode cache's page cache, which a job's
+# memory cgroup counts on most clusters.
+#SBATCH --mem-per-gpu=16G
 #SBATCH --time=12:00:00
 #SBATCH --requeue
 #SBATCH --signal=B:USR1@120
@@ -77,6 +85,9 @@ JOB_DATA=${JOB_DATA:-data/tiny-imagenet-200.zip}
 JOB_OUTPUT=${JOB_OUTPUT:-runs/${SLURM_JOB_NAME:-rotnet}-${SLURM_JOB_ID:-local}}
 JOB_CONFIG=${JOB_CONFIG:-}
 JOB_SET=${JOB_SET:-}
+# Node-local scratch for the decode cache (reading it is the input pipeline's first step on every start).
+scratch=${SLURM_TMPDIR:-${TMPDIR:-}}
+JOB_CACHE_DIR=${JOB_CACHE_DIR:-${scratch:+$scratch/rotnet-job}}
 EXIT_PREEMPTED=143
 
 case "$JOB_COMMAND" in
@@ -87,6 +98,8 @@ esac
 read -r -a python_cmd <<<"$JOB_PYTHON"
 args=("${python_cmd[@]}" -m job "$JOB_COMMAND" --data "$JOB_DATA" --output "$JOB_OUTPUT")
 [[ -n $JOB_CONFIG ]] && args+=(--config "$JOB_CONFIG")
+# Before JOB_SET and the extra arguments: a data.cache_dir given there wins.
+[[ -n $JOB_CACHE_DIR ]] && args+=(--set "data.cache_dir=$JOB_CACHE_DIR")
 read -r -a overrides <<<"$JOB_SET"
 for item in "${overrides[@]}"; do args+=(--set "$item"); done
 args+=("$@")
@@ -98,6 +111,7 @@ export PYTHONUNBUFFERED=1
 log "job ${SLURM_JOB_ID:-?} (${SLURM_JOB_NAME:-?}) start $(( ${SLURM_RESTART_COUNT:-0} + 1 )):" \
     "SLURM_RESTART_COUNT=${SLURM_RESTART_COUNT:-0}, nodes ${SLURM_JOB_NODELIST:-?}, ${SLURM_NTASKS:-1} task(s)," \
     "${SLURM_CPUS_PER_TASK:-?} CPU(s) per task, GPUs per task ${SLURM_GPUS_PER_TASK:-0}"
+log "data.cache_dir: ${JOB_CACHE_DIR:-default} (JOB_CACHE_DIR)"
 log "running: ${args[*]}"
 
 rc=0

@@ -126,3 +126,23 @@ def test_rerun_skips_complete_stages(finished_run):
     assert "pretrain: complete" in result.stderr
     assert "epoch 1/" not in result.stderr  # nothing trained again
     assert json.loads(RunLayout(output).metrics.read_text()) == json.loads(before)
+
+
+def test_a_vertex_tuning_trial_takes_its_hyperparameters_and_reports_its_metrics(finished_run, tmp_path):
+    """As Vertex AI runs a trial: its value as an extra `--SECTION.KEY=VALUE` argument, the metrics read back from
+    $CLOUD_ML_HP_METRIC_FILE (cloudml-hypertune's JSON lines), equal to metrics.json's."""
+    data, output, cache, _ = finished_run
+    metric_file = tmp_path / "hypertune" / "output.metrics"
+    args = [*job_args("run", data, output, cache, *DEPTH_PROBE), "--runtime.log_every_steps=7"]
+    result = run_job(args, CLOUD_ML_TRIAL_ID="5", CLOUD_ML_HP_METRIC_FILE=str(metric_file))
+    assert result.returncode == 0, result.stderr[-3000:]
+    layout = RunLayout(output)
+    assert json.loads(layout.config.read_text())["runtime"]["log_every_steps"] == 7
+    metrics = json.loads(layout.metrics.read_text())
+    reported = {}
+    for line in metric_file.read_text().splitlines():
+        record = json.loads(line)
+        assert record["trial"] == "5"
+        reported.update({k: v for k, v in record.items() if k not in ("trial", "timestamp", "global_step")})
+    assert reported["downstream.val_accuracy"] == str(float(metrics["downstream"]["val_accuracy"]))
+    assert reported["pretext.val_rotation_accuracy"] == str(float(metrics["pretext"]["val_rotation_accuracy"]))

@@ -36,7 +36,7 @@ def _remote_md5s(emulator, prefix: str) -> dict[str, str]:
 
 
 def _mirror(cache: Path) -> Path:
-    (local,) = (cache / "runs").iterdir()
+    (local,) = [path for path in (cache / "runs").iterdir() if path.is_dir()]  # beside it: its .sync.json
     return local
 
 
@@ -108,3 +108,24 @@ def test_killed_run_resumes_from_the_bucket_on_a_fresh_machine(tmp_path, gcs_emu
     assert resumed and int(resumed[0].rsplit("at step ", 1)[1]) >= step
     assert bucket.blob("runs/resume/checkpoints/pretext/done.json").exists()
     assert bucket.blob("runs/resume/model/backbone.keras").exists()
+
+
+def test_a_job_on_an_output_another_live_job_holds_is_refused(tmp_path, gcs_emulator):
+    """Before: two jobs on one --output overwrote each other object by object."""
+    import json
+    import os
+    import socket
+
+    data = _dataset(tmp_path, gcs_emulator)
+    output = f"gs://{gcs_emulator.bucket}/runs/held"
+    holder = {"run_id": "x", "job": None, "host": socket.gethostname(), "pid": os.getpid(), "ttl_s": 300.0}
+    lease = gcs_emulator.client().bucket(gcs_emulator.bucket).blob("runs/held/lease.json")
+    lease.upload_from_string(json.dumps(holder))  # this test's process: alive
+
+    result = run_job(job_args("pretrain", data, output, tmp_path / "cache"))
+    assert result.returncode == 2, result.stderr[-3000:]
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert output in line and "--take-over" in line
+    assert json.loads(lease.download_as_text()) == holder  # the holder's lease is untouched
+    assert [b.name for b in gcs_emulator.client().list_blobs(gcs_emulator.bucket, prefix="runs/held/")] == [
+        "runs/held/lease.json"]

@@ -29,8 +29,10 @@ from tests.jobproc import REPO, TINY, job_env
 pytestmark = pytest.mark.slow
 
 TRAIN_SH = REPO / "slurm" / "train.sh"
-# Two workers on one node, one CPU each, no GPU (overrides the script's --ntasks-per-node=1 and --gpus-per-task=1).
-TWO_WORKERS = ("--nodes=1", "--ntasks=2", "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-task=0")
+# Two workers on one node, one CPU each, no GPU (overrides the script's --ntasks-per-node=1 and --gpus-per-task=1;
+# and its --mem-per-gpu, which Slurm refuses without GPUs: slurm/README.md).
+TWO_WORKERS = ("--nodes=1", "--ntasks=2", "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-task=0",
+               "--mem-per-gpu=0")
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL",
             "DEADLINE"}
 STEPS_PER_EPOCH = 5  # 80 train images / pretext.batch_images=16

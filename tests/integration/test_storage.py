@@ -5,9 +5,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import json
 import logging
 import os
 import random
+import signal
+import subprocess
 import threading
 import time
 import zipfile
@@ -19,15 +22,17 @@ from typing import Any
 
 import google.auth
 import pytest
+from click.testing import CliRunner
 from google.auth.exceptions import DefaultCredentialsError
 from google.cloud import storage
 
 import job.storage as job_storage
+from job.cli import main
 from job.errors import JobError, StorageError
 from job.files import atomic_path
 from job.rundir import data_identity
 from job.storage import fetch_dataset
-from job.sync import OutputSync, is_completion_marker, is_in_progress, is_marker, open_output
+from job.sync import STATE_SUFFIX, OutputSync, is_completion_marker, is_in_progress, is_marker, open_output
 from tests.integration.conftest import Emulator
 from tests.integration.faultproxy import LOOPBACK, FaultProxy
 
@@ -364,6 +369,46 @@ def test_fetch_http(http_site: tuple[str, Path, list[str]], tmp_path: Path) -> N
         fetch_dataset(f"{base}/missing.zip", other)
 
 
+@pytest.fixture
+def _restore_signals() -> Iterator[None]:
+    """The CLI installs its SIGTERM/SIGUSR1 handlers: put the test runner's back."""
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGUSR1)}
+    yield
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler)
+
+
+@pytest.mark.usefixtures("_restore_signals")
+def test_data_sha256_reaches_the_https_check_from_the_command_line(
+    http_site: tuple[str, Path, list[str]], tmp_path: Path
+) -> None:
+    """`--set data.sha256=...` is checked against the download (exit 3), before anything is written."""
+    base, site, hits = http_site
+    data = _zip_bytes(seed=7)
+    (site / "tiny.zip").write_bytes(data)
+    output, cache = tmp_path / "run", tmp_path / "cache"
+    common = ["run", "--data", f"{base}/tiny.zip", "--output", str(output), "--set", f"data.cache_dir={cache}"]
+
+    result = CliRunner().invoke(main, [*common, "--set", "data.sha256=" + "0" * 64])
+    assert result.exit_code == 3, (result.output, result.exception)
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: ") and f"has sha256 {hashlib.sha256(data).hexdigest()}" in error, error
+    assert f"but {'0' * 64} was expected" in error, error
+    assert hits == ["/tiny.zip"]
+    assert not output.exists() and [p for p in cache.rglob("*") if p.is_file()] == []
+
+
+@pytest.mark.usefixtures("_restore_signals")
+def test_data_sha256_with_data_that_is_not_downloaded_over_https_is_refused(tmp_path: Path) -> None:
+    archive = tmp_path / "tiny.zip"
+    archive.write_bytes(_zip_bytes(seed=8))
+    result = CliRunner().invoke(main, ["run", "--data", str(archive), "--output", str(tmp_path / "run"), "--set",
+                                       f"data.cache_dir={tmp_path / 'cache'}", "--set", "data.sha256=" + "a" * 64])
+    assert result.exit_code == 2, (result.output, result.exception)
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("error: data.sha256 is checked on https:// downloads only"), error
+
+
 def test_signed_url_query_is_redacted_but_used(
     http_site: tuple[str, Path, list[str]], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -512,15 +557,21 @@ def test_pull_reproduces_tree_and_resumes(gcs_emulator: Emulator, flaky_proxy, t
     assert sync.push().files_uploaded == 0  # pulled files are known: no re-upload, no listing
     assert len(proxy.stats.requests) == before
 
-    # Restarted process with files already on disk: one listing + md5 comparison, no uploads.
+    # Restarted process with files already on disk: its record (vm2.sync.json) says they are up there.
+    restarted = make_sync(remote, second).push()
+    assert (restarted.files_uploaded, restarted.requests) == (0, 0)
+    # Without the record: one listing + md5 comparison, no uploads.
+    (tmp_path / f"vm2{STATE_SUFFIX}").unlink()
     restarted = make_sync(remote, second).push()
     assert (restarted.files_uploaded, restarted.requests) == (0, 1)
 
-    # Same VM restarted with a newer local file: pull keeps it (push uploads it); an older one is replaced.
+    # Same VM restarted: a file changed here since it was synced (the bucket still holding what this mirror
+    # saw) is this mirror's newer work: kept, and pushed. A checkpoint file differing from the published unit
+    # is replaced whatever its time: the bucket's unit decides.
     (second / "metrics.json").write_bytes(b'{"loss": 0.5}')
     stale = second / "ckpt" / "ckpt-1.index"
     stale.write_bytes(b"stale")
-    os.utime(stale, (0, 0))
+    os.utime(stale, (time.time() + 3600, time.time() + 3600))  # "newer" by its mtime: before, it was kept
     resumed = make_sync(remote, second)
     assert resumed.pull() == 1
     assert (second / "metrics.json").read_bytes() == b'{"loss": 0.5}'
@@ -580,8 +631,9 @@ def test_flaky_network_push_pull_fetch_complete(gcs_emulator: Emulator, flaky_pr
     run = tmp_path / "run"
     files = _make_run_dir(run)
     big = random.Random(10).randbytes(RESUMABLE_UPLOAD_BYTES)  # > 8 MiB: resumable upload session
-    (run / "ckpt" / "ckpt-2.data-00000-of-00001").write_bytes(big)
-    files["ckpt/ckpt-2.data-00000-of-00001"] = big
+    (run / "model").mkdir()
+    (run / "model" / "backbone.keras").write_bytes(big)  # not a checkpoint: no index has to name it
+    files["model/backbone.keras"] = big
     for i in range(20):
         (run / "logs" / f"scalar_{i}.json").write_text(f'{{"step": {i}}}')
         files[f"logs/scalar_{i}.json"] = f'{{"step": {i}}}'.encode()
@@ -592,3 +644,139 @@ def test_flaky_network_push_pull_fetch_complete(gcs_emulator: Emulator, flaky_pr
 
     injected = proxy.stats.injected_503 + proxy.stats.injected_resets + proxy.stats.injected_truncations
     assert injected >= 10 and proxy.stats.injected_resets and proxy.stats.injected_truncations
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpoint units, bucket hygiene, --force in the bucket, the output's lease
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _save_checkpoint(ckpt: Path, step: int, keep: list[int], epochs: int) -> None:
+    """What Trainer._save leaves: the companions, TF's files, then the index naming the kept checkpoints."""
+    rng = random.Random(step)
+    (ckpt / f"ckpt-{step}.history.json").write_text(json.dumps([{"epoch": e} for e in range(1, epochs + 1)]))
+    (ckpt / f"ckpt-{step}.best.weights.h5").write_bytes(rng.randbytes(3_000))
+    (ckpt / f"ckpt-{step}.data-00000-of-00001").write_bytes(rng.randbytes(10_000))
+    (ckpt / f"ckpt-{step}.index").write_bytes(rng.randbytes(200))
+    for old in ckpt.iterdir():
+        if old.name.startswith("ckpt-") and int(old.name.split(".")[0].split("-")[1]) not in keep:
+            old.unlink()
+    named = "".join(f'all_model_checkpoint_paths: "ckpt-{k}"\n' for k in keep)
+    (ckpt / "checkpoint").write_text(f'model_checkpoint_path: "ckpt-{step}"\n{named}')
+
+
+def test_failed_companion_upload_publishes_no_newer_checkpoint(
+    gcs_emulator: Emulator, flaky_proxy, tmp_path: Path, make_sync
+) -> None:
+    """Epoch 2's best weights cannot be uploaded: the bucket keeps naming ckpt-2 with epoch 1's companions
+    (before: best.weights.h5 and history.json lay one folder up, outside the index's ordering)."""
+    proxy = flaky_proxy()
+    ckpt = tmp_path / "run" / "checkpoints/pretext/ckpt"
+    ckpt.mkdir(parents=True)
+    sync = make_sync(f"gs://{gcs_emulator.bucket}/runs/unit", tmp_path / "run", retry_deadline_s=SHORT_DEADLINE_S)
+    _save_checkpoint(ckpt, 2, keep=[2], epochs=1)
+    sync.push()
+    _save_checkpoint(ckpt, 4, keep=[2, 4], epochs=2)
+    proxy.fail_pattern = b"ckpt-4.best.weights.h5"
+    with pytest.raises(StorageError):
+        sync.push()
+    bucket = gcs_emulator.client().bucket(gcs_emulator.bucket)
+    index = bucket.blob("runs/unit/checkpoints/pretext/ckpt/checkpoint").download_as_text()
+    assert 'model_checkpoint_path: "ckpt-2"' in index
+    history = bucket.blob("runs/unit/checkpoints/pretext/ckpt/ckpt-2.history.json").download_as_text()
+    assert json.loads(history) == [{"epoch": 1}]
+    proxy.fail_pattern = None
+    sync.push()
+    assert 'model_checkpoint_path: "ckpt-4"' in bucket.blob(
+        "runs/unit/checkpoints/pretext/ckpt/checkpoint").download_as_text()
+
+
+def test_dropped_checkpoints_leave_the_bucket_and_a_resume_pulls_only_the_latest(
+    gcs_emulator: Emulator, tmp_path: Path, make_sync
+) -> None:
+    """Before: checkpoints the manager dropped stayed in the bucket, and every resume downloaded them all."""
+    run = tmp_path / "run"
+    ckpt = run / "checkpoints/pretext/ckpt"
+    ckpt.mkdir(parents=True)
+    remote = f"gs://{gcs_emulator.bucket}/runs/hygiene"
+    sync = make_sync(remote, run)
+    for step in (2, 4, 6):
+        _save_checkpoint(ckpt, step, keep=[s for s in (step - 2, step) if s > 0], epochs=step // 2)
+        sync.push()
+    objects = set(_remote(gcs_emulator.client(), gcs_emulator.bucket, "runs/hygiene/"))
+    prefix = "checkpoints/pretext/ckpt/"
+    assert {rel.removeprefix(prefix).split(".")[0] for rel in objects} == {"checkpoint", "ckpt-4", "ckpt-6"}
+
+    fresh = tmp_path / "fresh"
+    assert make_sync(remote, fresh).pull() == 5  # ckpt-6's four files and the index
+    assert sorted(p.name for p in (fresh / prefix).iterdir()) == [
+        "checkpoint", "ckpt-6.best.weights.h5", "ckpt-6.data-00000-of-00001", "ckpt-6.history.json",
+        "ckpt-6.index"]
+
+
+def test_force_clears_a_stage_in_the_bucket(gcs_emulator: Emulator, tmp_path: Path, make_sync) -> None:
+    """Before: --force cleared only the mirror; an interrupted forced run, rerun without --force, pulled the
+    old done.json back (here: on another machine, and on this one with its old mirror)."""
+    run = tmp_path / "run"
+    stage = run / "checkpoints/pretext"
+    (stage / "ckpt").mkdir(parents=True)
+    _save_checkpoint(stage / "ckpt", 2, keep=[2], epochs=1)
+    (stage / "done.json").write_text('{"old": true}')
+    (run / "config.json").write_text("{}")
+    remote = f"gs://{gcs_emulator.bucket}/runs/force"
+    make_sync(remote, run).push()
+    stale_mirror = tmp_path / "old-mirror"
+    make_sync(remote, stale_mirror).pull()
+
+    forced = make_sync(remote, run)
+    assert forced.clear("checkpoints/pretext") == 6
+    assert set(_remote(gcs_emulator.client(), gcs_emulator.bucket, "runs/force/")) == {"config.json"}
+    make_sync(remote, tmp_path / "other-machine").pull()
+    assert not (tmp_path / "other-machine/checkpoints/pretext/done.json").exists()
+    make_sync(remote, stale_mirror).pull()  # its done.json was synced from the bucket, which dropped it
+    assert not (stale_mirror / "checkpoints/pretext/done.json").exists()
+    assert not any((stale_mirror / "checkpoints/pretext/ckpt").iterdir())
+
+
+def test_a_second_job_on_a_held_output_is_refused(gcs_emulator: Emulator, tmp_path: Path, make_sync) -> None:
+    """Before: two jobs on one --output overwrote each other object by object."""
+    remote = f"gs://{gcs_emulator.bucket}/runs/lease"
+    first = make_sync(remote, tmp_path / "a")
+    first.acquire(job=None)  # this process, alive: its lease holds
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.txt").write_text("a")
+    first.push()  # renews
+    second = make_sync(remote, tmp_path / "b")
+    with pytest.raises(JobError, match="--take-over") as info:
+        second.acquire(job=None)
+    assert "\n" not in str(info.value) and info.value.exit_code == 2 and remote in str(info.value)
+    assert not (tmp_path / "b").exists()  # nothing touched
+
+    second.acquire(job=None, take_over=True)
+    with pytest.raises(JobError, match="taken over"):
+        first.push()  # the old holder stops writing
+    second.close()
+    assert not gcs_emulator.client().bucket(gcs_emulator.bucket).blob("runs/lease/lease.json").exists()
+    make_sync(remote, tmp_path / "c").acquire(job=None)  # released: free again
+
+
+def test_a_restarted_job_or_a_dead_process_takes_its_output_back(
+    gcs_emulator: Emulator, tmp_path: Path, make_sync
+) -> None:
+    remote = f"gs://{gcs_emulator.bucket}/runs/lease2"
+    make_sync(remote, tmp_path / "a").acquire(job="slurm:7")
+    make_sync(remote, tmp_path / "a").acquire(job="slurm:7")  # a requeue of the same job
+    with pytest.raises(JobError, match="slurm:7"):
+        make_sync(remote, tmp_path / "b").acquire(job="slurm:8")
+    lease = gcs_emulator.client().bucket(gcs_emulator.bucket).blob("runs/lease2/lease.json")
+    record = json.loads(lease.download_as_text())
+    record.update(job=None, pid=_gone_pid())
+    lease.upload_from_string(json.dumps(record))
+    make_sync(remote, tmp_path / "b").acquire(job="slurm:8")  # its process on this host is gone
+
+
+def _gone_pid() -> int:
+    """The pid of a process that has ended."""
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid

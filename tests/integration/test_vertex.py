@@ -1,7 +1,9 @@
-"""Vertex AI: the custom-job specs in infra/vertex/ and the job under Vertex's multi-worker environment.
+"""Vertex AI: the job specs in infra/vertex/ and the job under Vertex's multi-worker environment.
 
-The specs are parsed strictly into google.cloud.aiplatform_v1 CustomJobSpec (an unknown or misspelt field
-fails, as the API would refuse it). The slow test runs two local workers with a Vertex-style CLUSTER_SPEC
+The specs are parsed strictly (json_format.ParseDict, ignore_unknown_fields=False) into google.cloud.aiplatform_v1
+types: CustomJobSpec for the custom jobs, HyperparameterTuningJob for the tuning job (an unknown or misspelt
+field fails, as the API would refuse it). Their args are parsed by the job's own command line, as each replica
+and each tuning trial runs them. The slow test runs two local workers with a Vertex-style CLUSTER_SPEC
 (workerpool0 = chief, workerpool1 = worker), as Vertex AI starts the replicas of infra/vertex/multiworker.yaml.
 """
 
@@ -9,22 +11,34 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
-from google.cloud.aiplatform_v1.types import AcceleratorType, CustomJobSpec
-from google.protobuf.json_format import ParseError
+from google.cloud.aiplatform_v1.types import (
+    AcceleratorType,
+    CustomJobSpec,
+    HyperparameterTuningJob,
+    Scheduling,
+    StudySpec,
+)
+from google.protobuf.json_format import ParseDict, ParseError
 
-from job.cli import main
+from job import hypertune
+from job.cli import main, vertex_output
+from job.config import load_config
 from job.layout import RunLayout
 from job.synth import make_synthetic_dataset
 from tests.jobproc import REPO, job_args, job_env
 
 VERTEX = REPO / "infra" / "vertex"
-SPECS = ("t4.yaml", "multiworker.yaml")
+SPECS = ("t4.yaml", "t4-spot.yaml", "multiworker.yaml")
+TUNING = "hptune.yaml"
+TENSORBOARD = re.compile(r"projects/[^/]+/locations/[^/]+/tensorboards/[^/]+")
+SERVICE_ACCOUNT = re.compile(r"[a-z][a-z0-9-]+@[A-Za-z0-9-]+\.iam\.gserviceaccount\.com")
 
 
 def _load(name: str) -> dict:
@@ -32,12 +46,29 @@ def _load(name: str) -> dict:
 
 
 def _parse(document: dict) -> CustomJobSpec:
-    return CustomJobSpec.from_json(json.dumps(document), ignore_unknown_fields=False)
+    return CustomJobSpec.wrap(ParseDict(document, CustomJobSpec.pb(CustomJobSpec()), ignore_unknown_fields=False))
 
 
-@pytest.mark.parametrize("name", SPECS)
-def test_spec_parses_strictly_as_a_custom_job_spec(name):
-    spec = _parse(_load(name))
+def _parse_tuning(document: dict) -> HyperparameterTuningJob:
+    message = HyperparameterTuningJob.pb(HyperparameterTuningJob())
+    return HyperparameterTuningJob.wrap(ParseDict(document, message, ignore_unknown_fields=False))
+
+
+def _job_specs() -> dict[str, CustomJobSpec]:
+    """Every custom job spec: the custom jobs' and the tuning job's trial spec."""
+    return {**{name: _parse(_load(name)) for name in SPECS}, TUNING: _parse_tuning(_load(TUNING)).trial_job_spec}
+
+
+def _parsed_args(args: list[str]):
+    """The click context `python -m job ARGS` gets (every option exists and parses; nothing runs)."""
+    command = main.get_command(None, args[0])
+    assert command is not None, f"{args[0]} is not a job command"
+    return command.make_context(args[0], list(args[1:]))
+
+
+@pytest.mark.parametrize("name", [*SPECS, TUNING])
+def test_spec_parses_strictly(name):
+    spec = _job_specs()[name]
     assert spec.worker_pool_specs
     for pool in spec.worker_pool_specs:
         assert pool.machine_spec.machine_type == "n1-standard-8"
@@ -48,18 +79,29 @@ def test_spec_parses_strictly_as_a_custom_job_spec(name):
         assert not pool.container_spec.command  # the image's ENTRYPOINT: python -m job
 
 
-@pytest.mark.parametrize("name", SPECS)
-def test_args_are_a_job_command_writing_to_the_base_output_directory(name):
-    spec = _parse(_load(name))
+@pytest.mark.parametrize("name", [*SPECS, TUNING])
+def test_args_leave_the_output_to_the_base_output_directory(name):
+    """No --output: the job takes AIP_MODEL_DIR's parent, which for a tuning trial is <base>/<trial id>."""
+    spec = _job_specs()[name]
     base = spec.base_output_directory.output_uri_prefix
     assert base.startswith("gs://")
     for pool in spec.worker_pool_specs:
         args = list(pool.container_spec.args)
-        assert args[args.index("--output") + 1] == base  # so AIP_MODEL_DIR etc. are <output>/model/ ...
+        assert "--output" not in args and not any(a.startswith("--output=") for a in args)
         assert args[args.index("--data") + 1].startswith("gs://")
-        command = main.get_command(None, args[0])
-        assert command is not None, f"{args[0]} is not a job command"
-        command.make_context(args[0], args[1:])  # every option exists and parses (nothing runs)
+        assert _parsed_args(args).params["output"] is None
+
+
+@pytest.mark.parametrize("model_dir, expected", [
+    ("gs://BUCKET/runs/rotnet-t4/model/", "gs://BUCKET/runs/rotnet-t4"),  # a custom job
+    ("gs://BUCKET/runs/rotnet-hptune/7/model/", "gs://BUCKET/runs/rotnet-hptune/7"),  # trial 7 of a tuning job
+])
+def test_the_output_is_the_parent_of_aip_model_dir(monkeypatch, model_dir, expected):
+    base = model_dir.rstrip("/").rsplit("/", 1)[0]
+    monkeypatch.setenv("AIP_MODEL_DIR", model_dir)
+    monkeypatch.setenv("AIP_CHECKPOINT_DIR", f"{base}/checkpoints/")
+    monkeypatch.setenv("AIP_TENSORBOARD_LOG_DIR", f"{base}/logs/")
+    assert vertex_output() == expected
 
 
 def test_multiworker_spec_has_one_chief_and_identical_workers():
@@ -72,6 +114,52 @@ def test_multiworker_spec_has_one_chief_and_identical_workers():
     assert spec.scheduling.restart_job_on_worker_restart
 
 
+def test_spot_spec_is_the_t4_job_on_spot_vms():
+    spot, t4 = _parse(_load("t4-spot.yaml")), _parse(_load("t4.yaml"))
+    assert spot.scheduling.strategy == Scheduling.Strategy.SPOT
+    assert t4.scheduling.strategy == Scheduling.Strategy.STRATEGY_UNSPECIFIED  # on-demand
+    assert list(spot.worker_pool_specs) == list(t4.worker_pool_specs)
+    assert spot.base_output_directory.output_uri_prefix != t4.base_output_directory.output_uri_prefix
+
+
+def test_tuning_spec_searches_config_keys_and_optimises_a_reported_metric():
+    job = _parse_tuning(_load(TUNING))
+    assert 0 < job.parallel_trial_count <= job.max_trial_count
+    study = job.study_spec
+    assert [m.metric_id for m in study.metrics] == ["downstream.val_accuracy"]
+    assert all(m.metric_id in hypertune.REPORTED_METRICS for m in study.metrics)
+    assert study.metrics[0].goal == StudySpec.MetricSpec.GoalType.MAXIMIZE
+    ids = [p.parameter_id for p in study.parameters]
+    assert ids == ["pretext.learning_rate", "pretext.epochs"]
+    (pool,) = job.trial_job_spec.worker_pool_specs
+    args = list(pool.container_spec.args)
+    for parameter in study.parameters:
+        bounds = parameter.double_value_spec or parameter.integer_value_spec
+        for value in (bounds.min_value, bounds.max_value):
+            # A trial's command as Vertex AI builds it: the spec's args, then --PARAMETER_ID=VALUE.
+            ctx = _parsed_args([*args, f"--{parameter.parameter_id}={value}"])
+            overrides = [*ctx.params["overrides"], *hypertune.overrides_from_args(ctx.args)]
+            config = load_config(ctx.params["config_name"], overrides)  # in range, the right type
+            section, key = parameter.parameter_id.split(".")
+            assert getattr(getattr(config, section), key) == value
+
+
+def test_tuning_trials_name_a_vertex_tensorboard_and_a_service_account():
+    trial = _parse_tuning(_load(TUNING)).trial_job_spec
+    assert TENSORBOARD.fullmatch(trial.tensorboard), trial.tensorboard
+    assert SERVICE_ACCOUNT.fullmatch(trial.service_account), trial.service_account
+
+
+def test_the_optional_tensorboard_and_service_account_documented_in_t4_yaml_parse():
+    """t4.yaml's comment shows the two optional lines; with them the spec still parses strictly."""
+    text = (VERTEX / "t4.yaml").read_text()
+    optional = [line.removeprefix("#").strip() for line in text.splitlines()
+                if re.match(r"#\s+(tensorboard|serviceAccount): ", line)]
+    assert len(optional) == 2, optional
+    spec = _parse({**_load("t4.yaml"), **yaml.safe_load("\n".join(optional))})
+    assert TENSORBOARD.fullmatch(spec.tensorboard) and SERVICE_ACCOUNT.fullmatch(spec.service_account)
+
+
 @pytest.mark.parametrize(
     "path, field",
     [
@@ -79,10 +167,11 @@ def test_multiworker_spec_has_one_chief_and_identical_workers():
         (("workerPoolSpecs", 0, "machineSpec"), "gpuCount"),
         (("workerPoolSpecs", 0, "containerSpec"), "image"),
         (("baseOutputDirectory",), "uri"),
+        (("scheduling",), "spot"),
     ],
 )
 def test_an_unknown_field_is_refused(path, field):
-    document = copy.deepcopy(_load("t4.yaml"))
+    document = copy.deepcopy(_load("t4-spot.yaml"))
     node = document
     for key in path:
         node = node[key]
@@ -91,11 +180,35 @@ def test_an_unknown_field_is_refused(path, field):
         _parse(document)
 
 
-def test_a_wrong_enum_value_is_refused():
-    document = _load("t4.yaml")
-    document["workerPoolSpecs"][0]["machineSpec"]["acceleratorType"] = "TESLA_T4"
+@pytest.mark.parametrize("path, field", [
+    ((), "trialSpec"),
+    (("studySpec",), "metric"),
+    (("studySpec", "parameters", 0), "doubleSpec"),
+    (("trialJobSpec",), "tensorBoard"),
+])
+def test_an_unknown_tuning_field_is_refused(path, field):
+    document = copy.deepcopy(_load(TUNING))
+    node = document
+    for key in path:
+        node = node[key]
+    node[field] = 1
     with pytest.raises(ParseError):
-        _parse(document)
+        _parse_tuning(document)
+
+
+@pytest.mark.parametrize("name, path, value", [
+    ("t4.yaml", ("workerPoolSpecs", 0, "machineSpec", "acceleratorType"), "TESLA_T4"),
+    ("t4-spot.yaml", ("scheduling", "strategy"), "PREEMPTIBLE"),
+    (TUNING, ("studySpec", "metrics", 0, "goal"), "MAX"),
+])
+def test_a_wrong_enum_value_is_refused(name, path, value):
+    document = copy.deepcopy(_load(name))
+    node = document
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    with pytest.raises(ParseError):
+        (_parse_tuning if name == TUNING else _parse)(document)
 
 
 def _free_ports(count: int) -> list[int]:

@@ -188,12 +188,20 @@ def test_bad_choice(override, key):
         (['data.downstream_wnids=["n01443537", "n01443537"]'], ["data.downstream_wnids"]),
         (['data.downstream_wnids=["n01443537"]'], ["data.downstream_wnids"]),
         (["model.weights=/no/such/file.weights.h5"], ["model.weights", "/no/such/file.weights.h5"]),
+        (["data.sha256=abc123"], ["data.sha256", "abc123", "64 hex digits"]),
+        (["data.sha256=" + "g" * 64], ["data.sha256", "64 hex digits"]),
     ],
 )
 def test_out_of_range(overrides, fragments):
     message = expect_error(*overrides)
     for fragment in fragments:
         assert fragment in message
+
+
+def test_a_sha256_is_accepted_in_either_case():
+    digest = "0123456789abcdef" * 4
+    assert load_config("demo", [f"data.sha256={digest.upper()}"]).data.sha256 == digest.upper()
+    assert load_config("demo").data.sha256 == ""
 
 
 def test_in_range_edges_are_accepted():

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import shutil
 import subprocess
 import sys
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +26,10 @@ REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "Dockerfile"
 DOCKERIGNORE = REPO / ".dockerignore"
 REQUIREMENTS = REPO / "requirements.txt"
+README = REPO / "README.md"
+PYPROJECT = REPO / "pyproject.toml"
+# Long enough for the current step, the final checkpoint and its upload after `docker stop`'s SIGTERM.
+MIN_STOP_TIMEOUT_S = 60
 
 INSTRUCTIONS = {
     "ADD", "ARG", "CMD", "COPY", "ENTRYPOINT", "ENV", "EXPOSE", "FROM", "HEALTHCHECK", "LABEL", "MAINTAINER",
@@ -200,10 +206,13 @@ def test_dockerfile_is_one_stage_from_the_tensorflow_gpu_image_of_the_pinned_ver
     assert len(froms) == 1
     _, words = froms[0].flags_and_args()
     image = words[0]
-    repository, _, tag = image.partition(":")
+    reference, _, digest = image.partition("@")
+    repository, _, tag = reference.partition(":")
     assert repository == "tensorflow/tensorflow", image
     pin = _tensorflow_pin()
     assert tag == f"{pin}-gpu", f"{image} does not match requirements.txt's tensorflow=={pin}"
+    # Pinned by the exact version tag, or also by a digest (never a moving tag such as latest-gpu).
+    assert not digest or re.fullmatch(r"sha256:[0-9a-f]{64}", digest), image
 
 
 def test_requirements_are_installed_with_pip_without_a_cache(instructions):
@@ -279,3 +288,72 @@ def test_the_copied_files_alone_run_the_cli(instructions, ignore_rules, tmp_path
         assert result.returncode == 0, result.stderr[-3000:]
         assert "Usage:" in result.stdout
     assert all(name in result.stdout for name in ("--data", "--output", "--config"))
+
+
+# -- the image's user, cache, labels; the README's docker run ---------------------------------------
+def _pairs(instruction: Instruction) -> dict[str, str]:
+    """KEY=VALUE words of an ENV or LABEL instruction (quotes removed)."""
+    return dict(word.split("=", 1) for word in shlex.split(instruction.value))
+
+
+def _env(instructions: list[Instruction]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for instruction in instructions:
+        if instruction.keyword == "ENV":
+            env.update(_pairs(instruction))
+    return env
+
+
+def test_the_cache_directory_exists_owned_by_the_job_user_and_writable_by_any_user(instructions):
+    """data.cache_dir, resolved with the image's HOME, is made by a RUN before USER, owned by the job's user (so a
+    named volume mounted there copies that owner) and world-writable with the sticky bit (for --user UID:GID)."""
+    from job.config import DataConfig
+
+    home = _env(instructions).get("HOME")
+    assert home, "the image sets no HOME: another --user would resolve ~ elsewhere"
+    cache = DataConfig().cache_dir.replace("~", home, 1)
+    user = _one(instructions, "USER").value.split(":")[0]
+    runs = [i.value for i in instructions if i.keyword == "RUN"]
+    assert any(re.search(rf"useradd\b.*--home-dir {re.escape(home)}\b", run) for run in runs), runs
+    made = [run for run in runs if re.search(rf"install -d -o {user} -g {user} -m 1777 .*{re.escape(cache)}\b", run)]
+    assert made, f"no RUN makes {cache} owned by {user} with mode 1777"
+    assert f"chmod 1777 {home}" in made[0], "another UID must be able to reach (and write) the home"
+
+
+def test_oci_labels_describe_the_image(instructions):
+    labels: dict[str, str] = {}
+    for instruction in instructions:
+        if instruction.keyword == "LABEL":
+            labels.update(_pairs(instruction))
+    prefix = "org.opencontainers.image."
+    for key in ("title", "description", "version", "base.name"):
+        assert labels.get(prefix + key), f"no {prefix}{key} label"
+    assert labels[prefix + "version"] == tomllib.loads(PYPROJECT.read_text())["project"]["version"]
+    (image,) = [i.flags_and_args()[1][0] for i in instructions if i.keyword == "FROM"]
+    assert labels[prefix + "base.name"] == f"docker.io/{image.partition('@')[0]}"
+
+
+def _readme_docker_runs() -> list[str]:
+    """Each `docker run` command of README.md's container section, continuation lines joined."""
+    text = README.read_text().replace("\\\n", " ")
+    lines = [line.strip() for line in text.splitlines()]
+    return [line for line in lines if line.startswith("docker run") and "rotnet-job" in line]
+
+
+def test_readme_docker_run_works_for_a_host_user_and_stops_cleanly():
+    runs = _readme_docker_runs()
+    assert runs, "README.md shows no `docker run … rotnet-job`"
+    for run in runs:
+        words = shlex.split(run, posix=True)
+        assert "--user" in words and words[words.index("--user") + 1] == "$(id -u):$(id -g)", run
+        timeout = words[words.index("--stop-timeout") + 1] if "--stop-timeout" in words else "0"
+        assert int(timeout) >= MIN_STOP_TIMEOUT_S, run
+    gcs = [run for run in runs if "gs://" in run]
+    assert gcs, "no gs:// example"
+    for run in gcs:
+        words = shlex.split(run)
+        mounts = [words[i + 1] for i, w in enumerate(words) if w == "-v"]
+        creds = [m for m in mounts if "application_default_credentials.json" in m]
+        assert creds and creds[0].endswith(":ro"), mounts
+        target = creds[0].split(":")[1]
+        assert f"GOOGLE_APPLICATION_CREDENTIALS={target}" in words, run

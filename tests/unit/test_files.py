@@ -76,7 +76,7 @@ def test_torn_history_json_is_one_line_naming_the_fix(tmp_path):
 
     history = _torn(tmp_path / HISTORY_FILE, b'[{"epoch": 1, "loss"')
     with pytest.raises(JobError, match="history.json is empty or torn") as info:
-        Trainer._load_history(types.SimpleNamespace(directory=tmp_path), 1)
+        Trainer._load_history(types.SimpleNamespace(directory=tmp_path, _restored=None), 1)
     assert str(history) in str(info.value) and "delete it" in str(info.value)
 
 

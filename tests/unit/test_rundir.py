@@ -394,3 +394,23 @@ def test_failed_final_sync_does_not_replace_the_preemption(tmp_path, synth_zip, 
     assert result.exit_code == 143, (result.output, result.exception)
     assert "preempted: stopped on request at step 7" in result.stderr
     assert "Final sync to gs://bucket/run failed: Could not upload" in caplog.text
+
+
+def test_force_clears_the_stage_in_the_bucket_too(tmp_path):
+    """Before: --force cleared only the local mirror; an interrupted forced run, rerun without --force, pulled
+    the old done.json back from the bucket and skipped the stage."""
+    from job.context import Context
+
+    layout = RunLayout(tmp_path)
+    cleared: list[Path] = []
+    cluster = types.SimpleNamespace(is_chief=True)
+
+    def context(environ: dict) -> Context:
+        record = rundir.ForceRecord.load(layout, environ)
+        return Context(load_config(DEMO), layout, tmp_path, cluster, force=True, force_record=record,
+                       clear_remote=cleared.append)
+
+    assert context({"SLURM_JOB_ID": "7"}).completed(layout.pretext) is None
+    assert cleared == [layout.pretext]
+    context({"SLURM_JOB_ID": "7", "SLURM_RESTART_COUNT": "1"}).completed(layout.pretext)
+    assert cleared == [layout.pretext]  # a requeue resumes: nothing cleared again

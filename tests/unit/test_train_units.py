@@ -1,0 +1,75 @@
+"""The trainer saves each checkpoint with its companions and resumes from them (job/units.py)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from job.distribute import Cluster
+from job.train import BEST_WEIGHTS, HISTORY_FILE, LoopConfig, ParamGroup, Trainer
+
+STEPS, BATCH = 2, 4
+VAL_ACCURACY = [0.5, 0.7, 0.6]  # epochs 1 and 2 improve; epoch 3 does not
+
+
+def _trainer(directory: Path, epochs: int) -> Trainer:
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    cluster = Cluster(tf.distribute.get_strategy(), True, 0, 1, False, "single")
+
+    def objective(batch, training):
+        per_example = tf.reduce_mean(tf.square(model(batch["x"], training=training) - 1.0), axis=-1)
+        return per_example, {"loss": (tf.reduce_sum(per_example), tf.cast(tf.size(per_example), tf.float32))}
+
+    config = LoopConfig(epochs=epochs, steps_per_epoch=STEPS, samples_per_step=BATCH, checkpoint_every_steps=100,
+                        keep_checkpoints=2, log_every_steps=100, fresh_batchnorm=False)
+    groups = [ParamGroup(model.trainable_variables, keras.optimizers.SGD(0.1))]
+    return Trainer(cluster, model, objective, groups, directory, directory / "logs", config)
+
+
+def _data(epoch, start, _ctx):
+    x = np.random.default_rng(epoch).normal(size=(STEPS * BATCH, 3)).astype(np.float32)
+    return tf.data.Dataset.from_tensor_slices({"x": x}).batch(BATCH).skip(start)
+
+
+def _evaluator(epoch, _writer):
+    return {"val_accuracy": VAL_ACCURACY[epoch]}
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_resume_takes_history_and_best_weights_from_the_restored_checkpoint(tmp_path: Path) -> None:
+    """The bucket named epoch 2's checkpoint beside epoch 1's history.json and best weights (their uploads
+    lost the race, or failed). Before: the resumed run had one epoch of history (wrong `epochs` and
+    `train_seconds`) and finalize exported epoch 1's weights as best (or crashed on a torn file)."""
+    first = _trainer(tmp_path, epochs=1)
+    first.fit(_data, _evaluator)
+    epoch1_history = (tmp_path / HISTORY_FILE).read_bytes()
+    epoch1_best = (tmp_path / BEST_WEIGHTS).read_bytes()
+    first.close()
+    second = _trainer(tmp_path, epochs=2)
+    second.fit(_data, _evaluator)
+    second.close()
+    ckpt = tmp_path / "ckpt"
+    assert json.loads((ckpt / "ckpt-4.history.json").read_text())[-1]["epoch"] == 2
+    assert (ckpt / "ckpt-4.best.weights.h5").read_bytes() == (tmp_path / BEST_WEIGHTS).read_bytes()
+    epoch2_best = (tmp_path / BEST_WEIGHTS).read_bytes()
+    assert epoch2_best != epoch1_best
+
+    mirror = tmp_path / "resumed"
+    shutil.copytree(tmp_path, mirror, ignore=shutil.ignore_patterns("resumed"))
+    (mirror / HISTORY_FILE).write_bytes(epoch1_history)
+    (mirror / BEST_WEIGHTS).write_bytes(epoch1_best[: len(epoch1_best) // 2])  # older, and torn
+    resumed = _trainer(mirror, epochs=3)
+    result = resumed.fit(_data, _evaluator)
+    resumed.finalize(use_best=True)
+    assert [h["epoch"] for h in result.history] == [1, 2, 3] and result.epochs == 3
+    assert (mirror / BEST_WEIGHTS).read_bytes() == epoch2_best  # epoch 3 did not improve: epoch 2's stays
+    assert sorted(p.name for p in (mirror / "ckpt").iterdir() if p.name.endswith(".history.json")) == [
+        "ckpt-4.history.json", "ckpt-6.history.json"]  # the dropped checkpoint's companions went with it
+    resumed.close()
