@@ -13,6 +13,7 @@ import io
 import logging
 import os
 import shutil
+import stat
 import tempfile
 import zipfile
 from collections.abc import Callable, Iterator
@@ -30,6 +31,11 @@ ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)  # fixed so zips are byte-identical for a 
 SUPERSAMPLE = 2  # draw at 2x and downsample, for anti-aliased edges
 MIN_IMAGE_SIZE = 16
 GRAYSCALE_MIN_IMAGES = 20  # with at least this many images, a positive fraction yields >= 1 grayscale JPEG
+# Modes before the umask, as any file or folder a user creates: readable by all (0644 / 0755 with umask 022),
+# in the zip's entries too (unzip applies them).
+FILE_MODE, DIR_MODE = 0o666, 0o777
+ZIP_FILE_MODE, ZIP_DIR_MODE = 0o644, 0o755
+MSDOS_DIRECTORY = 0x10  # the external_attr bit that marks a directory entry for DOS-era readers
 
 DOWNSTREAM_NAMES = {"n01443537": "goldfish, Carassius auratus", "n01855672": "goose"}
 EXTRA_SYNSETS = (  # unrelated synsets, as the real words.txt lists all of WordNet
@@ -102,16 +108,20 @@ def make_synthetic_dataset(
     downstream_wnids: tuple[str, str] = ("n01443537", "n01855672"),
     downstream_per_class: int | None = None,
     grayscale_fraction: float = 0.02,
+    force: bool = False,
 ) -> SynthSummary:
     """Write a synthetic Tiny ImageNet to `output` (a `.zip` file, or a directory holding `tiny-imagenet-200/`).
 
-    Raises ValueError for invalid arguments and FileExistsError if a directory output already holds
-    `tiny-imagenet-200/` (it is never deleted).
+    Raises ValueError for invalid arguments and FileExistsError if the zip or `output/tiny-imagenet-200/`
+    already exists, unless `force` (then it is replaced once the new one is complete).
     """
     output = Path(output)
     down_count = per_class if downstream_per_class is None else downstream_per_class
     _validate(classes, per_class, val_per_class, test_images, image_size, seed, downstream_wnids, down_count,
               grayscale_fraction)
+    target = output if output.suffix.lower() == ".zip" else output / ROOT_NAME
+    if not force and (target.exists() or target.is_symlink()):
+        raise FileExistsError(f"{target} already exists: pass --force to replace it, or choose another --output")
     wnids = _make_wnids(classes, downstream_wnids)
     rng = np.random.default_rng(seed)
 
@@ -140,9 +150,10 @@ def _validate(classes: int, per_class: int, val_per_class: int, test_images: int
     """Raise ValueError naming the first invalid argument."""
     if classes < 2:
         raise ValueError(f"classes must be >= 2 (the two downstream classes), got {classes}")
-    for name, value in (("per_class", per_class), ("val_per_class", val_per_class),
-                        ("test_images", test_images), ("downstream_per_class", downstream_per_class),
-                        ("seed", seed)):
+    for name, value in (("per_class", per_class), ("downstream_per_class", downstream_per_class)):
+        if value < 1:  # a class without train images is a dataset the job rejects
+            raise ValueError(f"{name} must be >= 1 (every class needs train images), got {value}")
+    for name, value in (("val_per_class", val_per_class), ("test_images", test_images), ("seed", seed)):
         if value < 0:
             raise ValueError(f"{name} must be >= 0, got {value}")
     if image_size < MIN_IMAGE_SIZE:
@@ -237,31 +248,54 @@ def _write_zip(output: Path, files: Iterator[tuple[str, bytes]]) -> None:
                 for depth in range(1, len(parts)):  # directory entries, as in the real zip
                     directory = "/".join(parts[:depth]) + "/"
                     if directory not in dirs_written:
-                        archive.writestr(zipfile.ZipInfo(directory, ZIP_DATE_TIME), b"")
+                        archive.writestr(_zip_entry(directory, stat.S_IFDIR | ZIP_DIR_MODE), b"")
                         dirs_written.add(directory)
-                archive.writestr(zipfile.ZipInfo("/".join(parts), ZIP_DATE_TIME), data)
+                archive.writestr(_zip_entry("/".join(parts), stat.S_IFREG | ZIP_FILE_MODE), data)
+        os.chmod(tmp_name, FILE_MODE & ~_umask())  # mkstemp made it 0600
         os.replace(tmp_name, output)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
 
 
+def _zip_entry(name: str, mode: int) -> zipfile.ZipInfo:
+    """A zip entry with Unix permissions (zipfile's default 0600, directories without x, is unreadable when
+    a non-root user unzips it)."""
+    info = zipfile.ZipInfo(name, ZIP_DATE_TIME)
+    info.create_system = 3  # Unix: external_attr's high bits are the mode
+    info.external_attr = mode << 16 | (MSDOS_DIRECTORY if stat.S_ISDIR(mode) else 0)
+    return info
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _write_directory(output: Path, files: Iterator[tuple[str, bytes]]) -> Path:
-    """Write all files into `output/tiny-imagenet-200/`, built in a temp dir and renamed into place."""
+    """Write all files into `output/tiny-imagenet-200/`, built in a temp dir and renamed into place (an
+    existing tree, which the caller allowed to replace, is removed once the new one is complete)."""
     target = output / ROOT_NAME
-    if target.exists():
-        raise FileExistsError(f"{target} already exists; remove it or choose another output directory")
     output.mkdir(parents=True, exist_ok=True)
     tmp_root = Path(tempfile.mkdtemp(dir=output, prefix=f".{ROOT_NAME}."))
+    old = None
     try:
+        os.chmod(tmp_root, DIR_MODE & ~_umask())  # mkdtemp made it 0700
         for rel_path, data in files:
             path = tmp_root / rel_path
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(data)
+        if target.exists() or target.is_symlink():
+            old = Path(tempfile.mkdtemp(dir=output, prefix=f".{ROOT_NAME}.old."))
+            os.replace(target, old / ROOT_NAME)
         os.replace(tmp_root, target)
     except BaseException:
         shutil.rmtree(tmp_root, ignore_errors=True)
         raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     return output
 
 

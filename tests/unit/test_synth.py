@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import os
 import re
+import stat
 import zipfile
 from pathlib import Path
 
@@ -190,3 +192,59 @@ def test_learnability_cues(tmp_path: Path) -> None:
     fish, duck = object_colour(FISH), object_colour(DUCK)
     assert np.abs(fish - duck).max() > 30
     assert fish[0] - fish[2] > duck[0] - duck[2] + 30  # fish are orange (red >> blue), ducks white/grey
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def test_zip_and_its_entries_are_readable_by_everyone(tmp_path: Path, umask_022) -> None:
+    """The zip is 0644 and its entries unzip as 0644 files in 0755 folders (they were 0600, folders without x:
+    a non-root user could not read an unzipped copy)."""
+    path = tmp_path / "s.zip"
+    make_synthetic_dataset(path, **SMALL)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    with zipfile.ZipFile(path) as archive:
+        modes = {info.filename: info.external_attr >> 16 for info in archive.infolist()}
+    assert modes[f"{ROOT_NAME}/"] == stat.S_IFDIR | 0o755
+    assert modes[f"{ROOT_NAME}/wnids.txt"] == stat.S_IFREG | 0o644
+    assert {stat.S_IMODE(m) for m in modes.values()} == {0o644, 0o755}
+
+
+def test_directory_tree_is_readable_by_everyone(tmp_path: Path, umask_022) -> None:
+    make_synthetic_dataset(tmp_path / "data", **SMALL)
+    root = tmp_path / "data" / ROOT_NAME
+    paths = [root, *root.rglob("*")]
+    assert {stat.S_IMODE(p.stat().st_mode) for p in paths if p.is_dir()} == {0o755}
+    assert {stat.S_IMODE(p.stat().st_mode) for p in paths if p.is_file()} == {0o644}
+
+
+def test_an_existing_zip_is_replaced_only_with_force(tmp_path: Path) -> None:
+    path = tmp_path / "s.zip"
+    path.write_bytes(b"mine")
+    with pytest.raises(FileExistsError, match="--force"):
+        make_synthetic_dataset(path, **SMALL)
+    assert path.read_bytes() == b"mine"
+    make_synthetic_dataset(path, **SMALL, force=True)
+    assert zipfile.is_zipfile(path)
+
+
+def test_an_existing_directory_tree_is_replaced_only_with_force(tmp_path: Path) -> None:
+    root = tmp_path / "data" / ROOT_NAME
+    root.mkdir(parents=True)
+    (root / "mine.txt").write_text("mine")
+    with pytest.raises(FileExistsError):
+        make_synthetic_dataset(tmp_path / "data", **SMALL)
+    summary = make_synthetic_dataset(tmp_path / "data", **SMALL, force=True)
+    assert not (root / "mine.txt").exists()
+    check_layout(dir_files(tmp_path / "data"), summary, image_size=32)
+
+
+@pytest.mark.parametrize("name", ["per_class", "downstream_per_class"])
+def test_a_class_without_train_images_is_refused(tmp_path: Path, name: str) -> None:
+    with pytest.raises(ValueError, match=f"^{name} must be >= 1"):
+        make_synthetic_dataset(tmp_path / "x.zip", **{**SMALL, name: 0})
+    assert not (tmp_path / "x.zip").exists()
