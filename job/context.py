@@ -46,7 +46,8 @@ class Context:
     @cached_property
     def dataset(self) -> Dataset:
         cfg = self.config.data
-        return load_dataset(self.data_path, cfg.image_size, Path(cfg.cache_dir).expanduser(), cfg.decode_threads)
+        return load_dataset(self.data_path, cfg.image_size, Path(cfg.cache_dir).expanduser(), cfg.decode_threads,
+                            required_wnids=cfg.downstream_wnids)
 
     def dataset_summary(self) -> dict:
         d = self.dataset

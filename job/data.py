@@ -13,6 +13,7 @@ import io
 import logging
 import mmap
 import os
+import re
 import shutil
 import socket
 import stat
@@ -52,6 +53,11 @@ PARTIAL_MARKER = ".partial-"
 # removed once nothing in it changed for this long.
 STALE_PARTIAL_AGE_S = 24 * 3600.0
 HINT = "point --data at the tiny-imagenet-200 zip or directory (or make one with `python -m job synth`)"
+WNIDS_FILE = "wnids.txt"  # marks the dataset's root: found at the top or up to MAX_ROOT_DEPTH folders down
+MAX_ROOT_DEPTH = 2
+WNIDS_SHOWN = 5  # wnids an error about a missing class lists
+# PIL names the buffer it read ("cannot identify image file <_io.BytesIO object at 0x7f...>"): not the user's file.
+BUFFER_REPR = re.compile(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
 
 
 @dataclass
@@ -78,14 +84,28 @@ class Dataset:
     decode_seconds: float = 0.0  # time the first decode of this source took (kept in the cache)
     source: str = ""
     from_cache: bool = False
+    wnids_file: str = ""  # where the class list was read: a path, or ZIP:tiny-imagenet-200/wnids.txt
 
     def class_index(self, wnid: str) -> int:
         """Index of a wnid, or a JobError naming it and the data."""
-        if wnid not in self.wnids:
-            raise JobError(
-                f"class {wnid} is not in {self.source}/wnids.txt: set data.downstream_wnids to wnids of this data."
-            )
+        check_wnids(self.wnids, [wnid], self.wnids_file or f"{self.source}/{WNIDS_FILE}")
         return self.wnids.index(wnid)
+
+
+def check_wnids(wnids: list[str], required: list[str], where: str) -> None:
+    """A JobError naming the first of `required` absent from `wnids` (read from `where`), and a few that exist."""
+    for wnid in required:
+        if wnid not in wnids:
+            shown = ", ".join(wnids[:WNIDS_SHOWN]) + (", ..." if len(wnids) > WNIDS_SHOWN else "")
+            raise JobError(f"class {wnid} is not in {where}, which lists {len(wnids)} classes ({shown}): set "
+                           "data.downstream_wnids to two of them.")
+
+
+def unreadable_reason(err: BaseException) -> str:
+    """Why an image could not be decoded, in words about the file (not about PIL's in-memory buffer)."""
+    if isinstance(err, UnidentifiedImageError):
+        return "not an image format PIL can read"
+    return BUFFER_REPR.sub("", str(err)) or type(err).__name__
 
 
 class _Tree:
@@ -95,7 +115,11 @@ class _Tree:
         self.path = path
         if path.is_dir():
             self._zip = None
-            root = path / ROOT_NAME if (path / ROOT_NAME).is_dir() else path
+            markers = [p.relative_to(path).as_posix() for depth in range(MAX_ROOT_DEPTH + 1)
+                       for p in path.glob("*/" * depth + WNIDS_FILE)]
+            has_root_name = (path / ROOT_NAME).is_dir()
+            prefix = _root_prefix(markers + ([f"{ROOT_NAME}/"] if has_root_name else []))
+            root = path / prefix if prefix else path
             self._root = root
             self._names = {
                 str(p.relative_to(root).as_posix()) for p in root.rglob("*") if p.is_file() and not p.is_symlink()
@@ -104,7 +128,7 @@ class _Tree:
             self._zip = zipfile.ZipFile(path)
             self._check_members(self._zip)
             names = [n for n in self._zip.namelist() if not n.endswith("/")]
-            prefix = f"{ROOT_NAME}/" if any(n.startswith(f"{ROOT_NAME}/") for n in names) else ""
+            prefix = _root_prefix(names)
             self._root = prefix
             self._names = {n[len(prefix) :] for n in names if n.startswith(prefix)}
         elif path.exists():
@@ -141,18 +165,36 @@ class _Tree:
         return sorted(n for n in self._names if n.startswith(prefix) and n.lower().endswith(IMAGE_SUFFIXES))
 
     def describe(self, name: str) -> str:
-        return f"{self.path}:{ROOT_NAME}/{name}" if self._zip is not None else str(self._root / name)
+        return f"{self.path}:{self._root}{name}" if self._zip is not None else str(self._root / name)
 
 
-def load_dataset(path: Path, image_size: int, cache_dir: Path | None = None, threads: int = 0) -> Dataset:
-    """Read, validate and decode the dataset; reuse the decoded cache when the source is unchanged."""
+def _root_prefix(names: list[str]) -> str:
+    """The dataset's root inside a tree ("", "tiny-imagenet-200/", "data/tiny-imagenet-200/"): the shallowest
+    folder holding wnids.txt, up to MAX_ROOT_DEPTH folders down (tiny-imagenet-200/ first among equals); with
+    none, tiny-imagenet-200/ when the tree has it, else the top."""
+    roots = [name[: -len(WNIDS_FILE)] for name in names
+             if name.rpartition("/")[2] == WNIDS_FILE and name.count("/") <= MAX_ROOT_DEPTH]
+    if roots:
+        return min(roots, key=lambda root: (root.count("/"), not root.endswith(f"{ROOT_NAME}/"), root))
+    return f"{ROOT_NAME}/" if any(n.startswith(f"{ROOT_NAME}/") for n in names) else ""
+
+
+def load_dataset(path: Path, image_size: int, cache_dir: Path | None = None, threads: int = 0,
+                 required_wnids: list[str] = ()) -> Dataset:
+    """Read, validate and decode the dataset; reuse the decoded cache when the source is unchanged.
+
+    `required_wnids`: classes the caller needs; one missing is a JobError before anything is decoded.
+    """
     path = Path(path)
     cache = _cache_dir(path, image_size, cache_dir) if cache_dir is not None else None
     if cache is not None and (cache / META_FILE).is_file():
+        dataset = _load_cache(cache, str(path))
+        check_wnids(dataset.wnids, list(required_wnids), dataset.wnids_file or f"{path}/{WNIDS_FILE}")
         log.info("Using decoded images cached in %s", cache)
-        return _load_cache(cache, str(path))
+        return dataset
     tree = _Tree(path)
     wnids, names = _read_classes(tree)
+    check_wnids(wnids, list(required_wnids), tree.describe(WNIDS_FILE))
     train_files, train_labels = _train_files(tree, wnids)
     val_files, val_labels = _val_files(tree, wnids)
     # With a cache, images are decoded straight into its memory-mapped .npy files: a large dataset is never
@@ -178,7 +220,7 @@ def load_dataset(path: Path, image_size: int, cache_dir: Path | None = None, thr
                 "add its images or remove it from wnids.txt."
             )
         tree.close()
-        dataset = Dataset(wnids, names, train, val, skipped, seconds, str(path))
+        dataset = Dataset(wnids, names, train, val, skipped, seconds, str(path), wnids_file=tree.describe(WNIDS_FILE))
         if partial is None:
             return dataset
         _save_cache(partial, cache, dataset)
@@ -190,8 +232,9 @@ def load_dataset(path: Path, image_size: int, cache_dir: Path | None = None, thr
 
 
 def _read_classes(tree: _Tree) -> tuple[list[str], dict[str, str]]:
-    if not tree.has("wnids.txt"):
-        raise JobError(f"{tree.describe('wnids.txt')} is missing: {HINT}.")
+    if not tree.has(WNIDS_FILE):
+        raise JobError(f"{tree.describe(WNIDS_FILE)} is missing (nor is there a {WNIDS_FILE} up to {MAX_ROOT_DEPTH} "
+                       f"folders down in {tree.path}): {HINT}.")
     wnids = [line.strip() for line in tree.text("wnids.txt").splitlines() if line.strip()]
     if not wnids:
         raise JobError(f"{tree.describe('wnids.txt')} lists no classes: {HINT}.")
@@ -268,7 +311,7 @@ def _decode_split(
         try:
             data = read_with_retries(tree, name)
         except CORRUPT_MEMBER_ERRORS as err:
-            log.warning("Skipping unreadable image %s (%s)", tree.describe(name), err)
+            log.warning("Skipping unreadable image %s (%s)", tree.describe(name), unreadable_reason(err))
             return
         except JobError:
             failed.set()
@@ -277,7 +320,7 @@ def _decode_split(
             images[i] = decode_image(data, size)
             ok[i] = True
         except UNREADABLE_ERRORS as err:
-            log.warning("Skipping unreadable image %s (%s)", tree.describe(name), err)
+            log.warning("Skipping unreadable image %s (%s)", tree.describe(name), unreadable_reason(err))
 
     last_report = time.perf_counter()
     with ThreadPoolExecutor(workers) as pool:
@@ -410,6 +453,7 @@ def _save_cache(partial: Path, cache: Path, dataset: Dataset) -> None:
         "train_files": dataset.train.files,
         "val_files": dataset.val.files,
         "decode_seconds": dataset.decode_seconds,
+        "wnids_file": dataset.wnids_file,
     }
     write_json(partial / META_FILE, meta)
     # meta.json vouches for the arrays beside it: all of them reach the disk before the cache is published.
@@ -435,5 +479,5 @@ def _load_cache(cache: Path, source: str) -> Dataset:
 
     return Dataset(
         meta["wnids"], meta["names"], split("train"), split("val"), meta["skipped"], meta["decode_seconds"], source,
-        from_cache=True,
+        from_cache=True, wnids_file=meta.get("wnids_file", ""),  # caches from before it was recorded: ""
     )

@@ -444,3 +444,57 @@ def test_mini_dataset(mini_zip: Path, tmp_path: Path):
     assert cached.wnids == data.wnids
     np.testing.assert_array_equal(cached.val.labels, data.val.labels)
     np.testing.assert_array_equal(cached.val.images, data.val.images)
+
+
+# -- what the errors and warnings say --------------------------------------------------------------
+def test_skip_messages_name_the_file_not_a_buffer(tmp_path: Path, synth_zip: Path, caplog):
+    """An unreadable image's warning says why in words (it said `<_io.BytesIO object at 0x...>`)."""
+    not_image = "train/n90000002/images/n90000002_4.JPEG"
+    path = modified_zip(synth_zip, tmp_path / "d.zip", lambda f: f.update({not_image: b"<html>no image</html>"}))
+    with caplog.at_level("WARNING", logger="job.data"):
+        load_dataset(path, SIZE, threads=2)
+    (message,) = [r.getMessage() for r in caplog.records if "Skipping" in r.getMessage()]
+    assert message == f"Skipping unreadable image {path}:{ROOT_NAME}/{not_image} (not an image format PIL can read)"
+
+
+def test_missing_wnid_names_the_file_in_the_zip_and_the_wnids_it_lists(tmp_path: Path, synth_zip: Path, caplog):
+    """A required class absent from the data is one error naming wnids.txt inside the zip (it said
+    `synth.zip/wnids.txt`) and a few wnids that exist, before any image is decoded."""
+    with caplog.at_level("INFO", logger="job.data"), pytest.raises(JobError) as caught:
+        load_dataset(synth_zip, SIZE, cache_dir=tmp_path / "cache", threads=2, required_wnids=[FISH, "n00000001"])
+    message = str(caught.value)
+    assert message.startswith(f"class n00000001 is not in {synth_zip}:{ROOT_NAME}/wnids.txt, which lists "
+                              f"{CLASSES} classes ({FISH}, {DUCK}, ")
+    assert "data.downstream_wnids" in message
+    assert not [r for r in caplog.records if "Decoded" in r.getMessage()]  # failed before decoding
+    assert not (tmp_path / "cache").exists()
+    cached = load_dataset(synth_zip, SIZE, cache_dir=tmp_path / "cache2", threads=2)
+    with pytest.raises(JobError) as caught:  # the same from the decoded cache
+        load_dataset(synth_zip, SIZE, cache_dir=tmp_path / "cache2", required_wnids=["n00000001"])
+    assert f"{synth_zip}:{ROOT_NAME}/wnids.txt" in str(caught.value)
+    assert cached.wnids_file == f"{synth_zip}:{ROOT_NAME}/wnids.txt"
+
+
+@pytest.mark.parametrize("root", [f"data/{ROOT_NAME}/", "download/"])
+def test_zip_one_folder_deeper_is_found(tmp_path: Path, zip_members: dict[str, bytes], zip_data: Dataset,
+                                        root: str):
+    """A zip whose tree sits one folder deeper (a re-zipped download) loads like the original."""
+    path = write_zip(tmp_path / "deeper.zip", zip_members, root=root)
+    data = load_dataset(path, SIZE, threads=2)
+    assert data.wnids == zip_data.wnids
+    np.testing.assert_array_equal(data.train.images, zip_data.train.images)
+    assert data.wnids_file == f"{path}:{root}wnids.txt"
+
+
+def test_directory_one_folder_deeper_is_found(tmp_path: Path, synth_dir: Path, zip_data: Dataset):
+    (tmp_path / "outer").mkdir()
+    (tmp_path / "outer" / "inner").symlink_to(synth_dir, target_is_directory=True)
+    data = load_dataset(tmp_path / "outer", SIZE, threads=2)
+    assert data.wnids == zip_data.wnids and len(data.train) == TRAIN
+
+
+def test_zip_without_wnids_says_where_it_looked(tmp_path: Path, zip_members: dict[str, bytes]):
+    files = {name: data for name, data in zip_members.items() if name != "wnids.txt"}
+    path = write_zip(tmp_path / "deep.zip", files, root=f"a/b/c/{ROOT_NAME}/")  # too deep to be searched
+    message = load_error(path)
+    assert f"{path}:wnids.txt is missing (nor is there a wnids.txt up to 2 folders down in {path})" in message
