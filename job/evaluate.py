@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import weakref
 
 import numpy as np
@@ -13,11 +14,24 @@ EVAL_BATCH = 256
 _compiled: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _inference_fn(model):
-    """One traced inference function per model, so repeated evaluations do not re-trace."""
-    if model not in _compiled:
-        _compiled[model] = tf.function(lambda x: model(tf.cast(x, tf.float32), training=False), reduce_retracing=True)
-    return _compiled[model]
+def _infer(model, x):
+    return model(tf.cast(x, tf.float32), training=False)
+
+
+def _inference_fn(model, example: np.ndarray):
+    """The model's inference function for batches like `example`, of any size: traced once per model.
+
+    Its signature leaves the batch dimension open, so the last, smaller batch does not trace it again (shapes
+    alone traced it twice: reduce_retracing relaxes a shape only once it has seen two). Each model has its own
+    function object (a partial, not one lambda's code shared by every model, which TensorFlow's retracing
+    count would add up across models).
+    """
+    functions = _compiled.setdefault(model, {})
+    key = (example.dtype.str, example.shape[1:])
+    if key not in functions:
+        spec = tf.TensorSpec([None, *example.shape[1:]], tf.as_dtype(example.dtype))
+        functions[key] = tf.function(functools.partial(_infer, model), input_signature=[spec])
+    return functions[key]
 
 
 def predict(model, images: np.ndarray, rotations: bool = False, batch_size: int = EVAL_BATCH):
@@ -25,11 +39,10 @@ def predict(model, images: np.ndarray, rotations: bool = False, batch_size: int 
 
     With `rotations=True` each batch holds all four rotations of its images (block k = k*90°).
     """
-    call = _inference_fn(model)
     outputs, angles = [], []
     labels = np.zeros(len(images), np.int32)
     for x, _, angle in eval_batches(images, labels, batch_size, rotations):
-        result = call(x)
+        result = _inference_fn(model, x)(x)
         outputs.append(tf.nest.map_structure(lambda t: t.numpy(), result))
         angles.append(angle)
     merged = tf.nest.map_structure(lambda *parts: np.concatenate(parts), *outputs)
@@ -96,6 +109,12 @@ def linear_probe(
     """Val accuracy of logistic regression fitted on frozen train features (`fit_logistic`)."""
     kernel, bias = fit_logistic(train_features, train_labels, num_classes, steps, learning_rate, weight_decay, seed)
     return accuracy(val_features @ kernel + bias, val_labels)
+
+
+def capped_knn_k(k: int, train_count: int) -> int:
+    """k-NN's k, kept below the number of training images (at or above it, every val image's neighbours would
+    be the whole training set)."""
+    return max(1, min(k, train_count - 1))
 
 
 def knn_accuracy(

@@ -59,3 +59,34 @@ def test_fit_logistic_returns_a_classifier_of_the_raw_features():
     kernel, bias = fit_logistic(features, labels, 2, steps=300, learning_rate=0.05, weight_decay=1e-4)
     assert kernel.shape == (3, 2) and bias.shape == (2,)
     assert np.mean(np.argmax(features @ kernel + bias, -1) == labels) >= 0.95
+
+
+def test_predict_traces_each_model_once_and_never_warns_of_retracing(caplog):
+    """Several models evaluated back to back on a last batch smaller than the others (as the evaluate stage
+    does): one trace per model, and no `tf.function retracing` warning (each model traced twice before)."""
+    import logging
+
+    import keras
+
+    from job.evaluate import _compiled, predict
+
+    models = [keras.Sequential([keras.Input((4, 4, 3)), keras.layers.Flatten(), keras.layers.Dense(2)])
+              for _ in range(6)]
+    images = np.arange(7 * 4 * 4 * 3, dtype=np.uint8).reshape(7, 4, 4, 3)
+    with caplog.at_level(logging.WARNING, logger="tensorflow"):
+        for model in models:
+            assert predict(model, images, batch_size=3).shape == (7, 2)  # batches of 3, 3 and 1
+            assert predict(model, images[:2], batch_size=3).shape == (2, 2)
+    assert not [r for r in caplog.records if "retracing" in r.getMessage()]
+    for model in models:
+        (function,) = _compiled[model].values()
+        assert function.experimental_get_tracing_count() == 1
+
+
+def test_knn_k_is_capped_below_the_number_of_training_images():
+    from job.evaluate import capped_knn_k
+
+    assert capped_knn_k(20, 200) == 20
+    assert capped_knn_k(20, 20) == 19  # k not below the train images: every val image would see them all
+    assert capped_knn_k(20, 8) == 7
+    assert capped_knn_k(5, 1) == 1
