@@ -6,6 +6,7 @@ import functools
 import gc
 import logging
 import os
+import re
 import shutil
 import signal
 import sys
@@ -14,7 +15,15 @@ from pathlib import Path
 
 import click
 
-from job.config import DEFAULT_CONFIG, DataConfig, available_configs, load_config
+from job import console
+from job.config import (
+    DEFAULT_CONFIG,
+    DEMO_MAX_TRAIN_IMAGES,
+    REAL_DATA_CONFIGS,
+    DataConfig,
+    available_configs,
+    load_config,
+)
 from job.errors import DISK_FULL_TEXTS, DiskFullError, JobError, from_os_error
 from job.predict import PREDICT_BATCH
 
@@ -24,12 +33,35 @@ EXIT_PREEMPTED = 143  # stopped by SIGTERM/SIGUSR1 after checkpointing; rerun to
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+EXIT_CODES_HELP = """\b
+Exit codes:
+  0    done (or every stage already complete)
+  1    a bug: an unexpected exception, printed with its traceback
+  2    bad input: one line `error: ...` naming it and the fix (a usage error too)
+  3    object storage or download (gs://, https://) failed
+  4    the disk (or quota) is full: free space, rerun the same command to resume
+  143  stopped by SIGTERM/SIGUSR1 after a checkpoint: rerun the same command to resume"""
+ENVIRONMENT_HELP = """\b
+Environment:
+  JOB_DATA, JOB_OUTPUT       --data, --output
+  AIP_MODEL_DIR              Vertex AI: --output defaults to its parent
+  TF_CONFIG, CLUSTER_SPEC    multi-worker clusters (as do Slurm's SLURM_* variables)
+  GOOGLE_APPLICATION_CREDENTIALS, STORAGE_EMULATOR_HOST   gs:// credentials, an emulator
+  JOB_ALLOCATOR=system       no tcmalloc re-exec on CPU
+  TF_CPP_MIN_LOG_LEVEL       TensorFlow's C++ lines (default: hidden, shown with --log-level debug)"""
+CONFIG_HELP = ("Config keys: each with its default and meaning in job/config.py; the named configs are "
+               "job/configs/*.toml (README: Configuration).")
+JOB_EPILOG = f"{CONFIG_HELP}\n\n{ENVIRONMENT_HELP}\n\n{EXIT_CODES_HELP}"
+
+
+def _log_level_option(default: str | None) -> Callable:
+    """--log-level, accepted before the command (the group's, INFO by default) and after it (overrides)."""
+    return click.option(
+        "--log-level", default=default, type=click.Choice(LOG_LEVELS, case_sensitive=False), expose_value=False,
+        is_eager=True, callback=lambda ctx, param, value: value and console.configure(value),
+        help="Logging verbosity; DEBUG also shows TensorFlow's own lines.",
     )
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    logging.getLogger("absl").setLevel(logging.WARNING)
 
 
 def _user_errors(function: Callable) -> Callable:
@@ -118,20 +150,22 @@ def _request_stop(signum, frame):
     STOP_REQUESTED.set()
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.option("--log-level", default="INFO", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]),
-              help="Logging verbosity.")
-def main(log_level: str) -> None:
-    """Self-supervised rotation pretraining of MobileNetV2 on Tiny ImageNet, then fish-vs-duck transfer."""
-    _setup_logging(log_level)
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True},
+             epilog=f"{ENVIRONMENT_HELP}\n\n{EXIT_CODES_HELP}")
+@_log_level_option("INFO")
+def main() -> None:
+    """Self-supervised rotation pretraining of MobileNetV2 on Tiny ImageNet, then fish-vs-duck transfer.
+
+    Run `python -m job COMMAND --help` for a command's options.
+    """
 
 
 def _job_options(function: Callable) -> Callable:
     options = [
-        click.option("--data", envvar="JOB_DATA", required=True,
+        click.option("--data", envvar="JOB_DATA", show_envvar=True, required=True,
                      help="Tiny ImageNet: a local zip or directory, gs://bucket/file.zip, gs://bucket/prefix/ "
                           "or an https:// URL."),
-        click.option("--output", envvar="JOB_OUTPUT", default=None,
+        click.option("--output", envvar="JOB_OUTPUT", show_envvar=True, default=None,
                      help="Run directory: a local path or gs://bucket/prefix. Default: $JOB_OUTPUT, else the "
                           "base output directory of a Vertex AI job (the parent of $AIP_MODEL_DIR)."),
         click.option("--config", "config_name", default=DEFAULT_CONFIG,
@@ -142,6 +176,7 @@ def _job_options(function: Callable) -> Callable:
         click.option("--force", is_flag=True, default=False, help="Redo stages whose results are already in --output."),
         click.option("--take-over", is_flag=True, default=False,
                      help="Write a gs:// --output whose lease another job holds (only when that job is dead)."),
+        _log_level_option(None),
     ]
     for option in reversed(options):
         function = option(function)
@@ -163,7 +198,8 @@ def _execute(stage_names: list[str], data: str, output: str, config_name: str, o
         rundir.check_output_dir(Path(output))
     local_output, syncer = open_output(output, cache / "runs", config.runtime.sync_interval_s)
     data_path = fetch_dataset(data, cache / "downloads", config.data.sha256 or None)
-    from job import stages  # TensorFlow: imported once the data is there (a bad --data fails in seconds)
+    console.import_tensorflow()  # once the data is there (a bad --data fails in seconds)
+    from job import stages
     from job.context import check_model
     from job.distribute import make_cluster
 
@@ -181,6 +217,7 @@ def _execute(stage_names: list[str], data: str, output: str, config_name: str, o
         context = stages.Context(config, layout, data_path, cluster, force, data_identity=identity)
         # Every check before anything in the output is deleted or rewritten.
         stages.check_inputs(context)
+        _warn_demo_recipe(config_name, len(context.dataset.train))
         check_model(context)
         rundir.check_reuse(layout, config, identity, stage_names, force)
         if force:
@@ -223,6 +260,14 @@ def _execute(stage_names: list[str], data: str, output: str, config_name: str, o
         click.echo(f"Report: {output.rstrip('/')}/report/report.md")
 
 
+def _warn_demo_recipe(config_name: str, train_images: int) -> None:
+    """The default config on real data (thousands of images) is almost always a missing --config."""
+    if config_name == DEFAULT_CONFIG and train_images > DEMO_MAX_TRAIN_IMAGES:
+        recipes = "; ".join(f"--config {name}: {what}" for name, what in REAL_DATA_CONFIGS.items())
+        log.warning("--config %s is the 32 px demo recipe for `make demo`'s synthetic data, not for these %d train "
+                    "images: for real data pass %s", DEFAULT_CONFIG, train_images, recipes)
+
+
 def vertex_output() -> str:
     """The run directory of a Vertex AI custom job: its base output directory, whose model/, checkpoints/
     and logs/ are AIP_MODEL_DIR, AIP_CHECKPOINT_DIR and AIP_TENSORBOARD_LOG_DIR (job/layout.py)."""
@@ -244,7 +289,7 @@ TRIAL_ARGUMENTS = {"ignore_unknown_options": True, "allow_extra_args": True}
 
 
 def _stage_command(name: str, stage_names: list[str], help_text: str) -> None:
-    @main.command(name=name, help=help_text, context_settings=TRIAL_ARGUMENTS)
+    @main.command(name=name, help=help_text, epilog=JOB_EPILOG, context_settings=TRIAL_ARGUMENTS)
     @_job_options
     @click.pass_context
     @_user_errors
@@ -265,7 +310,7 @@ _stage_command("evaluate", ["evaluate"],
                "complete ones.")
 
 
-@main.command()
+@main.command(epilog="Exit codes: 0 written; 2 a bad option, or --output exists (pass --force to replace it).")
 @click.option("--output", required=True, type=click.Path(path_type=Path),
               help="Where to write: FILE.zip, or a directory that will hold tiny-imagenet-200/.")
 @click.option("--classes", default=10, help="Number of classes (the two downstream wnids first).")
@@ -276,35 +321,41 @@ _stage_command("evaluate", ["evaluate"],
 @click.option("--test-images", default=10, help="Unlabelled test images.")
 @click.option("--image-size", default=64, help="Image side in pixels.")
 @click.option("--seed", default=0, help="Random seed; the same seed gives the same files.")
+@click.option("--force", is_flag=True, default=False, help="Replace an existing zip or tiny-imagenet-200/.")
+@_log_level_option(None)
 @_user_errors
 def synth(output: Path, classes: int, per_class: int, downstream_per_class: int | None, val_per_class: int,
-          test_images: int, image_size: int, seed: int) -> None:
+          test_images: int, image_size: int, seed: int, force: bool) -> None:
     """Generate a synthetic dataset in the Tiny ImageNet layout (learnable orientation, fish vs duck)."""
     from job.synth import make_synthetic_dataset
 
     try:
         summary = make_synthetic_dataset(
             output, classes=classes, per_class=per_class, val_per_class=val_per_class, test_images=test_images,
-            image_size=image_size, seed=seed, downstream_per_class=downstream_per_class,
+            image_size=image_size, seed=seed, downstream_per_class=downstream_per_class, force=force,
         )
     except (ValueError, FileExistsError) as err:
-        raise JobError(f"cannot write {output}: {err}") from err
+        # The library names its parameters (per_class); the command line has options (--per-class).
+        reason = re.sub(r"^([a-z_]+)\b", lambda m: "--" + m[1].replace("_", "-"), str(err))
+        raise JobError(f"cannot write {output}: {reason}.") from err
     click.echo(f"Wrote {summary.train_images} train, {summary.val_images} val and {summary.test_images} test "
                f"images of {len(summary.wnids)} classes to {summary.path}")
 
 
-@main.command()
+@main.command(epilog=f"{CONFIG_HELP}\n\n{EXIT_CODES_HELP}")
 @click.option("--data", required=True, help="Tiny ImageNet as for `run` (local path, gs://, https://).")
 @click.option("--config", "config_name", default=DEFAULT_CONFIG, help="Config name or TOML file.")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override one config value.")
 @click.option("--batches", default=20, help="Batches per measurement.")
 @click.option("--repeats", default=3, help="Measurements per quantity; the median is reported.")
 @click.option("--json", "as_json", is_flag=True, default=False, help="Print JSON instead of a table.")
+@_log_level_option(None)
 @_user_errors
 def bench(data: str, config_name: str, overrides: tuple[str, ...], batches: int, repeats: int, as_json: bool) -> None:
     """Measure input pipeline and training throughput (seed pipeline vs this one, step with and without input)."""
     import tempfile
 
+    console.import_tensorflow()
     from job import bench as benchmark
     from job import stages
     from job.distribute import make_cluster
@@ -330,6 +381,7 @@ def bench(data: str, config_name: str, overrides: tuple[str, ...], batches: int,
               help="Write the CSV here instead of printing it.")
 @click.option("--batch-size", default=PREDICT_BATCH, type=click.IntRange(min=1), help="Images per model call.")
 @click.option("--cache-dir", default=DataConfig().cache_dir, help="Where gs:// models and images are downloaded.")
+@_log_level_option(None)
 @_user_errors
 def predict(model: str, images: tuple[str, ...], output: Path | None, batch_size: int, cache_dir: str) -> None:
     """Classify IMAGES (files, folders, zips, gs:// objects or prefixes) with a trained model.

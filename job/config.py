@@ -18,6 +18,10 @@ from models.mobilenet_layers import mobilenet_v2_layer_names
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 DEFAULT_CONFIG = "demo"
+# The demo recipe (32 px, a narrow network, a few epochs) is for `make demo`'s few hundred synthetic images: on
+# more train images than this, the job warns and names the recipes for real data.
+DEMO_MAX_TRAIN_IMAGES = 2000
+REAL_DATA_CONFIGS = {"cpu-real": "the real subset on a CPU", "t4": "full Tiny ImageNet on a GPU"}
 # model.weights files: Keras' weight files (HDF5) and saved models (zip archives), told by suffix and signature.
 SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 WEIGHTS_SIGNATURES = {".weights.h5": b"\x89HDF\r\n\x1a\n", ".h5": b"\x89HDF\r\n\x1a\n", ".keras": b"PK\x03\x04"}
@@ -105,7 +109,7 @@ class FinetuneConfig:
 class EvaluateConfig:
     """Evaluations of the pretrained backbone."""
 
-    knn_k: int = 20
+    knn_k: int = 20  # neighbours of the k-NN probe; capped below the number of downstream train images
     probe_steps: int = 300  # full-batch steps of the logistic-regression probes
     probe_learning_rate: float = 0.05
     probe_weight_decay: float = 1e-4

@@ -11,6 +11,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from job import console
 from job.context import (
     Context,
     build_configured_backbone,
@@ -303,6 +304,7 @@ def train_downstream(ctx: Context, init: str, fraction: float, seed: int, mode: 
     mode = mode or f.mode
     directory = layout.downstream(init, mode, fraction, seed)
     if (done := ctx.completed(directory)) is not None:
+        log.info("downstream %s: complete in %s, skipping (use --force to redo)", directory.name, directory)
         return done
     split = downstream_split(ctx)
     subset = stratified_subset(split.train_labels, fraction, seed)
@@ -314,7 +316,8 @@ def train_downstream(ctx: Context, init: str, fraction: float, seed: int, mode: 
     # several times: per-epoch evaluation and checkpoints then cost the same at every label fraction.
     one_pass = math.ceil(len(subset) / batch)
     steps, epochs = max(one_pass, math.ceil(f.min_steps / f.epochs)), f.epochs
-    log.info("downstream %s: %d labelled images, %d epochs of %d steps", directory.name, len(subset), epochs, steps)
+    log.info("downstream %s: %d labelled images, %s of %s", directory.name, len(subset),
+             console.count(epochs, "epoch"), console.count(steps, "step"))
 
     learner = _learner(ctx, init, mode)
     learner.reset(ctx, init, mode, seed, warmup_steps=int(f.warmup_epochs * steps), total_steps=epochs * steps)
@@ -343,6 +346,7 @@ def train_downstream(ctx: Context, init: str, fraction: float, seed: int, mode: 
     predicted = np.argmax(logits, -1)
     if (ctx.cluster.is_chief and init == PRETRAINED and mode == f.mode and fraction == f.label_fraction
             and seed == cfg.runtime.seed):
+        log.info("downstream %s: saving %s and its SavedModel...", directory.name, layout.classifier)
         with atomic_path(layout.classifier) as tmp:
             model.save(tmp)
         export_classifier(layout.classifier, layout.classifier_savedmodel, cfg.data.downstream_names)

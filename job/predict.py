@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from job.data import UNREADABLE_ERRORS, decode_image
+from job import console
+from job.data import UNREADABLE_ERRORS, decode_image, unreadable_reason
 from job.errors import JobError
 from job.layout import RunLayout
 
@@ -115,6 +116,7 @@ def _run_config(path: Path) -> dict:
 
 
 def _load_keras(path: Path, config: dict | None, source: str) -> Predictor:
+    console.import_tensorflow()
     import keras
     import tensorflow as tf
 
@@ -139,6 +141,7 @@ def _load_keras(path: Path, config: dict | None, source: str) -> Predictor:
 
 
 def _load_savedmodel(path: Path, source: str) -> Predictor:
+    console.import_tensorflow()
     import tensorflow as tf
 
     from job.serving import PIXELS_SIGNATURE, PROBABILITIES
@@ -212,7 +215,7 @@ def predict_images(predictor: Predictor, images: Sequence[ImageFile], skipped: l
         try:
             return decode_image(image.read(), size)
         except (*UNREADABLE_ERRORS, KeyError, zipfile.BadZipFile) as err:
-            log.warning("Skipping unreadable image %s (%s)", image.name, err)
+            log.warning("Skipping unreadable image %s (%s)", image.name, unreadable_reason(err))
             return None
 
     batches = [images[begin : begin + batch_size] for begin in range(0, len(images), batch_size)]

@@ -11,6 +11,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from job import console
 from job.context import (
     Context,
     build_configured_backbone,
@@ -111,9 +112,9 @@ def pretrain(ctx: Context) -> dict:
     val_indices = random_subset(len(data.val), p.val_max_images, ctx.config.runtime.seed)
     val_images, val_labels = np.asarray(data.val.images[val_indices]), data.val.labels[val_indices]
     log.info(
-        "pretrain: %d images x 4 rotations, %d steps/epoch, %d epochs, %d replicas (%s), mixed precision %s",
-        len(task.train_indices), task.loop.steps_per_epoch, p.epochs, ctx.cluster.num_replicas, ctx.cluster.kind,
-        mixed_precision(ctx),
+        "pretrain: %d images x 4 rotations, %d steps/epoch, %s, %s (%s), mixed precision %s",
+        len(task.train_indices), task.loop.steps_per_epoch, console.count(p.epochs, "epoch"),
+        console.count(ctx.cluster.num_replicas, "replica"), ctx.cluster.kind, mixed_precision(ctx),
     )
 
     def evaluator(epoch: int, writer) -> dict[str, float]:
@@ -129,6 +130,7 @@ def pretrain(ctx: Context) -> dict:
         layout.pretext, layout.tensorboard("pretext"), task.loop,
     )
     result = trainer.fit(task.dataset_fn, evaluator)
+    log.info("pretrain: exporting the backbone and the rotation model (.keras files and a SavedModel)...")
     trainer.finalize(use_best=True)
     final = evaluator(result.epochs, trainer.writer)
     trainer.close()

@@ -15,6 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from job.console import count, share  # noqa: E402
 from job.files import atomic_path, write_json, write_text  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ METRIC_KEYS = (
     "downstream.linear_probe_val_accuracy",
     "downstream.random_linear_probe_val_accuracy",
     "downstream.knn_val_accuracy",
+    "downstream.knn_k",
     "downstream.depth_probe",
     "downstream.confusion_matrix",
     "downstream.train_images",
@@ -111,6 +113,8 @@ def build_metrics(pretext: dict, evaluations: dict, data: dict) -> dict:
             "linear_probe_val_accuracy": evaluations["linear_probe_val_accuracy"],
             "random_linear_probe_val_accuracy": evaluations.get("random_linear_probe_val_accuracy"),
             "knn_val_accuracy": evaluations["knn_val_accuracy"],
+            "knn_k": evaluations.get("knn_k"),  # None in results from before it was recorded
+            "knn_k_configured": evaluations.get("knn_k_configured"),
             "depth_probe": evaluations.get("depth_probe"),
             "confusion_matrix": first["confusion_matrix"],
             "train_images": first["train_images"],
@@ -186,15 +190,15 @@ def _markdown(metrics: dict, figures: list[str]) -> str:
         ("Pretext linear probe, all classes, val top-1", _fmt(p["linear_probe_200_top1"])),
         ("Pretext epochs / train seconds / samples per s",
          f"{p['epochs']} / {p['train_seconds']:.0f} / {p['samples_per_sec']:.0f}"),
-        (f"Downstream val accuracy, {d['mode']}, {d['label_fraction']:g} of labels (mean ± std, {seeds} seeds)",
-         _fmt(d["val_accuracy"], d["val_accuracy_std"])),
+        (f"Downstream val accuracy, {d['mode']}, {share(d['label_fraction'])} of the labels (mean ± std, "
+         f"{count(seeds, 'seed')})", _fmt(d["val_accuracy"], d["val_accuracy_std"])),
         ("Downstream best-epoch val accuracy (optimistic: selected on val)", _fmt(d["best_epoch_val_accuracy"])),
-        (f"Scratch baseline, same recipe (mean ± std, {seeds} seeds)",
+        (f"Scratch baseline, same recipe (mean ± std, {count(seeds, 'seed')})",
          _fmt(b["scratch_val_accuracy"], b["scratch_val_accuracy_std"])),
         ("Colour-histogram baseline: logistic regression on RGB histograms, no network (mean ± std)",
          _fmt(b["colour_histogram_val_accuracy"], b["colour_histogram_val_accuracy_std"])),
         ("Linear probe on frozen features, val accuracy", _fmt(d["linear_probe_val_accuracy"])),
-        ("k-NN (cosine, k = 20) on frozen features, val accuracy", _fmt(d["knn_val_accuracy"])),
+        (f"k-NN ({_knn_words(d)}) on frozen features, val accuracy", _fmt(d["knn_val_accuracy"])),
         ("Downstream train / val images", f"{d['train_images']} / {d['val_images']}"),
         ("Data train / val / skipped images", f"{data['train_images']} / {data['val_images']} / "
          f"{data['skipped_images']}"),
@@ -206,12 +210,22 @@ def _markdown(metrics: dict, figures: list[str]) -> str:
         lines += ["", "## Linear probe by depth (downstream val accuracy, all labels, frozen pooled features)", "",
                   "| layer | pretrained | random init |", "|---|---|---|"]
         lines += [f"| {r['layer']} | {_fmt(r['pretrained'])} | {_fmt(r['random'])} |" for r in d["depth_probe"]]
-    lines += ["", f"Downstream numbers are the mean ± standard deviation over {seeds} seed(s) of the downstream "
-              "stage, on the val images of the two classes.", ""]
+    lines += ["", f"Downstream numbers are the mean ± standard deviation over {count(seeds, 'seed')} of the "
+              "downstream stage, on the val images of the two classes.", ""]
     if data["skipped_images"]:
         lines += ["Skipped unreadable images: " + ", ".join(data["skipped_files"]), ""]
     lines += [f"![{name}]({name})" for name in figures]
     return "\n".join(lines) + "\n"
+
+
+def _knn_words(downstream: dict) -> str:
+    """'cosine, k = 20', with a note when evaluate.knn_k was capped below the number of train images."""
+    k, configured = downstream.get("knn_k"), downstream.get("knn_k_configured")
+    if k is None:
+        return "cosine"
+    note = f"; evaluate.knn_k = {configured}, capped below the number of train images" if (
+        configured is not None and configured != k) else ""
+    return f"cosine, k = {k}{note}"
 
 
 def _delta(a: list[float], b: list[float]) -> str:
@@ -231,7 +245,7 @@ def _verdict(metrics: dict) -> list[str]:
              "|---|---|---|---|---|---|" + ("---|---|" if s4l else "")]
     for row in metrics["label_efficiency"]:
         ours, scratch, colour = row["pretrained"], row["scratch"], row.get("colour_histogram", [])
-        line = (f"| {row['fraction']:g} | {_fmt(*_mean_std(ours))} | {_fmt(*_mean_std(scratch))} | "
+        line = (f"| {share(row['fraction'])} | {_fmt(*_mean_std(ours))} | {_fmt(*_mean_std(scratch))} | "
                 f"{_fmt(*_mean_std(colour))} | {_delta(ours, scratch)} | {_delta(ours, colour)} |")
         if s4l:
             joint = row.get("s4l", [])

@@ -13,7 +13,7 @@ import time
 import keras
 import numpy as np
 
-from job import report
+from job import console, report
 from job.context import Context, build_configured_backbone, pretrained_backbone, probe_settings, read_done
 from job.downstream import (
     PRETRAINED,
@@ -26,7 +26,7 @@ from job.downstream import (
     transfer_selection,
 )
 from job.errors import JobError
-from job.evaluate import colour_histograms, knn_accuracy, linear_probe, predict
+from job.evaluate import capped_knn_k, colour_histograms, knn_accuracy, linear_probe, predict
 from job.pipelines import rotate_four, stratified_subset
 from job.pretext import pretrain
 from models.backbone import pooled_block_features, transfer_features
@@ -58,8 +58,12 @@ def evaluate(ctx: Context) -> dict:
     fresh = done is None or not layout.metrics.is_file()
     if fresh:
         done = _evaluations(ctx)
+    else:
+        log.info("evaluate: complete in %s, skipping its evaluations (use --force to redo); writing the report "
+                 "from them", layout.evaluate)
     metrics = report.build_metrics(pretext, done, ctx.dataset_summary())
     if ctx.cluster.is_chief:
+        log.info("evaluate: writing the report (figures, metrics.json, report.md)...")
         report.write_report(layout.report, metrics, _examples(ctx, done))
     if fresh:  # after the report: whoever sees done.json finds this report, not an older one
         ctx.finish(layout.evaluate, done)
@@ -69,11 +73,17 @@ def evaluate(ctx: Context) -> dict:
 def _evaluations(ctx: Context) -> dict:
     cfg, e = ctx.config, ctx.config.evaluate
     clock = time.perf_counter()
+    _log_switched_off(ctx)
     split = downstream_split(ctx)
     backbone = pretrained_backbone(ctx)
     keras.utils.set_random_seed(cfg.runtime.seed)
     random_backbone = build_configured_backbone(ctx, weights="none")
     layers = transfer_layers(ctx)
+    knn_k = capped_knn_k(e.knn_k, len(split.train_labels))
+    if knn_k != e.knn_k:
+        log.info("evaluate: evaluate.knn_k = %d is not below the %d downstream train images: k-NN uses k = %d",
+                 e.knn_k, len(split.train_labels), knn_k)
+    log.info("evaluate: frozen-feature probes (linear, k-NN) on %s, pretrained and random init...", "+".join(layers))
     # The frozen features the downstream head sees (finetune.transfer_layers), pretrained and from random init.
     features = {"pretrained": transfer_features(backbone, layers), "random": transfer_features(random_backbone, layers)}
     train_features, val_features = predict(features["pretrained"], split.train_images), predict(
@@ -89,7 +99,9 @@ def _evaluations(ctx: Context) -> dict:
             predict(features["random"], split.train_images), split.train_labels,
             predict(features["random"], split.val_images), split.val_labels, 2, seed=cfg.runtime.seed, **probe,
         ),
-        "knn_val_accuracy": knn_accuracy(train_features, split.train_labels, val_features, split.val_labels, e.knn_k),
+        "knn_val_accuracy": knn_accuracy(train_features, split.train_labels, val_features, split.val_labels, knn_k),
+        "knn_k": knn_k,
+        "knn_k_configured": e.knn_k,
         "linear_probe_200_top1": None,
         "random_linear_probe_200_top1": None,
     }
@@ -139,9 +151,23 @@ def _evaluations(ctx: Context) -> dict:
     return result
 
 
+def _log_switched_off(ctx: Context) -> None:
+    """Say which of the evaluate stage's optional parts the config switches off, and by which key."""
+    e = ctx.config.evaluate
+    off = {"scratch baseline": ("evaluate.scratch_baseline", e.scratch_baseline),
+           "colour-histogram baseline": ("evaluate.colour_baseline", e.colour_baseline),
+           "S4L rows": ("evaluate.s4l", e.s4l),
+           "linear probe by depth": ("evaluate.depth_probe", e.depth_probe),
+           "all-class linear probe": ("evaluate.linear_probe_200", e.linear_probe_200)}
+    skipped = [f"{name} ({key} = false)" for name, (key, on) in off.items() if not on]
+    if skipped:
+        log.info("evaluate: skipping %s", ", ".join(skipped))
+
+
 def _colour_baseline(ctx: Context, split, fractions: list[float]) -> dict[float, list[float]]:
     """Val accuracy per seed of logistic regression on RGB colour histograms, on the downstream runs' subsets."""
     e = ctx.config.evaluate
+    log.info("evaluate: colour-histogram baseline (%d³ bins, no network)...", e.colour_bins)
     train = colour_histograms(split.train_images, e.colour_bins)
     val = colour_histograms(split.val_images, e.colour_bins)
     probe = probe_settings(ctx)
@@ -154,7 +180,7 @@ def _colour_baseline(ctx: Context, split, fractions: list[float]) -> dict[float,
                 linear_probe(train[subset], split.train_labels[subset], val, split.val_labels, 2, seed=seed, **probe)
             )
     log.info("evaluate: colour-histogram baseline %s",
-             ", ".join(f"{f:g} of labels {np.mean(v):.3f}" for f, v in scores.items()))
+             ", ".join(f"{console.share(f)} of the labels {np.mean(v):.3f}" for f, v in scores.items()))
     return scores
 
 

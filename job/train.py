@@ -20,7 +20,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from job import units
+from job import console, units
 from job.distribute import Cluster
 from job.files import atomic_path, read_json, write_json
 
@@ -203,7 +203,13 @@ class Trainer:
 
     def train_step(self, batch) -> dict[str, tuple[tf.Tensor, tf.Tensor]]:
         """One optimisation step on a distributed batch; sets `stop_agreed` when a stop was requested."""
+        tracing = self.step_fn.experimental_get_tracing_count() == 0
+        if tracing:  # the first step traces (and with XLA compiles) the model: tens of seconds on a CPU
+            log.info("Compiling the train step (its first call traces the model)...")
+            begin = time.perf_counter()
         metrics, stop = self.step_fn(batch, tf.constant(float(STOP_REQUESTED.is_set())))
+        if tracing:
+            log.info("Train step compiled in %.0f s", time.perf_counter() - begin)
         self.step.assign_add(1)
         self.stop_agreed = bool(stop)
         return metrics
@@ -225,6 +231,8 @@ class Trainer:
         except Preempted:
             self.close()
             raise
+        finally:
+            console.close_progress()  # a bar cut short by an error or a stop leaves the screen to what follows
 
     def _fit(self, dataset_fn: DatasetFn, evaluator: Evaluator) -> LoopResult:
         cfg, strategy = self.config, self.cluster.strategy
@@ -281,6 +289,9 @@ class Trainer:
         # Held by the trainer, not only by this frame: when a stop unwinds this loop, tearing down a
         # multi-worker iterator mid-epoch can block; the process exits right after a stop instead.
         self._iterator = iter(dataset)
+        # On a terminal, a bar for the epoch replaces the step log lines (TensorBoard gets the same scalars).
+        done = int(self.step.numpy()) - epoch * cfg.steps_per_epoch
+        bar = console.progress_bar(f"epoch {epoch + 1}/{cfg.epochs}", cfg.steps_per_epoch, done)
         for batch in self._iterator:
             metrics = self.train_step(batch)
             step = int(self.step.numpy())
@@ -290,13 +301,16 @@ class Trainer:
                     acc[0] += float(total)
                     acc[1] += float(count)
             window_steps += 1
+            if bar is not None:
+                bar.update(step - epoch * cfg.steps_per_epoch, {k: s / max(c, 1.0) for k, (s, c) in epoch_sums.items()})
             if step % cfg.log_every_steps == 0:
                 seconds = time.perf_counter() - window_start
                 scalars = {k: s / max(c, 1.0) for k, (s, c) in window_sums.items()}
                 scalars["samples_per_sec"] = window_steps * cfg.samples_per_step / max(seconds, 1e-9)
                 scalars["learning_rate"] = float(_current_lr(self.groups[0].optimizer))
                 self._write_scalars(scalars, "train")
-                log.info(
+                log.log(
+                    logging.DEBUG if bar is not None else logging.INFO,
                     "epoch %d step %d/%d  %s",
                     epoch + 1, step - epoch * cfg.steps_per_epoch, cfg.steps_per_epoch,
                     "  ".join(f"{k}={v:.4g}" for k, v in scalars.items()),
@@ -307,6 +321,7 @@ class Trainer:
                 self._save_and_stop(step)
             if step % cfg.checkpoint_every_steps == 0 and not at_epoch_end:
                 self._save(step)
+        console.close_progress()
         return {f"train_{k}": s / max(c, 1.0) for k, (s, c) in epoch_sums.items()}
 
     def _save(self, step: int) -> None:

@@ -20,7 +20,8 @@ TINY = (
 
 
 def job_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2", TF_DETERMINISTIC_OPS="1")
+    # TensorFlow's C++ lines are the job's to quiet (job/console.py), as for a user.
+    env = dict(os.environ, PYTHONPATH=str(REPO), TF_DETERMINISTIC_OPS="1")
     env.update(extra)
     return env
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -64,8 +66,14 @@ def test_job_command_help(command):
         assert option in text
     assert "[default: demo]" in text
     assert "SECTION.KEY=VALUE" in text
-    assert text.count("[required]") == 1  # --data; --output may come from JOB_OUTPUT or Vertex's AIP_MODEL_DIR
-    assert "JOB_OUTPUT" in text and "AIP_MODEL_DIR" in text
+    assert text.count("required]") == 1  # --data; --output may come from JOB_OUTPUT or Vertex's AIP_MODEL_DIR
+    assert "[env var: JOB_DATA; required]" in text and "[env var: JOB_OUTPUT]" in text
+    assert "AIP_MODEL_DIR" in text
+    assert "TF_CPP_MIN_LOG_LEVEL" in text and "JOB_ALLOCATOR" in text
+    assert "job/config.py" in text  # where each config key is documented
+    for code in ("0", "2", "3", "4", "143"):
+        assert f" {code} " in text.split("Exit codes:")[1]
+    assert "--log-level" in text
 
 
 def test_synth_help():
@@ -73,6 +81,7 @@ def test_synth_help():
     assert result.exit_code == 0, result.output
     text = flat(result.output)
     assert "--output" in text and "[required]" in text
+    assert "--force" in text and "Exit codes: 0" in text
     for option, default in (("--classes", 10), ("--per-class", 40), ("--val-per-class", 10),
                             ("--test-images", 10), ("--image-size", 64), ("--seed", 0)):
         assert option in text
@@ -167,7 +176,7 @@ def _previous_run(out: Path) -> dict[Path, bytes]:
 
 
 def test_downstream_wnid_absent_from_data_finetune(tmp_path, synth_zip):
-    """finetune decodes the data and fails on the unknown class before building a model."""
+    """finetune fails on the unknown class as soon as it has read wnids.txt, before decoding any image."""
     out = tmp_path / "out"
     kept = _previous_run(out)
     result = invoke("finetune", "--data", str(synth_zip), "--output", str(out), *cache_set(tmp_path),
@@ -177,7 +186,7 @@ def test_downstream_wnid_absent_from_data_finetune(tmp_path, synth_zip):
     assert "data.downstream_wnids" in line
     for path, data in kept.items():
         assert path.read_bytes() == data
-    assert (tmp_path / "cache" / "decoded").is_dir()  # it got as far as decoding
+    assert not (tmp_path / "cache" / "decoded").exists()
 
 
 @pytest.mark.slow
@@ -270,3 +279,87 @@ def test_missing_output_without_vertex_is_a_clear_error(synth_zip, monkeypatch):
     result = invoke("pretrain", "--data", str(synth_zip))
     assert result.exit_code == 2
     assert "--output is missing" in result.output
+
+
+@pytest.mark.parametrize("command", ["bench", "predict"])
+def test_other_commands_help_lists_exit_codes(command):
+    result = invoke(command, "--help")
+    assert result.exit_code == 0, result.output
+    assert "Exit codes:" in result.output and "[required]" in flat(result.output)
+
+
+def test_log_level_is_accepted_after_the_command_too(tmp_path, monkeypatch):
+    """`python -m job synth ... --log-level debug` (it was `No such option: --log-level`), in any case."""
+    import logging
+
+    monkeypatch.delenv("TF_CPP_MIN_LOG_LEVEL", raising=False)  # restored afterwards: the CLI sets it
+
+    result = invoke("synth", "--output", str(tmp_path / "s.zip"), "--classes", "2", "--per-class", "1",
+                    "--val-per-class", "1", "--test-images", "0", "--image-size", "16", "--log-level", "debug")
+    assert result.exit_code == 0, result.output
+    assert logging.getLogger().level == logging.DEBUG
+    result = invoke("--log-level", "warning", "synth", "--output", str(tmp_path / "t.zip"), "--classes", "2",
+                    "--per-class", "1", "--val-per-class", "1", "--test-images", "0", "--image-size", "16")
+    assert result.exit_code == 0, result.output
+    assert logging.getLogger().level == logging.WARNING
+    invoke("--log-level", "info", "--help")
+
+
+def test_synth_per_class_zero_is_one_line_naming_the_option(tmp_path):
+    result = invoke("synth", "--output", str(tmp_path / "s.zip"), "--per-class", "0")
+    line = one_line_error(result)
+    assert "--per-class must be >= 1" in line
+    assert not (tmp_path / "s.zip").exists()
+
+
+def test_synth_refuses_to_overwrite_a_zip_without_force(tmp_path):
+    path = tmp_path / "s.zip"
+    path.write_bytes(b"mine")
+    small = ["--classes", "2", "--per-class", "1", "--val-per-class", "1", "--test-images", "0", "--image-size", "16"]
+    line = one_line_error(invoke("synth", "--output", str(path), *small))
+    assert str(path) in line and "--force" in line
+    assert path.read_bytes() == b"mine"
+    result = invoke("synth", "--output", str(path), *small, "--force")
+    assert result.exit_code == 0, result.output
+    assert zipfile.is_zipfile(path)
+
+
+def test_demo_recipe_on_real_sized_data_warns_and_names_the_real_recipes(tmp_path, synth_zip, monkeypatch, caplog):
+    """The default config on more images than a demo set says it is the demo recipe and names cpu-real / t4
+    (here the limit is lowered to the test set's size; finetune without a backbone then stops the run)."""
+    import logging
+
+    monkeypatch.setattr("job.cli.DEMO_MAX_TRAIN_IMAGES", 10)
+    caplog.set_level(logging.WARNING, logger="job")
+    result = invoke("finetune", "--data", str(synth_zip), "--output", str(tmp_path / "out"), *cache_set(tmp_path))
+    assert "backbone.keras" in one_line_error(result)
+    (warning,) = [r.getMessage() for r in caplog.records if "demo recipe" in r.getMessage()]
+    assert "--config cpu-real" in warning and "--config t4" in warning and "32 train images" in warning
+    caplog.clear()
+    result = invoke("finetune", "--data", str(synth_zip), "--output", str(tmp_path / "out"), *cache_set(tmp_path),
+                    "--config", "cpu-real")
+    assert "backbone.keras" in one_line_error(result)
+    assert not [r for r in caplog.records if "demo recipe" in r.getMessage()]
+
+
+@pytest.mark.slow
+def test_user_error_is_the_first_and_only_line_of_stderr(tmp_path, synth_zip):
+    """In a process of its own, as a user runs it: no TensorFlow lines before the one `error:` line (there were
+    seven, one of them `failed call to cuInit`); `--log-level debug` after the command shows TensorFlow's."""
+    import re
+
+    from tests.jobproc import REPO, job_env
+
+    args = [sys.executable, "-m", "job", "finetune", "--data", str(synth_zip), "--output", str(tmp_path / "out"),
+            "--set", f"data.cache_dir={tmp_path / 'cache'}",
+            "--set", f'data.downstream_wnids=["{MISSING_WNID}","n01855672"]']
+    env = {k: v for k, v in job_env().items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    quiet = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert quiet.returncode == 2, quiet.stderr
+    assert quiet.stderr.splitlines() == [quiet.stderr.strip()] and quiet.stderr.startswith(
+        f"error: class {MISSING_WNID} is not in {synth_zip}:{ROOT_NAME}/wnids.txt"), quiet.stderr
+    loud = subprocess.run([*args, "--log-level", "debug"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert loud.returncode == 2
+    assert [line for line in loud.stderr.splitlines() if re.match(r"[IWE]\d{4} ", line)], loud.stderr
+    assert loud.stderr.splitlines()[-1] == quiet.stderr.strip()

@@ -47,8 +47,8 @@ def test_the_report_opens_with_the_verdict(metrics):
     verdict = lines.index("## Verdict")
     assert verdict < lines.index("## Details")
     # Δ in points against scratch and colour, per label fraction.
-    assert "| 0.1 | 0.8500 ± 0.0500 | 0.6000 ± 0.0000 | 0.9000 ± 0.0000 | +25.0 | -5.0 |" in lines
-    assert "| 1 | 0.9500 ± 0.0500 | 0.7500 ± 0.0500 | 0.8000 ± 0.0000 | +20.0 | +15.0 |" in lines
+    assert "| 10% | 0.8500 ± 0.0500 | 0.6000 ± 0.0000 | 0.9000 ± 0.0000 | +25.0 | -5.0 |" in lines
+    assert "| 100% | 0.9500 ± 0.0500 | 0.7500 ± 0.0500 | 0.8000 ± 0.0000 | +20.0 | +15.0 |" in lines
     # Frozen features against random ones: the same features, and the random network's best depth.
     assert "| fish/duck on the transferred features (block_12_add) | 0.9000 | 0.7000 | +20.0 |" in lines
     assert "| all-class (200-way) on the transferred features | 0.0600 | 0.0200 | +4.0 |" in lines
@@ -69,7 +69,25 @@ def test_s4l_is_a_row_of_its_own_beside_the_transfer_numbers(metrics):
         row["s4l"] = joint
     lines = _markdown(metrics, []).splitlines()
     # The transfer columns are unchanged; S4L and its Δ against scratch follow.
-    assert "| 0.1 | 0.8500 ± 0.0500 | 0.6000 ± 0.0000 | 0.9000 ± 0.0000 | +25.0 | -5.0 | 0.7500 ± 0.0500 | +15.0 |" \
+    assert "| 10% | 0.8500 ± 0.0500 | 0.6000 ± 0.0000 | 0.9000 ± 0.0000 | +25.0 | -5.0 | 0.7500 ± 0.0500 | +15.0 |" \
         in lines
-    assert "| 1 | 0.9500 ± 0.0500 | 0.7500 ± 0.0500 | 0.8000 ± 0.0000 | +20.0 | +15.0 | 1.0000 ± 0.0000 | +25.0 |" \
+    assert "| 100% | 0.9500 ± 0.0500 | 0.7500 ± 0.0500 | 0.8000 ± 0.0000 | +20.0 | +15.0 | 1.0000 ± 0.0000 | +25.0 |" \
         in lines
+
+
+def test_counts_and_label_shares_read_as_words(metrics):
+    """One seed is '1 seed' and a label fraction of 1 is '100% of the labels' (it read '1 of labels', '1 seeds')."""
+    metrics["downstream"]["seeds"] = [0]
+    text = _markdown(metrics, [])
+    assert "finetune, 100% of the labels (mean ± std, 1 seed)" in text
+    assert "over 1 seed of the downstream stage" in text
+    assert "1 seeds" not in text and "of labels" not in text and "seed(s)" not in text
+
+
+def test_knn_k_is_the_configured_one_with_a_note_when_capped(metrics):
+    """The report's k is the k used (it always read 'k = 20'), with a note when evaluate.knn_k was capped."""
+    metrics["downstream"].update(knn_k=5, knn_k_configured=5)
+    assert "| k-NN (cosine, k = 5) on frozen features, val accuracy | 0.8000 |" in _markdown(metrics, [])
+    metrics["downstream"].update(knn_k=9, knn_k_configured=20)
+    assert ("| k-NN (cosine, k = 9; evaluate.knn_k = 20, capped below the number of train images) on frozen "
+            "features, val accuracy | 0.8000 |") in _markdown(metrics, [])
