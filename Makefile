@@ -21,8 +21,11 @@ $(STAMP): requirements.txt requirements-dev.txt
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	touch $@
 
-demo: $(STAMP)
+# Generated once: a regenerated zip is other data to the run (its mtime changes), and synth does not replace it.
+$(DEMO_DATA): | $(STAMP)
 	$(PY) -m job synth --output $(DEMO_DATA) --classes 6 --per-class 60 --downstream-per-class 100 --val-per-class 20
+
+demo: $(STAMP) $(DEMO_DATA)
 	$(PY) -m job run --data $(DEMO_DATA) --output runs/demo --config demo
 	@echo "Open runs/demo/report/report.md; watch with: $(VENV)/bin/tensorboard --logdir runs/demo/logs"
 
