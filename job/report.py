@@ -254,8 +254,8 @@ def _plot_curves(metrics: dict):
     figure, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, (stage, keys) in zip(axes, (
         ("pretext", ("train_rotation_accuracy", "rotation_accuracy", "train_online_probe_accuracy",
-                     "online_probe_accuracy", "train_loss")),
-        ("downstream", ("train_accuracy", "accuracy", "train_loss")),
+                     "online_probe_accuracy", "train_loss", "loss")),
+        ("downstream", ("train_accuracy", "accuracy", "train_loss", "loss")),
     )):
         history = metrics[stage]["history"]
         epochs = [h["epoch"] for h in history]

@@ -237,8 +237,8 @@ class Trainer:
             train_metrics = self._run_epoch(dataset, epoch)
             epoch_seconds = time.perf_counter() - epoch_start
             train_seconds += epoch_seconds
-            with self.evaluation_statistics():
-                val_metrics = evaluator(epoch, self.writer)
+            with self.evaluation_statistics(), self.writer.as_default(step=int(self.step.numpy())):
+                val_metrics = evaluator(epoch, self.writer)  # its summaries at the global step, as the scalars
                 stopped = self._early_stopping(self._agreed_metric(val_metrics.get(cfg.monitor)))
             record = {"epoch": epoch + 1, "epoch_seconds": epoch_seconds, **train_metrics, **val_metrics}
             self._write_scalars(val_metrics, "val")
