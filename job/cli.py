@@ -6,7 +6,6 @@ import functools
 import gc
 import logging
 import os
-import shutil
 import signal
 import sys
 from collections.abc import Callable
@@ -181,8 +180,8 @@ def _execute(stage_names: list[str], data: str, output: str, config_name: str, o
         context.force_record = rundir.ForceRecord.load(layout, os.environ)
     if cluster.is_chief:
         for stale in rundir.stale_results(layout, config, identity, stage_names, force):
-            log.info("--force: discarding %s, made with other settings or data", stale)
-            shutil.rmtree(stale)
+            log.info("--force: discarding %s (and its TensorBoard logs), made with other settings or data", stale)
+            rundir.discard(layout, stale)
         local_output.mkdir(parents=True, exist_ok=True)
         write_json(layout.config, config.to_dict())
         write_json(layout.run_record, {"data": identity, "commands": stage_names})

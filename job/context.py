@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import shutil
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -18,7 +17,7 @@ from job.errors import JobError
 from job.files import read_json, write_json
 from job.layout import RunLayout
 from job.pipelines import BatchPlan, ImageStore, Sharding, plan_epoch, train_dataset
-from job.rundir import FINGERPRINT_KEY, REDO_FIX, ForceRecord, fingerprint, kind_of
+from job.rundir import FINGERPRINT_KEY, REDO_FIX, ForceRecord, discard, fingerprint, kind_of
 from models.backbone import WeightsUnavailable, build_backbone, load_backbone_weights
 
 log = logging.getLogger(__name__)
@@ -69,9 +68,9 @@ class Context:
                          stage_dir, record.job)
                 return read_done(stage_dir)
             if self.cluster.is_chief:
-                if stage_dir.exists():
-                    log.info("--force: discarding %s", stage_dir)
-                    shutil.rmtree(stage_dir)
+                if stage_dir.exists() or self.layout.logs_of(stage_dir).exists():
+                    log.info("--force: discarding %s and its TensorBoard logs", stage_dir)
+                    discard(self.layout, stage_dir)
                 if record is not None:
                     record.record(stage_dir)
             return None

@@ -22,6 +22,7 @@ import tensorflow as tf
 
 from job.distribute import Cluster
 from job.files import atomic_path, read_json, write_json
+from job.summaries import drop_steps_after
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ HISTORY_FILE = "history.json"
 DONE_FILE = "done.json"
 BEST_WEIGHTS = "best.weights.h5"
 CHECKPOINT_DIR = "ckpt"
+STEP_KEY = "step/.ATTRIBUTES/VARIABLE_VALUE"  # the global step in a checkpoint (tf.train.Checkpoint(step=...))
 MIN_BN_RESIDUE = 1e-7  # below this the initial BN statistics no longer matter
 
 
@@ -158,6 +160,8 @@ class Trainer:
         self.manager = tf.train.CheckpointManager(
             self.checkpoint, str(self._ckpt_dir), max_to_keep=config.keep_checkpoints
         )
+        if cluster.is_chief:  # the steps after the checkpoint are redone: their old events must not show twice
+            drop_steps_after(tensorboard_dir, _checkpointed_step(self.manager))
         self.writer = (
             tf.summary.create_file_writer(str(tensorboard_dir)) if cluster.is_chief else tf.summary.create_noop_writer()
         )
@@ -371,6 +375,12 @@ class Trainer:
         self.writer.close()
         if self._ckpt_dir != self.directory / CHECKPOINT_DIR:
             shutil.rmtree(self._ckpt_dir, ignore_errors=True)
+
+
+def _checkpointed_step(manager: tf.train.CheckpointManager) -> int:
+    """The global step of the manager's latest checkpoint (0 without one): where training resumes."""
+    latest = manager.latest_checkpoint
+    return int(tf.train.load_checkpoint(latest).get_tensor(STEP_KEY)) if latest else 0
 
 
 def _batchnorm_layers(model: keras.Model) -> list[keras.layers.BatchNormalization]:
