@@ -221,6 +221,11 @@ def _delta(a: list[float], b: list[float]) -> str:
     return f"{100 * (np.mean(a) - np.mean(b)):+.1f}"
 
 
+def verdict_markdown(metrics: dict) -> str:
+    """The report's verdict section (also TensorBoard's `verdict` text, job/summaries.py)."""
+    return "\n".join(_verdict(metrics)).strip() + "\n"
+
+
 def _verdict(metrics: dict) -> list[str]:
     """The report's first table: what pretraining bought over scratch and colour, and over random features."""
     d, p = metrics["downstream"], metrics["pretext"]

@@ -13,7 +13,7 @@ import time
 import keras
 import numpy as np
 
-from job import report
+from job import report, summaries
 from job.context import Context, build_configured_backbone, pretrained_backbone, probe_settings, read_done
 from job.downstream import (
     PRETRAINED,
@@ -60,6 +60,9 @@ def evaluate(ctx: Context) -> dict:
     metrics = report.build_metrics(pretext, done, ctx.dataset_summary())
     if ctx.cluster.is_chief:
         report.write_report(layout.report, metrics, _examples(ctx, done))
+        if fresh or not any(layout.summary_logs.glob(summaries.EVENTS_GLOB)):  # once per evaluation
+            summaries.write_run_summary(layout.summary_logs, ctx.config, ctx.data_identity, ctx.dataset_summary(),
+                                        metrics, report.verdict_markdown(metrics))
     if fresh:  # after the report: whoever sees done.json finds this report, not an older one
         ctx.finish(layout.evaluate, done)
     return metrics
