@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from job.evaluate import colour_histograms, confusion_matrix, fit_logistic, knn_accuracy, linear_probe
+from job.evaluate import (
+    colour_histograms,
+    confusion_matrix,
+    cross_entropy,
+    fit_logistic,
+    knn_accuracy,
+    linear_probe,
+)
 
 
 def test_colour_histograms_count_each_pixel_in_its_rgb_cell():
@@ -59,3 +66,14 @@ def test_fit_logistic_returns_a_classifier_of_the_raw_features():
     kernel, bias = fit_logistic(features, labels, 2, steps=300, learning_rate=0.05, weight_decay=1e-4)
     assert kernel.shape == (3, 2) and bias.shape == (2,)
     assert np.mean(np.argmax(features @ kernel + bias, -1) == labels) >= 0.95
+
+
+def test_cross_entropy_is_the_training_loss_on_held_out_logits():
+    """The validation loss TensorBoard shows beside val accuracy: the same softmax cross-entropy as training."""
+    import tensorflow as tf
+
+    logits = np.array([[2.0, -1.0, 0.5], [1000.0, 0.0, -1000.0], [0.0, 0.0, 0.0]], np.float32)  # one overflows exp
+    labels = np.array([2, 0, 1], np.int32)
+    expected = tf.keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True).numpy().mean()
+    np.testing.assert_allclose(cross_entropy(logits, labels), expected, atol=1e-5)
+    assert cross_entropy(logits[:0], labels[:0]) == 0.0
