@@ -7,7 +7,6 @@ import gc
 import logging
 import os
 import re
-import shutil
 import signal
 import sys
 from collections.abc import Callable
@@ -226,10 +225,8 @@ def _execute(stage_names: list[str], data: str, output: str, config_name: str, o
             context.clear_remote = lambda stage_dir: syncer.clear(stage_dir.relative_to(local_output).as_posix())
         if cluster.is_chief:
             for stale in rundir.stale_results(layout, config, identity, stage_names, force):
-                log.info("--force: discarding %s, made with other settings or data", stale)
-                shutil.rmtree(stale)
-                if context.clear_remote is not None:
-                    context.clear_remote(stale)
+                log.info("--force: discarding %s (and its TensorBoard logs), made with other settings or data", stale)
+                context.discard(stale)
             local_output.mkdir(parents=True, exist_ok=True)
             write_json(layout.config, config.to_dict())
             write_json(layout.run_record, {"data": identity, "commands": stage_names})

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -19,7 +18,7 @@ from job.errors import JobError
 from job.files import read_json, write_json
 from job.layout import RunLayout
 from job.pipelines import BatchPlan, ImageStore, Sharding, plan_epoch, train_dataset
-from job.rundir import FINGERPRINT_KEY, REDO_FIX, ForceRecord, fingerprint, kind_of
+from job.rundir import FINGERPRINT_KEY, REDO_FIX, ForceRecord, discard, fingerprint, kind_of
 from models.backbone import WeightsUnavailable, build_backbone, load_backbone_weights
 
 log = logging.getLogger(__name__)
@@ -72,15 +71,21 @@ class Context:
                          stage_dir, record.job)
                 return read_done(stage_dir)
             if self.cluster.is_chief:
-                if stage_dir.exists():
-                    log.info("--force: discarding %s", stage_dir)
-                    shutil.rmtree(stage_dir)
-                if self.clear_remote is not None:  # else an interrupted redo would pull the old done.json back
-                    self.clear_remote(stage_dir)
+                if stage_dir.exists() or self.layout.logs_of(stage_dir).exists():
+                    log.info("--force: discarding %s and its TensorBoard logs", stage_dir)
+                self.discard(stage_dir)
                 if record is not None:
                     record.record(stage_dir)
             return None
         return read_done(stage_dir)
+
+    def discard(self, stage_dir: Path) -> None:
+        """Delete a stage's results and TensorBoard logs, here and in the bucket (else an interrupted redo would
+        pull the old done.json and event files back)."""
+        discard(self.layout, stage_dir)
+        if self.clear_remote is not None:
+            for path in (stage_dir, self.layout.logs_of(stage_dir)):
+                self.clear_remote(path)
 
     def finish(self, stage_dir: Path, result: dict) -> dict:
         """Write the stage's done.json with the fingerprint of what it depends on; return its results."""

@@ -25,7 +25,7 @@ from job.context import (
     weighted,
 )
 from job.errors import JobError
-from job.evaluate import accuracy, confusion_matrix, fit_logistic, predict
+from job.evaluate import accuracy, confusion_matrix, cross_entropy, fit_logistic, predict
 from job.files import atomic_path
 from job.pipelines import model_pixels, stratified_subset
 from job.serving import export_classifier
@@ -326,7 +326,8 @@ def train_downstream(ctx: Context, init: str, fraction: float, seed: int, mode: 
     model = learner.model
 
     def evaluator(epoch: int, writer) -> dict[str, float]:
-        return {"accuracy": accuracy(predict(model, split.val_images), split.val_labels)}
+        logits = predict(model, split.val_images)
+        return {"accuracy": accuracy(logits, split.val_labels), "loss": cross_entropy(logits, split.val_labels)}
 
     loop = LoopConfig(
         epochs=epochs, steps_per_epoch=steps, samples_per_step=batch,

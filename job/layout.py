@@ -15,7 +15,8 @@
       model/classifier.keras               fish-vs-duck classifier (seed 0 of the finetune stage)
       model/classifier_savedmodel/         the same as a servable SavedModel (encoded images → probabilities,
                                            class_name; job/serving.py)
-      logs/pretext, logs/finetune/<run>    TensorBoard event files
+      logs/pretext, logs/finetune/<run>    TensorBoard event files of each training (one step axis: the global step)
+      logs/summary                         the run's HParams session, final metrics, config, data and verdict (text)
       report/metrics.json, report/report.md, report/*.png
 
 The names `model/`, `checkpoints/` and `logs/` are Vertex AI's: with `--output` set to a custom job's
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DONE = "done.json"
+SUMMARY_LOGS = "summary"  # logs/summary
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,19 @@ class RunLayout:
 
     def tensorboard(self, stage: str) -> Path:
         return self.root / "logs" / stage
+
+    @property
+    def summary_logs(self) -> Path:
+        """The run's HParams session and text summaries (written with the report, job/summaries.py)."""
+        return self.tensorboard(SUMMARY_LOGS)
+
+    def logs_of(self, stage_dir: Path) -> Path:
+        """The TensorBoard directory of a stage directory: logs/pretext, logs/finetune/<run> or logs/summary."""
+        if stage_dir == self.pretext:
+            return self.tensorboard("pretext")
+        if stage_dir == self.evaluate:
+            return self.summary_logs
+        return self.tensorboard("finetune") / stage_dir.name
 
     @property
     def report(self) -> Path:

@@ -23,7 +23,7 @@ from job.context import (
     use_xla,
     weighted,
 )
-from job.evaluate import accuracy, predict
+from job.evaluate import accuracy, cross_entropy, predict
 from job.files import atomic_path
 from job.pipelines import model_pixels, random_subset, rotate_four
 from job.serving import export_rotation_model
@@ -33,6 +33,7 @@ from models.heads import classifier_head, rotation_head
 log = logging.getLogger(__name__)
 
 ROTATION_EXAMPLES = 4  # val images shown in four rotations in TensorBoard
+ROTATIONS_TAG, PREDICTIONS_TAG = "val/rotations", "val/rotation_predictions"
 
 
 @dataclass
@@ -119,10 +120,10 @@ def pretrain(ctx: Context) -> dict:
 
     def evaluator(epoch: int, writer) -> dict[str, float]:
         (rotation, probe), angles = predict(task.model, val_images, rotations=True)
-        metrics = {"rotation_accuracy": accuracy(rotation, angles)}
+        metrics = {"rotation_accuracy": accuracy(rotation, angles), "loss": cross_entropy(rotation, angles)}
         if p.online_probe:
             metrics["online_probe_accuracy"] = accuracy(probe[angles == 0], val_labels)
-        _rotation_summary(writer, task.model, val_images[:ROTATION_EXAMPLES], epoch)
+        _rotation_summary(writer, task.model, val_images[:ROTATION_EXAMPLES])
         return metrics
 
     trainer = Trainer(
@@ -132,7 +133,7 @@ def pretrain(ctx: Context) -> dict:
     result = trainer.fit(task.dataset_fn, evaluator)
     log.info("pretrain: exporting the backbone and the rotation model (.keras files and a SavedModel)...")
     trainer.finalize(use_best=True)
-    final = evaluator(result.epochs, trainer.writer)
+    final = evaluator(result.epochs, tf.summary.create_noop_writer())  # the last epoch's step is logged already
     trainer.close()
     if ctx.cluster.is_chief:
         layout.export.mkdir(parents=True, exist_ok=True)
@@ -153,15 +154,20 @@ def pretrain(ctx: Context) -> dict:
     })
 
 
-def _rotation_summary(writer, model, images: np.ndarray, epoch: int) -> None:
-    """TensorBoard image summary: a few val images in four rotations, with the predicted angles."""
+def _rotation_summary(writer, model, images: np.ndarray) -> None:
+    """TensorBoard, at the writer's default step (the trainer's global step): a few val images in four rotations,
+    and a text table of each one's true and predicted angle at that step (a tag keeps its first description)."""
     if not len(images):
         return
     (rotation, _), angles = predict(model, images, rotations=True)
     predicted = np.argmax(rotation, -1) * 90
     rotated, _ = rotate_four(np.asarray(images))
-    description = "true → predicted angle: " + ", ".join(f"{a * 90}→{p}" for a, p in zip(angles, predicted))
-    with writer.as_default(step=epoch + 1):
-        tf.summary.image("val/rotations", rotated, max_outputs=len(rotated), description=description)
-
-
+    count = len(images)
+    description = (f"{count} val images in four rotations: images 1-{count} upright, then the same rotated 90°, "
+                   f"180° and 270° counter-clockwise; each one's predicted angle at this step: {PREDICTIONS_TAG}")
+    rows = [f"| {i + 1} | {a * 90}° | {p}° | {'yes' if a * 90 == p else 'no'} |"
+            for i, (a, p) in enumerate(zip(angles, predicted))]
+    table = "\n".join(["| image | true | predicted | correct |", "|---|---|---|---|", *rows])
+    with writer.as_default():
+        tf.summary.image(ROTATIONS_TAG, rotated, max_outputs=len(rotated), description=description)
+        tf.summary.text(PREDICTIONS_TAG, table, description="true → predicted angle of each image of val/rotations")

@@ -235,6 +235,11 @@ def _delta(a: list[float], b: list[float]) -> str:
     return f"{100 * (np.mean(a) - np.mean(b)):+.1f}"
 
 
+def verdict_markdown(metrics: dict) -> str:
+    """The report's verdict section (also TensorBoard's `verdict` text, job/summaries.py)."""
+    return "\n".join(_verdict(metrics)).strip() + "\n"
+
+
 def _verdict(metrics: dict) -> list[str]:
     """The report's first table: what pretraining bought over scratch and colour, and over random features."""
     d, p = metrics["downstream"], metrics["pretext"]
@@ -278,8 +283,8 @@ def _plot_curves(metrics: dict):
     figure, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, (stage, keys) in zip(axes, (
         ("pretext", ("train_rotation_accuracy", "rotation_accuracy", "train_online_probe_accuracy",
-                     "online_probe_accuracy", "train_loss")),
-        ("downstream", ("train_accuracy", "accuracy", "train_loss")),
+                     "online_probe_accuracy", "train_loss", "loss")),
+        ("downstream", ("train_accuracy", "accuracy", "train_loss", "loss")),
     )):
         history = metrics[stage]["history"]
         epochs = [h["epoch"] for h in history]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -173,6 +174,14 @@ def _stale(layout: RunLayout, stage_dir: Path, config: Config, data: Mapping[str
         return bool(_changes(layout, stage_dir, config, data))
     except JobError:  # a torn done.json: --force redoes that stage anyway
         return True
+
+
+def discard(layout: RunLayout, stage_dir: Path) -> None:
+    """Delete a stage's results and its TensorBoard logs, so that a redone stage starts both afresh (old event
+    files beside the new ones would show two points per step)."""
+    for path in (stage_dir, layout.logs_of(stage_dir)):
+        if path.exists():
+            shutil.rmtree(path)
 
 
 # -- --force once per job ----------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import time
 import keras
 import numpy as np
 
-from job import console, report
+from job import console, report, summaries
 from job.context import Context, build_configured_backbone, pretrained_backbone, probe_settings, read_done
 from job.downstream import (
     PRETRAINED,
@@ -65,6 +65,9 @@ def evaluate(ctx: Context) -> dict:
     if ctx.cluster.is_chief:
         log.info("evaluate: writing the report (figures, metrics.json, report.md)...")
         report.write_report(layout.report, metrics, _examples(ctx, done))
+        if fresh or not any(layout.summary_logs.glob(summaries.EVENTS_GLOB)):  # once per evaluation
+            summaries.write_run_summary(layout.summary_logs, ctx.config, ctx.data_identity, ctx.dataset_summary(),
+                                        metrics, report.verdict_markdown(metrics))
     if fresh:  # after the report: whoever sees done.json finds this report, not an older one
         ctx.finish(layout.evaluate, done)
     return metrics

@@ -23,6 +23,7 @@ import tensorflow as tf
 from job import console, units
 from job.distribute import Cluster
 from job.files import atomic_path, read_json, write_json
+from job.summaries import drop_steps_after
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ HISTORY_FILE = "history.json"
 DONE_FILE = "done.json"
 BEST_WEIGHTS = "best.weights.h5"
 CHECKPOINT_DIR = "ckpt"
+STEP_KEY = "step/.ATTRIBUTES/VARIABLE_VALUE"  # the global step in a checkpoint (tf.train.Checkpoint(step=...))
 MIN_BN_RESIDUE = 1e-7  # below this the initial BN statistics no longer matter
 
 
@@ -162,6 +164,8 @@ class Trainer:
         )
         self._history: list[dict[str, float]] = []  # the completed epochs', saved with each checkpoint
         self._restored: units.Companions | None = None
+        if cluster.is_chief:  # the steps after the checkpoint are redone: their old events must not show twice
+            drop_steps_after(tensorboard_dir, _checkpointed_step(self.manager))
         self.writer = (
             tf.summary.create_file_writer(str(tensorboard_dir)) if cluster.is_chief else tf.summary.create_noop_writer()
         )
@@ -250,8 +254,8 @@ class Trainer:
             train_metrics = self._run_epoch(dataset, epoch)
             epoch_seconds = time.perf_counter() - epoch_start
             train_seconds += epoch_seconds
-            with self.evaluation_statistics():
-                val_metrics = evaluator(epoch, self.writer)
+            with self.evaluation_statistics(), self.writer.as_default(step=int(self.step.numpy())):
+                val_metrics = evaluator(epoch, self.writer)  # its summaries at the global step, as the scalars
                 stopped = self._early_stopping(self._agreed_metric(val_metrics.get(cfg.monitor)))
             record = {"epoch": epoch + 1, "epoch_seconds": epoch_seconds, **train_metrics, **val_metrics}
             self._write_scalars(val_metrics, "val")
@@ -409,6 +413,12 @@ class Trainer:
         self.writer.close()
         if self._ckpt_dir != self.directory / CHECKPOINT_DIR:
             shutil.rmtree(self._ckpt_dir, ignore_errors=True)
+
+
+def _checkpointed_step(manager: tf.train.CheckpointManager) -> int:
+    """The global step of the manager's latest checkpoint (0 without one): where training resumes."""
+    latest = manager.latest_checkpoint
+    return int(tf.train.load_checkpoint(latest).get_tensor(STEP_KEY)) if latest else 0
 
 
 def _batchnorm_layers(model: keras.Model) -> list[keras.layers.BatchNormalization]:

@@ -11,6 +11,7 @@ from job.layout import RunLayout
 from job.report import METRIC_KEYS, lookup
 from job.synth import make_synthetic_dataset
 from tests.jobproc import job_args, run_job
+from tests.tbevents import events, steps
 
 pytestmark = pytest.mark.slow
 
@@ -116,6 +117,38 @@ def test_servable_exports_serve_encoded_images(finished_run, tmp_path):
     outputs = rotation(**{INPUT_NAME: tf.constant(encoded)})
     assert outputs[PROBABILITIES].shape == (3, 4)
     assert set(outputs[ANGLE].numpy().tolist()) <= {0, 90, 180, 270}
+
+
+def test_tensorboard_logs(finished_run):
+    """Before: no validation loss, rotation images at epochs 1, 2 beside scalars at global steps 5, 10, the
+    predicted angles only in the first image event's description, and no run summary (hparams, text)."""
+    import tensorflow as tf
+    from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import metadata as hparams_metadata
+
+    _, output, _, _ = finished_run
+    layout = RunLayout(output)
+    metrics = json.loads(layout.metrics.read_text())
+    pretext = events(layout.tensorboard("pretext"))
+    assert len(pretext) == len(set(pretext))  # no step twice
+    done = json.loads(RunLayout.done(layout.pretext).read_text())
+    epoch_ends = [done["steps"] // done["epochs"] * (e + 1) for e in range(done["epochs"])]
+    assert epoch_ends == [5, 10]  # 80 train images, 16 a batch
+    for tag in ("val/rotation_accuracy", "val/loss", "val/rotations", "val/rotation_predictions"):
+        assert steps(pretext, tag) == epoch_ends, tag  # one step axis: the global step
+    assert steps(pretext, "train/loss")[-1] == epoch_ends[-1]
+    assert all(h["loss"] > 0 for h in metrics["pretext"]["history"])  # val loss beside val accuracy
+    for run in layout.tensorboard("finetune").iterdir():
+        logged = events(run)
+        assert steps(logged, "val/loss") == steps(logged, "val/accuracy") != [], run.name
+
+    summary = EventAccumulator(str(layout.summary_logs))
+    summary.Reload()
+    assert hparams_metadata.SESSION_START_INFO_TAG in summary.PluginTagToContent(hparams_metadata.PLUGIN_NAME)
+    assert set(summary.PluginTagToContent("text")) == {"config", "data", "verdict"}
+    (rotation,) = summary.Tensors("final/rotation_accuracy")
+    assert float(tf.make_ndarray(rotation.tensor_proto)) == pytest.approx(metrics["pretext"]["val_rotation_accuracy"])
+    assert {f"final/labels_{f:g}/pretrained" for f in (0.5, 1.0)} <= set(summary.PluginTagToContent("scalars"))
 
 
 def test_rerun_skips_complete_stages(finished_run):

@@ -1,8 +1,9 @@
-"""Kill -9 after a checkpoint, restart: same final step and weights as an uninterrupted run."""
+"""Kill -9 after a checkpoint, restart: same final step and weights as an uninterrupted run, each step logged once."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import time
@@ -14,6 +15,7 @@ import tensorflow as tf
 from job.layout import RunLayout
 from job.synth import make_synthetic_dataset
 from tests.jobproc import REPO, job_args, job_env, run_job
+from tests.tbevents import events
 
 pytestmark = pytest.mark.slow
 
@@ -53,6 +55,13 @@ def test_killed_pretrain_resumes_to_the_same_weights(tmp_path):
     process.wait()
     killed_at = int(tf.train.latest_checkpoint(str(index.parent)).rsplit("-", 1)[1])
     assert not RunLayout.done(RunLayout(interrupted).pretext).exists()
+    # As if the killed process had flushed events past its checkpoint: its event file replaced by the
+    # uninterrupted run's, which logged the same steps (and all of them).
+    logs = RunLayout(interrupted).tensorboard("pretext")
+    for path in logs.glob("events.out.tfevents.*"):
+        path.unlink()
+    (logged,) = RunLayout(reference).tensorboard("pretext").glob("events.out.tfevents.*")
+    shutil.copy(logged, logs / logged.name)
 
     result = run_job(job_args("pretrain", data, interrupted, cache, *OVERRIDES))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -67,3 +76,7 @@ def test_killed_pretrain_resumes_to_the_same_weights(tmp_path):
         np.testing.assert_allclose(actual[name], expected[name], rtol=1e-4, atol=1e-5, err_msg=name)
     history = json.loads((RunLayout(interrupted).pretext / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1, 2]
+    # TensorBoard shows each step once: the killed process's events after its checkpoint are gone.
+    resumed = events(logs)
+    assert len(resumed) == len(set(resumed)), "a step logged twice"
+    assert events(logs) == events(RunLayout(reference).tensorboard("pretext"))

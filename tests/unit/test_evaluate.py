@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from job.evaluate import colour_histograms, confusion_matrix, fit_logistic, knn_accuracy, linear_probe
+from job.evaluate import (
+    colour_histograms,
+    confusion_matrix,
+    cross_entropy,
+    fit_logistic,
+    knn_accuracy,
+    linear_probe,
+)
 
 
 def test_colour_histograms_count_each_pixel_in_its_rgb_cell():
@@ -90,3 +97,14 @@ def test_knn_k_is_capped_below_the_number_of_training_images():
     assert capped_knn_k(20, 20) == 19  # k not below the train images: every val image would see them all
     assert capped_knn_k(20, 8) == 7
     assert capped_knn_k(5, 1) == 1
+
+
+def test_cross_entropy_is_the_training_loss_on_held_out_logits():
+    """The validation loss TensorBoard shows beside val accuracy: the same softmax cross-entropy as training."""
+    import tensorflow as tf
+
+    logits = np.array([[2.0, -1.0, 0.5], [1000.0, 0.0, -1000.0], [0.0, 0.0, 0.0]], np.float32)  # one overflows exp
+    labels = np.array([2, 0, 1], np.int32)
+    expected = tf.keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True).numpy().mean()
+    np.testing.assert_allclose(cross_entropy(logits, labels), expected, atol=1e-5)
+    assert cross_entropy(logits[:0], labels[:0]) == 0.0

@@ -292,6 +292,28 @@ def test_force_clears_each_stage_once_per_job(tmp_path):
     assert context({"SLURM_JOB_ID": "9"}).completed(layout.pretext) is None and not progress.exists()
 
 
+def test_force_starts_each_stage_s_tensorboard_logs_afresh(tmp_path):
+    """Before: --force kept logs/pretext and logs/finetune/<run>: the redone stage's events beside the old ones,
+    two points per step in TensorBoard."""
+    from job.context import Context
+
+    layout = RunLayout(tmp_path)
+    run = layout.downstream("pretrained", "finetune", 1.0, 0)
+    stages = (layout.pretext, run, layout.evaluate)
+    logs = [layout.logs_of(stage) for stage in stages]
+    assert logs == [tmp_path / "logs/pretext", tmp_path / "logs/finetune" / run.name, tmp_path / "logs/summary"]
+    for stage, directory in zip(stages, logs):
+        for path in (RunLayout.done(stage), directory / "events.out.tfevents.1.host.1.v2"):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("{}")
+    context = Context(load_config(DEMO), layout, tmp_path, types.SimpleNamespace(is_chief=True), force=True)
+    assert context.completed(layout.pretext) is None
+    assert not logs[0].exists() and logs[1].is_dir()
+    rundir.discard(layout, run)  # results of other settings that --force leaves behind (job/cli.py)
+    assert not run.exists() and not logs[1].exists()
+    assert context.completed(layout.evaluate) is None and not logs[2].exists()
+
+
 def test_copying_a_run_keeps_its_fingerprints(tmp_path, synth_zip):
     """A run directory moved elsewhere is still the same run (the fingerprint names no output path)."""
     out = tmp_path / "out"
@@ -363,6 +385,15 @@ def test_force_discards_results_of_other_settings_it_would_leave_behind(tmp_path
 class _FailingSync:
     """An output syncer whose final push fails."""
 
+    def acquire(self, job: str | None, take_over: bool) -> None:
+        pass
+
+    def release(self) -> None:
+        pass
+
+    def clear(self, rel_dir: str) -> int:
+        return 0
+
     def pull(self) -> int:
         return 0
 
@@ -411,6 +442,7 @@ def test_force_clears_the_stage_in_the_bucket_too(tmp_path):
                        clear_remote=cleared.append)
 
     assert context({"SLURM_JOB_ID": "7"}).completed(layout.pretext) is None
-    assert cleared == [layout.pretext]
+    both = [layout.pretext, layout.logs_of(layout.pretext)]  # its results and its TensorBoard logs
+    assert cleared == both
     context({"SLURM_JOB_ID": "7", "SLURM_RESTART_COUNT": "1"}).completed(layout.pretext)
-    assert cleared == [layout.pretext]  # a requeue resumes: nothing cleared again
+    assert cleared == both  # a requeue resumes: nothing cleared again
