@@ -48,7 +48,8 @@ FIXED_METRICS = (
      "fish/duck val accuracy fine-tuned at finetune.label_fraction, mean over seeds"),
 )
 # Per label fraction (metrics.json label_efficiency): a row's key and its name.
-PER_FRACTION = (("pretrained", "pretrained"), ("scratch", "scratch"), ("colour_histogram", "colour histogram"))
+PER_FRACTION = (("pretrained", "pretrained"), ("scratch", "scratch"), ("colour_histogram", "colour histogram"),
+                ("s4l", "S4L from the pretrained backbone (evaluate.s4l)"))
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ def _hparam_value(value: Any) -> bool | int | float | str:
 
 def final_metrics(metrics: Mapping[str, Any]) -> list[FinalMetric]:
     """The report's final numbers as HParams metrics: rotation accuracy, the probes, the fine-tuned fish/duck
-    accuracy, and per label fraction the pretrained, scratch and colour-histogram accuracy (means over seeds)."""
+    accuracy, and per label fraction the pretrained, scratch, colour-histogram and S4L accuracy (means over seeds)."""
     found = [FinalMetric(tag, text, _lookup(metrics, key)) for tag, key, text in FIXED_METRICS]
     for row in metrics.get("label_efficiency") or []:
         fraction = row["fraction"]
