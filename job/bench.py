@@ -6,8 +6,9 @@
    the four rotations included; a sample is one rotated image, so images/s is a quarter of it);
 3. train_samples_per_sec_synthetic: the training step on a batch already in memory;
 4. train_samples_per_sec: the training step fed by the real pipeline;
-5. pipeline_speedup = 2 / 1, input_efficiency = 4 / 3, peak RSS, and the first epoch's decode rate (a fresh
-   decode into a scratch cache, which the rest of the benchmark then reads memory-mapped as runs do).
+5. pipeline_speedup = 2 / 1, input_efficiency = 4 / 3, peak RSS (after the decode, after both pipelines, at
+   the end), the decoded payload (uint8 train + val) it compares with, and the first epoch's decode rate (a
+   fresh decode into a scratch cache, which the rest of the benchmark then reads memory-mapped as runs do).
 Each measurement excludes warm-up, is repeated, and the median is reported.
 """
 
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 
 SEED_BATCH = 128
 SEED_IMAGE_SIZE = 64
+KIB, MB = 1024, 1024 * 1024
 
 
 def _median_rate(run: Callable[[], int], repeats: int) -> float:
@@ -47,7 +49,7 @@ def _median_rate(run: Callable[[], int], repeats: int) -> float:
 
 def _peak_rss_mb() -> float:
     """This process's peak resident memory so far (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * KIB / MB
 
 
 def _drain(iterator: Iterator, batches: int, samples_of: Callable) -> int:
@@ -97,6 +99,7 @@ def run_bench(ctx, batches: int, repeats: int) -> dict:
         ctx.config.data.cache_dir = str(scratch_dir / "decoded")
         fresh = ctx.dataset
         results["decode_images_per_sec"] = (len(fresh.train) + len(fresh.val)) / fresh.decode_seconds
+        results["payload_mb"] = (fresh.train.images.nbytes + fresh.val.images.nbytes) / MB
         del ctx.dataset, fresh
         results["peak_rss_mb_after_decode"] = _peak_rss_mb()
 

@@ -3,9 +3,10 @@
 What makes them fast and resumable:
 - a sample never costs a JPEG decode: images are decoded once, held in host memory and gathered a whole
   batch at a time, in-graph (no Python, no GIL), so the pipeline can be torn down at any step;
-- pixels travel as 32-bit RGBX words (`ImageStore`): a flip, crop or rotation then moves one int32 per pixel
-  instead of three separate bytes, which makes TF's CPU kernels ~4x faster; they stay uint8 until the
-  model, and the train step drops the fourth byte on its device (`model_pixels`);
+- the images are held once, as decoded (uint8 RGB, `ImageStore`); a gathered batch is packed into 32-bit
+  RGBX words, so a flip, crop or rotation then moves one int32 per pixel instead of three separate bytes,
+  which makes TF's CPU kernels ~4x faster; they stay uint8 until the model, and the train step drops the
+  fourth byte on its device (`model_pixels`);
 - the crop, flip and four rotations are batched index operations on the gathered batch;
 - the order of an epoch and every random draw are functions of (seed, epoch, step), so a restarted
   process that skips the steps already done sees exactly the batches it would have seen;
@@ -23,7 +24,7 @@ from job.data import release_pages
 
 NUM_ROTATIONS = 4
 SEED_STRIDE = 1_000_003  # (seed, epoch) → one stateless-RNG key component
-RGBX = 4  # bytes per pixel in the store and the training batches: R, G, B and one zero byte
+RGBX = 4  # bytes per pixel in the training batches: R, G, B and one zero byte
 STORE_CHUNK = 4096  # images packed per copy into the ImageStore
 
 
@@ -162,30 +163,36 @@ def model_pixels(images: tf.Tensor) -> tf.Tensor:
 
 
 class ImageStore:
-    """The training images held once in host memory as a TF resource of packed RGBX pixels (int32 [N, H, W]).
+    """The training images held once in host memory as a TF resource, uint8 [N, H, W, 3] as decoded.
 
-    Batches are gathered from it in-graph, so the input pipeline runs without Python and can be torn
-    down at any step; tf.data functions read the variable by handle and do not copy it. It is filled a
-    chunk at a time from a (memory-mapped) uint8 array whose pages are released as it goes, so the
-    images are resident once.
+    Batches are gathered from it in-graph (`gather`, packed to RGBX there), so the input pipeline runs
+    without Python and can be torn down at any step; tf.data functions read the variable by handle and do
+    not copy it. It is filled a chunk at a time from a (memory-mapped) uint8 array whose pages are released
+    as it goes, so the images are resident once, at 3 bytes a pixel.
     """
 
     def __init__(self, images: np.ndarray, chunk: int = STORE_CHUNK):
-        count, height, width = images.shape[:3]
+        count, height, width, channels = images.shape
         with tf.device("/cpu:0"):
             self.variable = tf.Variable(
-                lambda: tf.zeros([count, height, width], tf.int32), trainable=False, name="images"
+                lambda: tf.zeros([count, height, width, channels], tf.uint8), trainable=False, name="images"
             )
             for begin in range(0, count, chunk):
                 end = min(begin + chunk, count)
                 # A scatter writes in place; a slice assignment would copy the whole variable each time.
-                rows = tf.IndexedSlices(pack_rgbx(np.asarray(images[begin:end])), tf.range(begin, end))
+                rows = tf.IndexedSlices(tf.constant(images[begin:end]), tf.range(begin, end))
                 self.variable.scatter_update(rows)
                 release_pages(images)
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(self.variable.shape)
+        """(N, H, W): images, rows, columns."""
+        return tuple(self.variable.shape[:3])
+
+    def gather(self, index: tf.Tensor) -> tf.Tensor:
+        """The images at `index`, packed: int32 [B, H, W], one RGBX word a pixel (see `pack_rgbx`)."""
+        pixels = tf.gather(self.variable, index)
+        return tf.bitcast(tf.pad(pixels, [[0, 0], [0, 0], [0, 0], [0, RGBX - 3]]), tf.int32)
 
 
 @dataclass(frozen=True)
@@ -252,7 +259,7 @@ def train_dataset(
     def load(step):
         flips, offsets = draw_augmentation(seed, epoch, step, global_batch, padding)
         index = indices[step]
-        mine = (tf.gather(store.variable, index), tf.gather(label_table, index), weights[step], flips[part],
+        mine = (store.gather(index), tf.gather(label_table, index), weights[step], flips[part],
                 offsets[part])
         if replicas == 1:
             return replica_batch(*mine)

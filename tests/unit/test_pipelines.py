@@ -173,10 +173,14 @@ def test_pack_rgbx_round_trip(images):
 
 
 @pytest.mark.parametrize("chunk", [3, 4096])
-def test_image_store_holds_the_packed_images(images, chunk):
+def test_image_store_holds_the_images_once_and_gathers_them_packed(images, chunk):
+    """The store holds 3 bytes a pixel (the decoded images themselves); a gathered batch is packed RGBX."""
     store = ImageStore(images, chunk=chunk)
     assert store.shape == (N, SIZE, SIZE)
-    np.testing.assert_array_equal(store.variable.numpy(), pack_rgbx(images))
+    assert store.variable.dtype == tf.uint8 and store.variable.shape == images.shape
+    np.testing.assert_array_equal(store.variable.numpy(), images)
+    index = tf.constant([2, 0, 2])
+    np.testing.assert_array_equal(store.gather(index).numpy(), pack_rgbx(images[[2, 0, 2]]))
 
 
 def rotate_four_reference(images: tf.Tensor) -> tf.Tensor:
