@@ -14,6 +14,7 @@ from pathlib import Path
 
 import click
 
+from job import testhooks
 from job.config import DEFAULT_CONFIG, DataConfig, available_configs, load_config
 from job.errors import DISK_FULL_TEXTS, DiskFullError, JobError, from_os_error
 from job.predict import PREDICT_BATCH
@@ -48,11 +49,7 @@ def _user_errors(function: Callable) -> Callable:
             train = sys.modules.get("job.train")  # not imported before: TensorFlow takes seconds to load
             if train is not None and isinstance(err, train.Preempted):
                 click.echo(f"preempted: {err}; rerun the same command to resume.", err=True)
-                # Everything is saved and synced; skip TensorFlow's slow multi-worker teardown (tens of seconds).
-                logging.shutdown()
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(EXIT_PREEMPTED)
+                _exit_now(EXIT_PREEMPTED)  # everything is saved and synced
             if (fault := from_os_error(err)) is None:  # a full disk or an unwritable path: not a bug
                 raise
             log.debug("%s", err, exc_info=True)
@@ -151,25 +148,29 @@ def _execute(stage_names: list[str], data: str, output: str, config_name: str, o
     from job.files import write_json
     from job.layout import RunLayout
     from job.storage import fetch_dataset
-    from job.sync import open_output
+    from job.sync import check_output_uri, open_output
 
     config = load_config(config_name, overrides)
     output = output or vertex_output()
     cache = Path(config.data.cache_dir).expanduser()
+    check_output_uri(output)
     if "://" not in output:
         rundir.check_output_dir(Path(output))
-    local_output, syncer = open_output(output, cache / "runs", config.runtime.sync_interval_s)
-    if syncer is not None:
-        pulled = syncer.pull()
-        log.info("Pulled %d files of %s into %s", pulled, output, local_output)
     data_path = fetch_dataset(data, cache / "downloads")
     from job import stages  # TensorFlow: imported once the data is there (a bad --data fails in seconds)
     from job.context import check_model
     from job.distribute import make_cluster
+    from job.train import Preempted
 
-    cluster = make_cluster(config.runtime.slurm_port_base)
+    cluster = make_cluster(config.runtime)
     for signum in STOP_SIGNALS:  # TensorFlow's multi-worker runtime installs its own SIGTERM handler
         signal.signal(signum, _request_stop)
+    # The chief trains in the mirror of a gs:// output; other workers pull into mirrors of their own.
+    mirror = "" if cluster.is_chief else f"-worker{cluster.worker_index}"
+    local_output, syncer = open_output(output, cache / "runs", config.runtime.sync_interval_s, mirror=mirror)
+    if syncer is not None:
+        pulled = syncer.pull()
+        log.info("Pulled %d files of %s into %s", pulled, output, local_output)
     layout = RunLayout(local_output)
     identity = rundir.data_identity(data, data_path)
     context = stages.Context(config, layout, data_path, cluster, force, data_identity=identity)
@@ -179,6 +180,7 @@ def _execute(stage_names: list[str], data: str, output: str, config_name: str, o
     rundir.check_reuse(layout, config, identity, stage_names, force)
     if force:
         context.force_record = rundir.ForceRecord.load(layout, os.environ)
+    cluster.barrier("checks")  # every worker has read the output before the chief changes it
     if cluster.is_chief:
         for stale in rundir.stale_results(layout, config, identity, stage_names, force):
             log.info("--force: discarding %s, made with other settings or data", stale)
@@ -191,20 +193,58 @@ def _execute(stage_names: list[str], data: str, output: str, config_name: str, o
     steps = {"pretrain": stages.pretrain, "finetune": stages.finetune, "evaluate": stages.evaluate}
     final_sync = syncer if syncer is not None and cluster.is_chief else None
     try:
-        for name in stage_names:
+        for number, name in enumerate(stage_names, 1):
             log.info("== %s ==", name)
             steps[name](context)
-    except BaseException:
+            if number < len(stage_names):
+                _stage_boundary(cluster, syncer, name)
+    except BaseException as err:
+        preempted = isinstance(err, Preempted)
+        if preempted:
+            testhooks.chief_delay(cluster, "final push")
         if final_sync is not None:  # push what there is, but a failed push must not replace the job's own error
             try:
                 log.info("Synced %s: %s", output, final_sync.close())
-            except Exception as err:  # noqa: BLE001 - logged; the job's exception follows
-                log.error("Final sync to %s failed: %s", output, err)
+            except Exception as push_error:  # noqa: BLE001 - logged; the job's exception follows
+                log.error("Final sync to %s failed: %s", output, push_error)
+        if preempted:
+            # Every worker saved the same step; none exits (and has srun or Vertex stop the others) before the
+            # chief's push of it ended.
+            try:
+                cluster.barrier("final push")
+            except JobError as barrier_error:
+                log.error("%s", barrier_error)
         raise
     if final_sync is not None:
         log.info("Synced %s: %s", output, final_sync.close())
     if "evaluate" in stage_names and cluster.is_chief:
         click.echo(f"Report: {output.rstrip('/')}/report/report.md")
+    if cluster.num_workers > 1:
+        # All exit together: a worker gone for long is reported by the others as crashed.
+        cluster.barrier("end")
+        _exit_now(0)
+
+
+def _stage_boundary(cluster, syncer, name: str) -> None:
+    """Every worker waits for the chief's results of stage `name`; the others then read them from --output.
+
+    With a gs:// output the chief pushes them first and the others pull them into their own mirrors; a local
+    output is one directory that every worker reads (a shared file system)."""
+    if cluster.num_workers <= 1:
+        return
+    if cluster.is_chief and syncer is not None:
+        syncer.push()
+    cluster.barrier(f"{name} done")
+    if not cluster.is_chief and syncer is not None:
+        log.info("Pulled %d files of %s after %s", syncer.pull(), syncer.remote, name)
+
+
+def _exit_now(code: int) -> None:
+    """Exit at once after flushing the logs: TensorFlow's multi-worker teardown takes tens of seconds."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def vertex_output() -> str:

@@ -11,6 +11,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from job import testhooks
 from job.context import (
     Context,
     build_configured_backbone,
@@ -132,6 +133,7 @@ def pretrain(ctx: Context) -> dict:
     trainer.finalize(use_best=True)
     final = evaluator(result.epochs, trainer.writer)
     trainer.close()
+    testhooks.chief_delay(ctx.cluster, "the pretrain exports")
     if ctx.cluster.is_chief:
         layout.export.mkdir(parents=True, exist_ok=True)
         for model, path in ((task.backbone, layout.backbone), (task.rotation_model, layout.rotation_model)):
