@@ -212,6 +212,7 @@ def _execute(stage_names: list[str], data: str, output: str, config_name: str, o
             # chief's push of it ended.
             try:
                 cluster.barrier("final push")
+                cluster.leave()
             except JobError as barrier_error:
                 log.error("%s", barrier_error)
         raise
@@ -222,6 +223,7 @@ def _execute(stage_names: list[str], data: str, output: str, config_name: str, o
     if cluster.num_workers > 1:
         # All exit together: a worker gone for long is reported by the others as crashed.
         cluster.barrier("end")
+        cluster.leave()
         _exit_now(0)
 
 

@@ -27,6 +27,8 @@ from job.slurm import SlurmTask, slurm_task
 log = logging.getLogger(__name__)
 
 MS_PER_S = 1000
+LEFT_KEY = "job/left"  # coordination-service keys: worker N passed the last barrier and exits
+LEAVE_TIMEOUT_S = 60.0  # how long the chief waits for those keys before exiting anyway
 
 
 @dataclass
@@ -73,6 +75,22 @@ class Cluster:
                 f"({type(err).__name__}): read the other tasks' logs (task 0 is the chief), or raise "
                 f"runtime.barrier_timeout_s = {self.barrier_timeout_s:g} if its exports and pushes take longer."
             ) from None
+
+    def leave(self) -> None:
+        """After the last barrier: the chief, which hosts the coordination service, exits only once every other
+        worker has its answer (else a worker can lose it with the chief gone, and fail). Errors are logged only:
+        every worker got past the barrier already."""
+        if self.num_workers <= 1:
+            return
+        context = eager_context.context()
+        try:
+            if self.is_chief:
+                for index in range(1, self.num_workers):
+                    context.get_config_key_value(f"{LEFT_KEY}/{index}", int(LEAVE_TIMEOUT_S * MS_PER_S))
+            else:
+                context.set_config_key_value(f"{LEFT_KEY}/{self.worker_index}", "1")
+        except tf.errors.OpError as err:
+            log.debug("leaving the cluster: %s", err)
 
 
 def vertex_tf_config() -> str | None:

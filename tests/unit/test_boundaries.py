@@ -40,6 +40,9 @@ class FakeCluster:
     def barrier(self, name: str) -> None:
         self.calls.append(f"barrier {name}")
 
+    def leave(self) -> None:
+        self.calls.append("leave")
+
 
 class FakeSync:
     remote = "gs://bucket/run/"
@@ -78,8 +81,8 @@ def test_one_worker_has_no_boundary():
 
 
 @pytest.mark.parametrize("is_chief, expected", [
-    (True, ["pull", "barrier checks", "final push", "barrier final push"]),
-    (False, ["pull", "barrier checks", "barrier final push"]),
+    (True, ["pull", "barrier checks", "final push", "barrier final push", "leave"]),
+    (False, ["pull", "barrier checks", "barrier final push", "leave"]),
 ])
 def test_after_a_stop_no_worker_exits_before_the_chiefs_final_push(tmp_path, synth_zip, monkeypatch, is_chief,
                                                                      expected):
