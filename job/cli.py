@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from job import console
+from job import console, testhooks
 from job.config import (
     DEFAULT_CONFIG,
     DEMO_MAX_TRAIN_IMAGES,
@@ -40,6 +40,7 @@ Exit codes:
   2    bad input: one line `error: ...` naming it and the fix (a usage error too)
   3    object storage or download (gs://, https://) failed
   4    the disk (or quota) is full: free space, rerun the same command to resume
+  5    multi-worker: a worker failed or a barrier timed out (runtime.barrier_timeout_s)
   143  stopped by SIGTERM/SIGUSR1 after a checkpoint: rerun the same command to resume"""
 ENVIRONMENT_HELP = """\b
 Environment:
@@ -79,11 +80,7 @@ def _user_errors(function: Callable) -> Callable:
             train = sys.modules.get("job.train")  # not imported before: TensorFlow takes seconds to load
             if train is not None and isinstance(err, train.Preempted):
                 click.echo(f"preempted: {err}; rerun the same command to resume.", err=True)
-                # Everything is saved and synced; skip TensorFlow's slow multi-worker teardown (tens of seconds).
-                logging.shutdown()
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(EXIT_PREEMPTED)
+                _exit_now(EXIT_PREEMPTED)  # everything is saved and synced
             if (fault := from_os_error(err)) is None:  # a full disk or an unwritable path: not a bug
                 raise
             log.debug("%s", err, exc_info=True)
@@ -188,23 +185,27 @@ def _execute(stage_names: list[str], data: str, output: str, config_name: str, o
     from job.files import write_json
     from job.layout import RunLayout
     from job.storage import fetch_dataset
-    from job.sync import open_output
+    from job.sync import check_output_uri, open_output
 
     config = load_config(config_name, overrides)
     output = output or vertex_output()
     cache = Path(config.data.cache_dir).expanduser()
+    check_output_uri(output)
     if "://" not in output:
         rundir.check_output_dir(Path(output))
-    local_output, syncer = open_output(output, cache / "runs", config.runtime.sync_interval_s)
     data_path = fetch_dataset(data, cache / "downloads", config.data.sha256 or None)
     console.import_tensorflow()  # once the data is there (a bad --data fails in seconds)
     from job import stages
     from job.context import check_model
     from job.distribute import make_cluster
+    from job.train import Preempted
 
-    cluster = make_cluster(config.runtime.slurm_port_base)
+    cluster = make_cluster(config.runtime)
     for signum in STOP_SIGNALS:  # TensorFlow's multi-worker runtime installs its own SIGTERM handler
         signal.signal(signum, _request_stop)
+    # The chief trains in the mirror of a gs:// output; other workers pull into mirrors of their own.
+    mirror = "" if cluster.is_chief else f"-worker{cluster.worker_index}"
+    local_output, syncer = open_output(output, cache / "runs", config.runtime.sync_interval_s, mirror=mirror)
     if syncer is not None and cluster.is_chief:  # one job per output, before the mirror is touched
         syncer.acquire(rundir.job_identity(os.environ), take_over)
     try:
@@ -223,6 +224,7 @@ def _execute(stage_names: list[str], data: str, output: str, config_name: str, o
             context.force_record = rundir.ForceRecord.load(layout, os.environ)
         if syncer is not None and cluster.is_chief:  # a stage --force clears is cleared in the bucket too
             context.clear_remote = lambda stage_dir: syncer.clear(stage_dir.relative_to(local_output).as_posix())
+        cluster.barrier("checks")  # every worker has read the output before the chief changes it
         if cluster.is_chief:
             for stale in rundir.stale_results(layout, config, identity, stage_names, force):
                 log.info("--force: discarding %s (and its TensorBoard logs), made with other settings or data", stale)
@@ -231,7 +233,7 @@ def _execute(stage_names: list[str], data: str, output: str, config_name: str, o
             write_json(layout.config, config.to_dict())
             write_json(layout.run_record, {"data": identity, "commands": stage_names})
     except BaseException:
-        if syncer is not None:
+        if syncer is not None and cluster.is_chief:
             syncer.release()
         raise
     if syncer is not None and cluster.is_chief:
@@ -240,21 +242,61 @@ def _execute(stage_names: list[str], data: str, output: str, config_name: str, o
     final_sync = syncer if syncer is not None and cluster.is_chief else None
     results = {}
     try:
-        for name in stage_names:
+        for number, name in enumerate(stage_names, 1):
             log.info("== %s ==", name)
             results[name] = steps[name](context)
-    except BaseException:
+            if number < len(stage_names):
+                _stage_boundary(cluster, syncer, name)
+    except BaseException as err:
+        preempted = isinstance(err, Preempted)
+        if preempted:
+            testhooks.chief_delay(cluster, "final push")
         if final_sync is not None:  # push what there is, but a failed push must not replace the job's own error
             try:
                 log.info("Synced %s: %s", output, final_sync.close())
-            except Exception as err:  # noqa: BLE001 - logged; the job's exception follows
-                log.error("Final sync to %s failed: %s", output, err)
+            except Exception as push_error:  # noqa: BLE001 - logged; the job's exception follows
+                log.error("Final sync to %s failed: %s", output, push_error)
+        if preempted:
+            # Every worker saved the same step; none exits (and has srun or Vertex stop the others) before the
+            # chief's push of it ended.
+            try:
+                cluster.barrier("final push")
+                cluster.leave()
+            except JobError as barrier_error:
+                log.error("%s", barrier_error)
         raise
     if final_sync is not None:
         log.info("Synced %s: %s", output, final_sync.close())
     if "evaluate" in stage_names and cluster.is_chief:
         hypertune.report(results["evaluate"], os.environ)  # a Vertex AI tuning trial's metrics; else nothing
         click.echo(f"Report: {output.rstrip('/')}/report/report.md")
+    if cluster.num_workers > 1:
+        # All exit together: a worker gone for long is reported by the others as crashed.
+        cluster.barrier("end")
+        cluster.leave()
+        _exit_now(0)
+
+
+def _stage_boundary(cluster, syncer, name: str) -> None:
+    """Every worker waits for the chief's results of stage `name`; the others then read them from --output.
+
+    With a gs:// output the chief pushes them first and the others pull them into their own mirrors; a local
+    output is one directory that every worker reads (a shared file system)."""
+    if cluster.num_workers <= 1:
+        return
+    if cluster.is_chief and syncer is not None:
+        syncer.push()
+    cluster.barrier(f"{name} done")
+    if not cluster.is_chief and syncer is not None:
+        log.info("Pulled %d files of %s after %s", syncer.pull(), syncer.remote, name)
+
+
+def _exit_now(code: int) -> None:
+    """Exit at once after flushing the logs: TensorFlow's multi-worker teardown takes tens of seconds."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _warn_demo_recipe(config_name: str, train_images: int) -> None:

@@ -25,6 +25,7 @@ REAL_DATA_CONFIGS = {"cpu-real": "the real subset on a CPU", "t4": "full Tiny Im
 # model.weights files: Keras' weight files (HDF5) and saved models (zip archives), told by suffix and signature.
 SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 WEIGHTS_SIGNATURES = {".weights.h5": b"\x89HDF\r\n\x1a\n", ".h5": b"\x89HDF\r\n\x1a\n", ".keras": b"PK\x03\x04"}
+MAX_PORT = 65535
 
 
 @dataclass
@@ -142,7 +143,11 @@ class RuntimeConfig:
     mixed_precision: str = "auto"  # "auto" (on with a GPU), "on", "off"
     xla: str = "auto"  # "auto" (on with a GPU), "on", "off"
     sync_interval_s: float = 60.0  # upload interval when --output is gs://
-    slurm_port_base: int = 8888
+    # Multi-task Slurm jobs: each job's ports lie in [slurm_port_base, slurm_port_base + slurm_port_count),
+    # below Linux's ephemeral ports (32768-60999); the job id picks the block (job/slurm.py).
+    slurm_port_base: int = 20000
+    slurm_port_count: int = 10000
+    barrier_timeout_s: float = 3600.0  # how long a worker waits for the others (e.g. the chief's exports, pushes)
 
 
 @dataclass
@@ -279,6 +284,9 @@ def validate(config: Config) -> None:
         "runtime.checkpoint_every_steps": config.runtime.checkpoint_every_steps,
         "runtime.log_every_steps": config.runtime.log_every_steps,
         "runtime.sync_interval_s": config.runtime.sync_interval_s,
+        "runtime.slurm_port_base": config.runtime.slurm_port_base,
+        "runtime.slurm_port_count": config.runtime.slurm_port_count,
+        "runtime.barrier_timeout_s": config.runtime.barrier_timeout_s,
     }
     for name, value in positive.items():
         if value <= 0:
@@ -294,6 +302,10 @@ def validate(config: Config) -> None:
     for name, value in non_negative.items():
         if value < 0:
             raise JobError(f"{name} = {value} must be zero or positive.")
+    ports = config.runtime.slurm_port_base + config.runtime.slurm_port_count
+    if ports > MAX_PORT + 1:
+        raise JobError(f"runtime.slurm_port_base + runtime.slurm_port_count = {ports} passes the last port "
+                       f"{MAX_PORT}: lower either.")
     if config.data.image_size < 32:
         raise JobError(f"data.image_size = {config.data.image_size} is too small: MobileNetV2 needs >= 32.")
     layers = config.finetune.transfer_layers

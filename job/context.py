@@ -39,6 +39,9 @@ class Context:
     force_record: ForceRecord | None = None  # stages this job's --force already cleared before a restart
     clear_remote: Callable[[Path], object] | None = None  # clears a stage directory in a gs:// output too
     _forced: set[Path] = field(default_factory=set)
+    # Results this (non-chief) worker finished itself: the chief's done.json may reach it only at the next
+    # stage boundary (a gs:// output pulled into its own mirror), and a stage may reuse a run it just finished.
+    _finished: dict[Path, dict] = field(default_factory=dict)
     # Objects built once per job and shared by the runs of a stage (the downstream split, traced models).
     built: dict = field(default_factory=dict)
 
@@ -63,6 +66,8 @@ class Context:
     def completed(self, stage_dir: Path) -> dict | None:
         """The stage's done.json, or None when it must (re)run; `--force` clears each stage once per job
         (not again when the scheduler restarts the job: see job/rundir.py)."""
+        if stage_dir in self._finished:
+            return self._finished[stage_dir]
         if self.force and stage_dir not in self._forced:
             self._forced.add(stage_dir)
             record = self.force_record
@@ -96,6 +101,8 @@ class Context:
                 stamp = {FINGERPRINT_KEY: fingerprint(self.config, kind, self.data_identity)}
             # Durable: the bucket and every later run trust it; a power loss must not leave it empty.
             write_json(RunLayout.done(stage_dir), {**result, **stamp}, durable=True)
+        else:
+            self._finished[stage_dir] = result
         return result
 
 

@@ -23,6 +23,12 @@ class DiskFullError(JobError):
     exit_code = 4
 
 
+class ClusterError(JobError):
+    """Another worker of a multi-worker job failed, or did not reach a barrier in time."""
+
+    exit_code = 5
+
+
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 UNWRITABLE_ERRNOS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR})
 # What TensorFlow's file system layer says for the same faults (its errors carry no errno).

@@ -11,7 +11,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from job import console
+from job import console, testhooks
 from job.context import (
     Context,
     build_configured_backbone,
@@ -135,6 +135,7 @@ def pretrain(ctx: Context) -> dict:
     trainer.finalize(use_best=True)
     final = evaluator(result.epochs, tf.summary.create_noop_writer())  # the last epoch's step is logged already
     trainer.close()
+    testhooks.chief_delay(ctx.cluster, "the pretrain exports")
     if ctx.cluster.is_chief:
         layout.export.mkdir(parents=True, exist_ok=True)
         for model, path in ((task.backbone, layout.backbone), (task.rotation_model, layout.rotation_model)):

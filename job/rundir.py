@@ -35,7 +35,8 @@ FINGERPRINT_KEY = "fingerprint"
 NO_EFFECT = frozenset({
     "data.cache_dir", "data.decode_threads", "data.prefetch_batches", "data.downstream_names", "data.sha256",
     "runtime.checkpoint_every_steps", "runtime.keep_checkpoints", "runtime.log_every_steps",
-    "runtime.sync_interval_s", "runtime.slurm_port_base", "runtime.xla", "evaluate.report_examples",
+    "runtime.sync_interval_s", "runtime.slurm_port_base", "runtime.slurm_port_count", "runtime.barrier_timeout_s",
+    "runtime.xla", "evaluate.report_examples",
 })
 RUNTIME_KEYS = frozenset({"runtime.seed", "runtime.mixed_precision"})
 # Kinds of completed results, in pipeline order, and the sections each depends on.

@@ -600,17 +600,27 @@ def _stat_key(path: Path) -> StatKey:
     return st.st_size, st.st_mtime_ns
 
 
-def open_output(output: str, work_root: Path, interval_s: float = DEFAULT_INTERVAL_S) -> tuple[Path, OutputSync | None]:
-    """Local output → (Path(output), None); gs://… → (work_root/<sha1(uri)[:16]>, an unstarted OutputSync).
+def open_output(output: str, work_root: Path, interval_s: float = DEFAULT_INTERVAL_S,
+                mirror: str = "") -> tuple[Path, OutputSync | None]:
+    """Local output → (Path(output), None); gs://… → (work_root/<sha1(uri)[:16]><mirror>, an unstarted OutputSync).
 
-    The job writes to the returned directory. For gs://, call `pull()` to resume, `start()` for periodic
-    pushes, and `close()` (or use it as a context manager) for the final push.
+    `mirror`: a suffix for a mirror of one's own (the other workers of a multi-worker job: only their pulls
+    write into it, never the chief's training). The job writes to the returned directory. For gs://, call
+    `pull()` to resume, `start()` for periodic pushes, and `close()` (or use it as a context manager) for
+    the final push.
     """
+    check_output_uri(output)
     if output.startswith("gs://"):
-        GcsUri.parse(output)
-        local = Path(work_root) / hashlib.sha1(output.encode("utf-8")).hexdigest()[:CACHE_KEY_CHARS]
+        key = hashlib.sha1(output.encode("utf-8")).hexdigest()[:CACHE_KEY_CHARS]
+        local = Path(work_root) / f"{key}{mirror}"
         local.mkdir(parents=True, exist_ok=True)
         return local, OutputSync(output, local, interval_s=interval_s)
-    if "://" in output:
-        raise JobError(f"{output} uses an unsupported scheme: pass a local directory or gs://BUCKET/PREFIX.")
     return Path(output), None
+
+
+def check_output_uri(output: str) -> None:
+    """A JobError unless --output is a local path or a well-formed gs:// URI."""
+    if output.startswith("gs://"):
+        GcsUri.parse(output)
+    elif "://" in output:
+        raise JobError(f"{output} uses an unsupported scheme: pass a local directory or gs://BUCKET/PREFIX.")

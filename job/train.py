@@ -347,7 +347,7 @@ class Trainer:
     def _save_and_stop(self, step: int) -> None:
         self._save(step)
         self.writer.flush()
-        self._barrier()  # no worker exits (and has the launcher stop the others) before all have saved
+        self.cluster.barrier("checkpoint saved")  # no worker exits (the launcher stops the others) before all saved
         log.warning("Stop requested: checkpoint saved at step %d", step)
         raise Preempted(step)
 
@@ -358,12 +358,6 @@ class Trainer:
         strategy = self.cluster.strategy
         per_replica = strategy.run(lambda: tf.constant(value, tf.float32))
         return float(strategy.reduce(tf.distribute.ReduceOp.MEAN, per_replica, axis=None))
-
-    def _barrier(self) -> None:
-        """Return once every worker got here (a one-number all-reduce); nothing to wait for with one worker."""
-        if self.cluster.num_workers > 1:
-            strategy = self.cluster.strategy
-            strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(lambda: tf.constant(1.0)), axis=None)
 
     def _early_stopping(self, value: float | None) -> bool:
         if value is None:

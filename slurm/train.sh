@@ -24,7 +24,8 @@
 #
 # One Slurm task per worker: with more than one task (e.g. --nodes=2, or --ntasks-per-node=2), every task
 # runs the same command and job/distribute.py builds a MultiWorkerMirroredStrategy from the Slurm
-# environment; task 0 is the chief and alone writes the shared artifacts.
+# environment, in srun's block task order, on ports derived from the job id (job/slurm.py); task 0 is the
+# chief and alone writes the shared artifacts.
 #
 # Preemption and time limits: Slurm sends SIGUSR1 to this script 120 s before the time limit (--signal),
 # and `scancel --signal=USR1 --batch JOBID` does the same by hand. The script then sends SIGUSR1 to the
@@ -116,7 +117,7 @@ log "running: ${args[*]}"
 
 rc=0
 if [[ -z $stop_signal ]]; then
-  srun --kill-on-bad-exit=1 --label "${args[@]}" &
+  srun --kill-on-bad-exit=1 --distribution=block --label "${args[@]}" &
   srun_pid=$!
   # `wait` returns early (status > 128) when a trapped signal arrives: keep waiting for srun itself.
   while true; do

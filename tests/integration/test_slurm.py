@@ -39,6 +39,7 @@ STEPS_PER_EPOCH = 5  # 80 train images / pretext.batch_images=16
 # The requeue test: longer epochs (wrapping around the images), so that the stop, requested right after the
 # first checkpoint (step 2), lands well inside the first epoch.
 REQUEUE_STEPS_PER_EPOCH = 8
+CHIEF_EXPORT_DELAY_S = 20  # JOB_TEST_CHIEF_DELAY_S (job/testhooks.py): the chief exports this much later
 
 # `$JOB_PYTHON -m job ARGS`: record each input pipeline's slice of the global batches, then run the job.
 RECORDER = '''#!{python}
@@ -128,25 +129,30 @@ def _free_port_pair() -> int:
 class SlurmJob:
     """One submission of slurm/train.sh; cancelled at the end of the test if it is still there."""
 
-    def __init__(self, tmp: Path, data: Path, epochs: int, name: str, overrides: tuple[str, ...] = ()):
+    def __init__(self, tmp: Path, data: Path, epochs: int, name: str, overrides: tuple[str, ...] = (),
+                 command: str = "pretrain", extra_env: dict[str, str] | None = None,
+                 fractions: str = "[0.5, 1.0]"):
         self.tmp, self.output = tmp, tmp / "run"
         self.shards = tmp / "shards"
         self.shards.mkdir()
         recorder = tmp / "recorder"
         recorder.write_text(RECORDER.format(python=sys.executable))
         recorder.chmod(0o755)
-        pretext_only = [item for item in TINY if item.split(".")[0] in ("data", "model", "pretext", "runtime")]
-        overrides = [*pretext_only, f"pretext.epochs={epochs}", *overrides, f"data.cache_dir={tmp / 'cache'}",
-                     f"runtime.slurm_port_base={_free_port_pair()}"]
+        sections = ("data", "model", "pretext", "runtime") if command == "pretrain" else ("",)
+        # (evaluate.label_fractions holds a space: it comes as the extra argument below)
+        tiny = [item for item in TINY if item.startswith(sections) and " " not in item]
+        # Ports: exactly the free pair (a range of one block: job/slurm.py derives nothing else from the job id).
+        overrides = [*tiny, f"pretext.epochs={epochs}", *overrides, f"data.cache_dir={tmp / 'cache'}",
+                     f"runtime.slurm_port_base={_free_port_pair()}", "runtime.slurm_port_count=2"]
         assert not any(" " in item for item in overrides)  # JOB_SET is split on spaces
         env = {k: v for k, v in job_env().items()
                if not k.startswith(("SLURM_", "SBATCH_", "SRUN_")) and k not in ("TF_CONFIG", "CLUSTER_SPEC")}
-        env.update(JOB_PYTHON=str(recorder), JOB_COMMAND="pretrain", JOB_DATA=str(data), JOB_OUTPUT=str(self.output),
-                   JOB_SET=" ".join(overrides), SHARD_LOG_DIR=str(self.shards))
+        env.update(JOB_PYTHON=str(recorder), JOB_COMMAND=command, JOB_DATA=str(data), JOB_OUTPUT=str(self.output),
+                   JOB_SET=" ".join(overrides), SHARD_LOG_DIR=str(self.shards), **(extra_env or {}))
         command = ["sbatch", "--parsable", *TWO_WORKERS, f"--job-name=test-{name}", "--time=00:20:00",
                    f"--output={tmp}/slurm-%j.out", str(TRAIN_SH),
                    # an extra argument passed through to the job (one with a space, which JOB_SET cannot hold)
-                   "--set", "evaluate.label_fractions=[0.5, 1.0]"]
+                   "--set", f"evaluate.label_fractions={fractions}"]
         submitted = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
         assert submitted.returncode == 0, submitted.stderr
         self.id = int(submitted.stdout.strip().split(";")[0])
@@ -182,8 +188,8 @@ class SlurmJob:
 def submit(slurm, data, tmp_path):
     jobs: list[SlurmJob] = []
 
-    def start(epochs: int, name: str, *overrides: str) -> SlurmJob:
-        jobs.append(SlurmJob(tmp_path, data, epochs, name, overrides))
+    def start(epochs: int, name: str, *overrides: str, **options) -> SlurmJob:
+        jobs.append(SlurmJob(tmp_path, data, epochs, name, overrides, **options))
         return jobs[-1]
 
     yield start
@@ -307,3 +313,28 @@ def test_usr1_checkpoints_requeues_and_resumes(submit):
     events = _events_files(job.output)
     assert len(events) == 2 and all(any(f".{pid}." in e.name for pid in chief_pids) for e in events), events
     print(f"USR1 → checkpoint at step {step} → requeue → resume → done: {time.monotonic() - started:.0f} s")
+
+
+def test_run_through_all_stages_waits_for_the_chiefs_exports(submit):
+    """The worker reaches the end of pretraining 20 s before the chief has exported the backbone (a test hook
+    delays the chief): it waits at the stage boundary instead of failing, and the run ends cleanly."""
+    started = time.monotonic()
+    # The fewest downstream trainings: the fine-tuned classifier and one scratch run (label efficiency at 1.0).
+    job = submit(1, "all-stages", "evaluate.scratch_baseline=false", command="run", fractions="[1.0]",
+                 extra_env={"JOB_TEST_CHIEF_DELAY_S": str(CHIEF_EXPORT_DELAY_S)})
+    info = job.wait(timeout=1200)
+    log = job.log()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info["JobState"], log[-6000:])
+    _assert_two_workers(log)
+    chief, worker = "\n".join(_task_lines(log, 0)), "\n".join(_task_lines(log, 1))
+    assert "the chief waits 20 s before the pretrain exports" in chief, log[-6000:]
+    for lines in (chief, worker):
+        assert "== evaluate ==" in lines, log[-6000:]
+    assert "is missing" not in log, log[-6000:]
+    # A clean shutdown: no task reports another as crashed or unreachable.
+    for text in ("CoordinationServiceError", "have crashed", "Failed to send RPC", "Traceback"):
+        assert text not in log, log[-6000:]
+    layout = RunLayout(job.output)
+    assert layout.metrics.is_file() and layout.classifier.is_file()
+    assert RunLayout.done(layout.evaluate).is_file()
+    print(f"run, two workers, chief's export delayed {CHIEF_EXPORT_DELAY_S} s: {time.monotonic() - started:.0f} s")

@@ -410,7 +410,7 @@ def test_failed_final_sync_does_not_replace_the_preemption(tmp_path, synth_zip, 
 
     mirror = tmp_path / "mirror"
     mirror.mkdir()
-    monkeypatch.setattr(sync, "open_output", lambda output, root, interval: (mirror, _FailingSync()))
+    monkeypatch.setattr(sync, "open_output", lambda output, root, interval, **_: (mirror, _FailingSync()))
 
     def preempted(ctx) -> None:
         raise train.Preempted(7)
