@@ -50,6 +50,15 @@ class FakeSync:
     def __init__(self, calls: list[str]):
         self.calls = calls
 
+    def acquire(self, job: str | None, take_over: bool = False) -> None:
+        pass
+
+    def release(self) -> None:
+        pass
+
+    def clear(self, rel_dir: str) -> int:
+        return 0
+
     def push(self) -> None:
         self.calls.append("push")
 

@@ -23,6 +23,6 @@ def _documented_codes() -> set[int]:
 def test_every_exit_code_is_documented():
     job_errors = {cls.exit_code for cls in vars(errors).values()
                   if isinstance(cls, type) and issubclass(cls, errors.JobError)}
-    assert job_errors == {2, 3, 4}
+    assert {2, 3, 4} <= job_errors  # bad input, storage, full disk (and any added since)
     used = {0, UNCAUGHT_EXCEPTION, CLICK_USAGE_ERROR, EXIT_PREEMPTED, *job_errors}
     assert _documented_codes() == used
