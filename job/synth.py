@@ -1,19 +1,20 @@
 """Small synthetic dataset in the exact original Tiny ImageNet layout (for demos and tests).
 
-Every image is one object on a cluttered background. Nothing but the object's shape tells which way is up:
-the background (a flat colour, coarse texture and random round blobs), the lighting (a ramp in a uniformly
-random direction) and the noise are the same in distribution under any rotation, and each image draws its
-own palette, from one distribution for every class. Objects are upright shapes with a canonical "up" (a fin
-or a head on top, a base or a body at the bottom), drawn at a random position and scale, slightly tilted and
-facing left or right. The class is the shape family. The first two classes are the downstream pair, which
-differ in shape only: a fish (long horizontal body, triangular tail, dorsal fin on top) and a duck (round
-body, a smaller round head on a neck above its front, a beak). The other classes are upright shapes built
-from the same parts (round bodies and heads, triangular fins and sails, bars and domes), so features that
-tell which way is up for them also describe the fish and the duck.
+Every image is one large dark object on a light, flat background. Nothing but the object's shape tells which
+way is up: the background and the noise are the same in distribution under any rotation, and each image draws
+its own colours, from one distribution for every class. Objects are upright shapes with a canonical "up" (a
+fin, a head, a roof or a point on top; a body or a base at the bottom), drawn at a random position, slightly
+tilted, stretched and facing left or right, each class covering the same share of the image in distribution.
+The class is the shape family. The first two classes are the downstream pair, which differ in shape only: a
+fish (long horizontal body, triangular tail, dorsal fin on top) and a duck (round body low down, a round head
+on a neck above its front, a beak). The other classes are upright shapes built from the same parts (round
+bodies and heads, triangular fins and sails, bars and domes), so features that tell which way is up for them
+also describe the fish and the duck.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import os
@@ -240,7 +241,7 @@ def _write_directory(output: Path, files: Iterator[tuple[str, bytes]]) -> Path:
 
 # --- rendering -------------------------------------------------------------------------------------------
 
-# Palette slots of an object's parts. Every image draws its own colours for them, the same way for all classes.
+# Palette slots of an object's parts. Every image draws its own colours, the same way for all classes.
 BODY, ACCENT, DETAIL = 0, 1, 2
 
 
@@ -265,7 +266,7 @@ FISH_PARTS = (
     Part("polygon", (-0.22, 0.0, -0.48, 0.18, -0.48, -0.18), BODY),  # tail fin at the back
     Part("polygon", (-0.16, 0.11, 0.14, 0.11, -0.12, 0.3), ACCENT),  # dorsal fin on top
     Part("polygon", (-0.02, -0.12, 0.1, -0.12, -0.04, -0.2), ACCENT),  # small fin below
-    Part("ellipse", (0.28, 0.04, 0.035, 0.035), DETAIL),  # eye, above the midline
+    Part("ellipse", (0.28, 0.04, 0.03, 0.03), DETAIL),  # eye, above the midline
 )
 DUCK_PARTS = (
     Part("ellipse", (-0.08, -0.2, 0.32, 0.2), BODY),  # round body, low
@@ -273,7 +274,7 @@ DUCK_PARTS = (
     Part("box", (0.08, -0.12, 0.2, 0.16), BODY),  # neck
     Part("ellipse", (0.15, 0.24, 0.14, 0.14), BODY),  # head on top
     Part("polygon", (0.26, 0.29, 0.26, 0.18, 0.44, 0.22), ACCENT),  # beak pointing forward
-    Part("ellipse", (0.19, 0.28, 0.03, 0.03), DETAIL),  # eye
+    Part("ellipse", (0.19, 0.28, 0.034, 0.034), DETAIL),  # eye (the same size as the fish's, once scaled)
 )
 # The other classes: upright shapes sharing those parts.
 GENERIC_PARTS: dict[str, tuple[Part, ...]] = {
@@ -324,25 +325,24 @@ GENERIC_PARTS: dict[str, tuple[Part, ...]] = {
 }
 GENERIC_SHAPES = tuple(GENERIC_PARTS)
 
-# Object placement (fractions of the image side; angles in degrees).
-OBJECT_SIZE_RANGE = (0.6, 0.85)  # side of the object's unit square
-STRETCH_RANGE = (0.9, 1.1)  # independent scale of each object axis
-MAX_TILT_DEG = 15.0
-CENTRE_JITTER = 0.12  # object centre: image centre + up to this fraction of the image side, each axis
+# Object placement (fractions of the image side; angles in degrees). Large objects: at 32 px their shape
+# is drawn with enough pixels for a small network to read which way is up within a few hundred steps.
+# Every class covers the same share of the image in distribution (its unit square scaled to that area), so
+# the amount of object colour in an image says nothing about the class.
+OBJECT_AREA_RANGE = (0.2, 0.28)
+AREA_GRID = 200  # samples per side of the unit square when measuring a class's area
+STRETCH_RANGE = (0.95, 1.05)  # independent scale of each object axis
+MAX_TILT_DEG = 8.0
+CENTRE_JITTER = 0.06  # object centre: image centre + up to this fraction of the image side, each axis
+NOISE_STD_RANGE = (2.0, 7.0)  # per-pixel noise, after downsampling
 
-# Background and lighting, all rotation-invariant in distribution.
-TEXTURE_CELLS = (2, 4, 8)  # coarse texture cell side, in supersampled pixels (divides the canvas)
-TEXTURE_STD_RANGE = (0.0, 10.0)
-BLOB_COUNT_RANGE = (1, 6)  # [low, high)
-BLOB_RADIUS_RANGE = (0.03, 0.1)
-BLOB_CONTRAST_RANGE = (0.15, 0.4)  # a blob's colour: this far from the background toward a random colour
-LIGHT_SLOPE_MAX = 0.35  # brightness ramp across the image, in a uniformly random direction
-NOISE_STD_RANGE = (2.0, 7.0)
-
-# Palette: uniform RGB colours, with enough contrast between background, body and accent.
-MIN_CONTRAST = 110.0  # Euclidean RGB distance
-PALETTE_CANDIDATES = 16  # random colours drawn per slot; the first one far enough is used
-DARK_DETAIL, LIGHT_DETAIL = np.array([20.0, 20.0, 25.0]), np.array([245.0, 245.0, 240.0])
+# Palette: a light background and a dark object, each channel uniform in its range, drawn per image the same
+# way for every class. The object stands out by brightness alone, in no direction in particular. Body and
+# accent parts share the object colour: a second colour would put each class's accent area (a fish's fins,
+# a duck's beak) into the colour histogram.
+BACKGROUND_RANGE = (170.0, 255.0)
+OBJECT_RANGE = (0.0, 110.0)
+DETAIL_COLOUR = np.array([245.0, 245.0, 240.0])  # eyes, windows, doors: light on the dark object
 
 
 def _class_parts(class_index: int) -> tuple[Part, ...]:
@@ -371,17 +371,15 @@ def render_scene(class_index: int, rng: np.random.Generator,
     big = size * SUPERSAMPLE
     centres = np.arange(big, dtype=np.float32) + 0.5
     xs, ys = centres[None, :], centres[:, None]  # pixel centres (x right, y down), broadcast to (big, big)
-    background, body, accent, detail = _palette(rng)
+    background, palette = _palette(rng)
 
-    canvas = _background(rng, big, xs, ys, background)
-    u, v = _object_frame(rng, big, xs, ys)
-    palette = (body, accent, detail)
+    canvas = np.broadcast_to(background, (big, big, 3))
+    u, v = _object_frame(rng, big, xs, ys, _unit_area(class_index))
     silhouette = np.zeros((big, big), bool)
     for part in _class_parts(class_index):
         mask = _part_mask(part, u, v)
         canvas = np.where(mask[..., None], palette[part.slot], canvas)
         silhouette |= mask
-    canvas = canvas * _lighting(rng, big, xs, ys)[..., None]
 
     small = canvas.reshape(size, SUPERSAMPLE, size, SUPERSAMPLE, 3).mean(axis=(1, 3))
     small = small + rng.normal(0.0, rng.uniform(*NOISE_STD_RANGE), small.shape)
@@ -389,45 +387,28 @@ def render_scene(class_index: int, rng: np.random.Generator,
     return pixels, _box(silhouette, size)
 
 
-def _palette(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Background, body, accent and detail colours: random, one distribution for every class."""
-    background = rng.uniform(0.0, 255.0, 3)
-    body = _contrasting(rng, background)
-    accent = _contrasting(rng, body)
-    detail = max((DARK_DETAIL, LIGHT_DETAIL), key=lambda c: float(np.linalg.norm(c - body)))
-    return background, body, accent, detail
+def _palette(rng: np.random.Generator) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The background colour and the (body, accent, detail) colours: one distribution for every class."""
+    background = rng.uniform(*BACKGROUND_RANGE, 3)
+    body = rng.uniform(*OBJECT_RANGE, 3)
+    return background, (body, body, DETAIL_COLOUR)
 
 
-def _contrasting(rng: np.random.Generator, other: np.ndarray) -> np.ndarray:
-    """A uniform random colour at least MIN_CONTRAST from `other` (the farthest candidate if none is)."""
-    candidates = rng.uniform(0.0, 255.0, (PALETTE_CANDIDATES, 3))
-    distance = np.linalg.norm(candidates - other, axis=1)
-    far = np.flatnonzero(distance >= MIN_CONTRAST)
-    return candidates[far[0] if len(far) else int(np.argmax(distance))]
+@functools.cache
+def _unit_area(class_index: int) -> float:
+    """The share of its unit square that the class's object covers."""
+    u, v = np.meshgrid((np.arange(AREA_GRID) + 0.5) / AREA_GRID - 0.5, (np.arange(AREA_GRID) + 0.5) / AREA_GRID - 0.5)
+    covered = np.zeros(u.shape, bool)
+    for part in _class_parts(class_index):
+        covered |= _part_mask(part, u, v)
+    return float(covered.mean())
 
 
-def _background(rng: np.random.Generator, big: int, xs: np.ndarray, ys: np.ndarray,
-                colour: np.ndarray) -> np.ndarray:
-    """A flat colour with coarse square-cell texture and a few round blobs: no direction is special."""
-    cell = int(rng.choice(TEXTURE_CELLS))
-    cells = -(-big // cell)
-    texture = rng.normal(0.0, rng.uniform(*TEXTURE_STD_RANGE), (cells, cells, 1))
-    canvas = colour + texture.repeat(cell, 0).repeat(cell, 1)[:big, :big]
-    count = int(rng.integers(*BLOB_COUNT_RANGE))
-    centres = rng.uniform(0.0, big, (count, 2))
-    radii = rng.uniform(*BLOB_RADIUS_RANGE, count) * big
-    contrast = rng.uniform(*BLOB_CONTRAST_RANGE, (count, 1))
-    colours = colour + contrast * (rng.uniform(0.0, 255.0, (count, 3)) - colour)
-    for (bx, by), radius, blob_colour in zip(centres, radii, colours, strict=True):
-        inside = (xs - bx) ** 2 + (ys - by) ** 2 <= radius**2
-        canvas = np.where(inside[..., None], blob_colour, canvas)
-    return canvas
-
-
-def _object_frame(rng: np.random.Generator, big: int, xs: np.ndarray,
-                  ys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each pixel's (u, v) in a randomly placed, scaled, stretched, tilted and mirrored object frame."""
-    side = rng.uniform(*OBJECT_SIZE_RANGE) * big
+def _object_frame(rng: np.random.Generator, big: int, xs: np.ndarray, ys: np.ndarray,
+                  unit_area: float) -> tuple[np.ndarray, np.ndarray]:
+    """Each pixel's (u, v) in a randomly placed, scaled, stretched, tilted and mirrored object frame, scaled so
+    that the object covers a share of the image drawn from OBJECT_AREA_RANGE."""
+    side = np.sqrt(rng.uniform(*OBJECT_AREA_RANGE) / unit_area) * big
     ox, oy = big / 2 + rng.uniform(-CENTRE_JITTER, CENTRE_JITTER, 2) * big
     tilt = np.deg2rad(rng.uniform(-MAX_TILT_DEG, MAX_TILT_DEG))
     stretch_u, stretch_v = rng.uniform(*STRETCH_RANGE, 2) * side
@@ -456,14 +437,6 @@ def _part_mask(part: Part, u: np.ndarray, v: np.ndarray) -> np.ndarray:
                  - edge[:, 1, None, None] * (u - start[:, 0, None, None]))
         return (cross >= 0).all(axis=0) | (cross <= 0).all(axis=0)
     raise ValueError(f"unknown part kind {part.kind!r}")
-
-
-def _lighting(rng: np.random.Generator, big: int, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
-    """A brightness ramp through the image centre, in a uniformly random direction (1 at the centre)."""
-    angle = rng.uniform(0.0, 2 * np.pi)
-    slope = rng.uniform(0.0, LIGHT_SLOPE_MAX)
-    along = ((xs - big / 2) * np.cos(angle) + (ys - big / 2) * np.sin(angle)) / big
-    return 1.0 + slope * along
 
 
 def _box(silhouette: np.ndarray, size: int) -> tuple[int, int, int, int]:

@@ -173,10 +173,13 @@ def test_two_classes_and_image_size(tmp_path: Path) -> None:
 
 MECHANISM = {"classes": 6, "per_class": 60, "downstream_per_class": 150, "val_per_class": 0, "test_images": 0,
              "image_size": 32, "seed": 0, "grayscale_fraction": 0.0}
-GRID = 4  # the global-cue features: mean colour in a GRID x GRID grid
+GRID = 4  # the background features: mean colour outside the object's box in a GRID x GRID grid
+SILHOUETTE_GRID = 8  # the shape features: share of object pixels in a finer grid
+OBJECT_MAX_LUMA = 140.0  # between the dark object's and the light background's colour ranges
 PROBE_STEPS, PROBE_LR, PROBE_WEIGHT_DECAY = 400, 0.5, 1e-3
 ROTATION_CHANCE_MAX = 0.35  # 4-way chance is 0.25
-CUE_CONTROL_MIN = 0.9  # the same probe reads a planted global cue
+SHAPE_ROTATION_MIN = 0.45  # the silhouette alone tells the rotation
+CUE_CONTROL_MIN = 0.9  # the background probe reads a planted global cue
 CUE_RAMP = 60.0  # grey levels, top to bottom, of the planted cue
 COLOUR_BINS = 4  # evaluate.colour_bins' default
 COLOUR_CHANCE_MAX = 0.65  # 2-way chance is 0.5
@@ -192,13 +195,18 @@ def mechanism_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]
 
 
 def class_images(files: dict[str, bytes], wnid: str) -> tuple[np.ndarray, np.ndarray]:
-    """A class's train images (uint8, in boxes.txt order) and their object boxes' width / height."""
-    images, aspects = [], []
+    """A class's train images (uint8, in boxes.txt order) and their object boxes (x0, y0, x1, y1, inclusive)."""
+    images, boxes = [], []
     for line in files[f"train/{wnid}/{wnid}_boxes.txt"].decode().splitlines():
-        name, x0, y0, x1, y1 = line.split("\t")
+        name, *box = line.split("\t")
         images.append(np.asarray(decode(files[f"train/{wnid}/images/{name}"]).convert("RGB")))
-        aspects.append((int(x1) - int(x0) + 1) / (int(y1) - int(y0) + 1))
-    return np.stack(images), np.array(aspects)
+        boxes.append([int(v) for v in box])
+    return np.stack(images), np.array(boxes)
+
+
+def aspect(boxes: np.ndarray) -> np.ndarray:
+    """Box width / height."""
+    return (boxes[:, 2] - boxes[:, 0] + 1) / (boxes[:, 3] - boxes[:, 1] + 1)
 
 
 def probe_accuracy(features: np.ndarray, labels: np.ndarray, classes: int, seed: int = 0) -> float:
@@ -219,29 +227,53 @@ def probe_accuracy(features: np.ndarray, labels: np.ndarray, classes: int, seed:
     return float(np.mean(np.argmax(x_val @ weights + bias, 1) == labels[val]))
 
 
-def test_orientation_has_no_global_cue(mechanism_data: dict[str, bytes]) -> None:
-    """Rotated images' coarse colour layout does not tell the rotation; a planted sky/ground ramp would."""
+def grid_mean(values: np.ndarray, weights: np.ndarray, cells: int) -> np.ndarray:
+    """Weighted mean of `values` [N, S, S, C] in each cell of a cells x cells grid → [N, cells * cells * C];
+    a cell without weight takes the image's weighted mean."""
+    n, size = len(values), values.shape[1]
+
+    def cell_sums(x: np.ndarray) -> np.ndarray:
+        return x.reshape(n, cells, size // cells, cells, size // cells, -1).sum(axis=(2, 4))
+
+    totals, counts = cell_sums(values * weights[..., None]), cell_sums(weights[..., None])
+    overall = totals.sum(axis=(1, 2), keepdims=True) / np.maximum(counts.sum(axis=(1, 2), keepdims=True), 1)
+    return np.where(counts > 0, totals / np.maximum(counts, 1), overall).reshape(n, -1)
+
+
+def test_orientation_is_in_the_shape_only(mechanism_data: dict[str, bytes]) -> None:
+    """Outside the object's box, rotated images look alike at every angle (a planted sky/ground ramp would
+    tell the angle there); the object's silhouette tells it."""
     wnids = mechanism_data["wnids.txt"].decode().split()
-    images = np.concatenate([class_images(mechanism_data, w)[0] for w in wnids]).astype(np.float32)
+    images, boxes = (np.concatenate(parts) for parts in zip(*(class_images(mechanism_data, w) for w in wnids)))
+    images = images.astype(np.float32)
     size = images.shape[1]
+    rows, cols = np.arange(size)[None, :, None], np.arange(size)[None, None, :]
+    inside = ((rows >= boxes[:, 1, None, None]) & (rows <= boxes[:, 3, None, None])
+              & (cols >= boxes[:, 0, None, None]) & (cols <= boxes[:, 2, None, None]))
     ramp = np.linspace(CUE_RAMP / 2, -CUE_RAMP / 2, size, dtype=np.float32)[None, :, None, None]
     angles = np.random.default_rng(1).integers(4, size=len(images))
 
-    def rotation_probe(upright: np.ndarray) -> float:
-        rotated = np.stack([np.rot90(image, k) for image, k in zip(upright, angles, strict=True)])
-        grid = rotated.reshape(len(rotated), GRID, size // GRID, GRID, size // GRID, 3).mean(axis=(2, 4))
-        return probe_accuracy(grid.reshape(len(grid), -1), angles, 4)
+    def rotated(upright: np.ndarray) -> np.ndarray:
+        return np.stack([np.rot90(image, k) for image, k in zip(upright, angles, strict=True)])
 
-    assert rotation_probe(images) < ROTATION_CHANCE_MAX
-    assert rotation_probe(images + ramp) > CUE_CONTROL_MIN  # the probe does find a global cue when there is one
+    def background_probe(upright: np.ndarray) -> float:
+        background = rotated((~inside).astype(np.float32))
+        return probe_accuracy(grid_mean(rotated(upright), background, GRID), angles, 4)
+
+    assert background_probe(images) < ROTATION_CHANCE_MAX
+    assert background_probe(images + ramp) > CUE_CONTROL_MIN  # the probe does find a global cue when there is one
+    silhouettes = (rotated(images).mean(axis=-1) < OBJECT_MAX_LUMA).astype(np.float32)
+    shape = grid_mean(silhouettes[..., None], np.ones_like(silhouettes), SILHOUETTE_GRID)
+    assert probe_accuracy(shape, angles, 4) > SHAPE_ROTATION_MIN
 
 
 def test_fish_and_duck_differ_in_shape_not_colour(mechanism_data: dict[str, bytes]) -> None:
     """The evaluate stage's colour-histogram features do not separate the pair; the objects' outline does."""
     from job.evaluate import colour_histograms
 
-    fish, fish_aspect = class_images(mechanism_data, FISH)
-    duck, duck_aspect = class_images(mechanism_data, DUCK)
+    fish, fish_boxes = class_images(mechanism_data, FISH)
+    duck, duck_boxes = class_images(mechanism_data, DUCK)
+    fish_aspect, duck_aspect = aspect(fish_boxes), aspect(duck_boxes)
     labels = np.repeat([0, 1], [len(fish), len(duck)])
     histograms = colour_histograms(np.concatenate([fish, duck]), COLOUR_BINS)
     assert probe_accuracy(histograms, labels, 2) < COLOUR_CHANCE_MAX
