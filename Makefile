@@ -22,7 +22,7 @@ $(STAMP): requirements.txt requirements-dev.txt
 	touch $@
 
 demo: $(STAMP)
-	$(PY) -m job synth --output $(DEMO_DATA) --classes 6 --per-class 60 --downstream-per-class 100 --val-per-class 20
+	$(PY) -m job synth --output $(DEMO_DATA) --classes 10 --per-class 100 --downstream-per-class 100 --val-per-class 50
 	$(PY) -m job run --data $(DEMO_DATA) --output runs/demo --config demo
 	@echo "Open runs/demo/report/report.md; watch with: $(VENV)/bin/tensorboard --logdir runs/demo/logs"
 
