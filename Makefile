@@ -23,7 +23,7 @@ $(STAMP): requirements.txt requirements-dev.txt
 
 # Generated once: a regenerated zip is other data to the run (its mtime changes), and synth does not replace it.
 $(DEMO_DATA): | $(STAMP)
-	$(PY) -m job synth --output $(DEMO_DATA) --classes 6 --per-class 60 --downstream-per-class 100 --val-per-class 20
+	$(PY) -m job synth --output $(DEMO_DATA) --classes 10 --per-class 100 --downstream-per-class 100 --val-per-class 50
 
 demo: $(STAMP) $(DEMO_DATA)
 	$(PY) -m job run --data $(DEMO_DATA) --output runs/demo --config demo

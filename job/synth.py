@@ -1,14 +1,20 @@
 """Small synthetic dataset in the exact original Tiny ImageNet layout (for demos and tests).
 
-Every image is a little outdoor scene: a bright sky with a sun at the top, darker ground at the bottom and
-one object standing on the ground with a shadow under it. The vertical layout makes rotation learnable; the
-object (shape and colour family) identifies the class. The first two classes are the downstream pair: a fish
-(orange body, triangular tail) and a duck (white/grey body, head with an orange beak).
+Every image is one large dark object on a light, flat background. Nothing but the object's shape tells which
+way is up: the background and the noise are the same in distribution under any rotation, and each image draws
+its own colours, from one distribution for every class. Objects are upright shapes with a canonical "up" (a
+fin, a head, a roof or a point on top; a body or a base at the bottom), drawn at a random position, slightly
+tilted, stretched and facing left or right, each class covering the same share of the image in distribution.
+The class is the shape family. The first two classes are the downstream pair, which differ in shape only: a
+fish (long horizontal body, triangular tail, dorsal fin on top) and a duck (round body low down, a round head
+on a neck above its front, a beak). The other classes are upright shapes built from the same parts (round
+bodies and heads, triangular fins and sails, bars and domes), so features that tell which way is up for them
+also describe the fish and the duck.
 """
 
 from __future__ import annotations
 
-import colorsys
+import functools
 import io
 import logging
 import os
@@ -16,19 +22,19 @@ import shutil
 import stat
 import tempfile
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 logger = logging.getLogger(__name__)
 
 ROOT_NAME = "tiny-imagenet-200"
 JPEG_QUALITY = 90
 ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)  # fixed so zips are byte-identical for a seed
-SUPERSAMPLE = 2  # draw at 2x and downsample, for anti-aliased edges
+SUPERSAMPLE = 2  # draw at 2x and average down, for anti-aliased edges
 MIN_IMAGE_SIZE = 16
 GRAYSCALE_MIN_IMAGES = 20  # with at least this many images, a positive fraction yields >= 1 grayscale JPEG
 # Modes before the umask, as any file or folder a user creates: readable by all (0644 / 0755 with umask 022),
@@ -48,40 +54,6 @@ GENERATED_WNID_BASE = 90_000_000  # generated wnids are "n" + 8 digits: n9000000
 
 # Split codes mixed into per-image seeds, so each image depends only on (seed, split, class, index).
 SPLIT_TRAIN, SPLIT_VAL, SPLIT_TEST = 0, 1, 2
-
-# Scene proportions (fractions of the image side).
-HORIZON_RANGE = (0.45, 0.70)
-SUN_Y_RANGE = (0.06, 0.25)
-SUN_RADIUS_RANGE = (0.04, 0.08)
-CLOUD_PROBABILITY = 0.5
-OBJECT_WIDTH_RANGE = (0.28, 0.45)
-OBJECT_BASE_RANGE = (0.15, 0.85)  # where the object's base sits between horizon and image bottom
-SHADOW_HEIGHT = 0.12  # relative to object width
-NOISE_STD_RANGE = (2.0, 7.0)
-COLOUR_JITTER = 18.0
-
-# Colours (RGB, 0-255).
-SKY_TOP = np.array([205.0, 225.0, 250.0])  # brighter at the top
-SKY_HORIZON = np.array([140.0, 170.0, 215.0])
-SUN_COLOUR = (255, 248, 205)
-CLOUD_COLOUR = (240, 242, 248)
-GROUND_GREEN = np.array([70.0, 110.0, 45.0])
-GROUND_BROWN = np.array([110.0, 85.0, 55.0])
-GROUND_BOTTOM_DARKEN = 0.6  # ground colour multiplier at the bottom edge
-GROUND_TEXTURE_STD = 6.0
-GROUND_TEXTURE_CELL = 4  # texture cell side, in supersampled pixels
-SHADOW_DARKEN = 0.4
-FISH_ORANGE = np.array([235.0, 120.0, 30.0])
-DUCK_WHITE = np.array([235.0, 235.0, 230.0])
-DUCK_GREY_LEVEL_RANGE = (0.65, 1.0)
-BEAK_ORANGE = np.array([245.0, 150.0, 20.0])
-EYE_COLOUR = (20, 20, 25)
-GOLDEN_RATIO = 0.618033988749895  # spreads generic class hues around the colour wheel
-
-GENERIC_SHAPES = ("square", "triangle", "star", "bar", "ball", "diamond", "house", "mushroom")
-
-Point = tuple[float, float]
-Box = tuple[float, float, float, float]
 
 
 @dataclass(frozen=True)
@@ -299,7 +271,120 @@ def _write_directory(output: Path, files: Iterator[tuple[str, bytes]]) -> Path:
     return output
 
 
+
+
 # --- rendering -------------------------------------------------------------------------------------------
+
+# Palette slots of an object's parts. Every image draws its own colours, the same way for all classes.
+BODY, ACCENT, DETAIL = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class Part:
+    """One filled primitive of an object, in the object's upright frame.
+
+    Coordinates are (u, v): u toward the object's front, v up, in units of the object's size (every object
+    fits in [-0.5, 0.5]²). Kinds and their params: "ellipse" (cu, cv, ru, rv); "dome", the upper half of
+    that ellipse; "box" (u0, v0, u1, v1); "polygon" (u0, v0, u1, v1, ...), convex, either winding.
+    """
+
+    kind: str
+    params: tuple[float, ...]
+    slot: int
+
+
+# The downstream pair: the same kinds of parts, different shapes. A fish is long and flat with a fin on top;
+# a duck is a round body low down with a head on a neck above its front.
+FISH_PARTS = (
+    Part("ellipse", (0.06, 0.0, 0.36, 0.15), BODY),  # long horizontal body
+    Part("polygon", (-0.22, 0.0, -0.48, 0.18, -0.48, -0.18), BODY),  # tail fin at the back
+    Part("polygon", (-0.16, 0.11, 0.14, 0.11, -0.12, 0.3), ACCENT),  # dorsal fin on top
+    Part("polygon", (-0.02, -0.12, 0.1, -0.12, -0.04, -0.2), ACCENT),  # small fin below
+    Part("ellipse", (0.28, 0.04, 0.03, 0.03), DETAIL),  # eye, above the midline
+)
+DUCK_PARTS = (
+    Part("ellipse", (-0.08, -0.2, 0.32, 0.2), BODY),  # round body, low
+    Part("polygon", (-0.32, -0.12, -0.46, 0.02, -0.24, -0.04), BODY),  # tail tip, raised at the back
+    Part("box", (0.08, -0.12, 0.2, 0.16), BODY),  # neck
+    Part("ellipse", (0.15, 0.24, 0.14, 0.14), BODY),  # head on top
+    Part("polygon", (0.26, 0.29, 0.26, 0.18, 0.44, 0.22), ACCENT),  # beak pointing forward
+    Part("ellipse", (0.19, 0.28, 0.034, 0.034), DETAIL),  # eye (the same size as the fish's, once scaled)
+)
+# The other classes: upright shapes sharing those parts.
+GENERIC_PARTS: dict[str, tuple[Part, ...]] = {
+    "snowman": (  # the duck's round body and head, stacked
+        Part("ellipse", (0.0, -0.2, 0.28, 0.28), BODY),
+        Part("ellipse", (0.0, 0.22, 0.17, 0.17), BODY),
+        Part("polygon", (0.12, 0.26, 0.12, 0.18, 0.32, 0.22), ACCENT),  # nose
+        Part("box", (-0.13, 0.37, 0.13, 0.47), ACCENT),  # hat
+        Part("ellipse", (0.06, 0.28, 0.03, 0.03), DETAIL),
+    ),
+    "sailboat": (  # a triangular fin as a sail above a hull
+        Part("polygon", (-0.46, -0.2, 0.46, -0.2, 0.32, -0.42, -0.32, -0.42), BODY),  # hull
+        Part("box", (-0.03, -0.2, 0.02, 0.46), DETAIL),  # mast
+        Part("polygon", (0.05, -0.14, 0.05, 0.44, 0.38, -0.14), ACCENT),  # mainsail
+        Part("polygon", (-0.05, -0.14, -0.05, 0.34, -0.26, -0.14), ACCENT),  # jib
+    ),
+    "submarine": (  # the fish's long body with a tower on top
+        Part("ellipse", (0.0, -0.1, 0.46, 0.18), BODY),
+        Part("box", (-0.1, 0.04, 0.1, 0.26), ACCENT),  # tower
+        Part("box", (0.0, 0.26, 0.03, 0.4), DETAIL),  # periscope
+        Part("polygon", (-0.4, -0.1, -0.5, 0.06, -0.5, -0.26), ACCENT),  # rudder
+    ),
+    "tree": (  # a round crown on a trunk
+        Part("box", (-0.07, -0.48, 0.07, -0.05), ACCENT),
+        Part("ellipse", (0.0, 0.14, 0.32, 0.32), BODY),
+    ),
+    "house": (  # a triangular roof on walls
+        Part("box", (-0.36, -0.45, 0.36, 0.05), BODY),
+        Part("polygon", (-0.46, 0.05, 0.46, 0.05, 0.0, 0.45), ACCENT),
+        Part("box", (-0.2, -0.45, -0.06, -0.2), DETAIL),  # door, off-centre
+    ),
+    "mushroom": (  # a dome on a stem
+        Part("box", (-0.1, -0.45, 0.1, 0.0), ACCENT),
+        Part("dome", (0.0, -0.02, 0.46, 0.42), BODY),
+    ),
+    "bottle": (  # a round body with a neck on top
+        Part("ellipse", (0.0, -0.2, 0.26, 0.26), BODY),
+        Part("box", (-0.07, 0.0, 0.07, 0.35), BODY),
+        Part("box", (-0.1, 0.33, 0.1, 0.45), ACCENT),
+    ),
+    "rocket": (  # a bar with a pointed nose on top and fins at the bottom
+        Part("box", (-0.12, -0.35, 0.12, 0.18), BODY),
+        Part("polygon", (-0.12, 0.18, 0.12, 0.18, 0.0, 0.48), ACCENT),
+        Part("polygon", (-0.12, -0.12, -0.12, -0.35, -0.3, -0.46), ACCENT),
+        Part("polygon", (0.12, -0.12, 0.12, -0.35, 0.3, -0.46), ACCENT),
+        Part("ellipse", (0.0, 0.0, 0.06, 0.06), DETAIL),  # window
+    ),
+}
+GENERIC_SHAPES = tuple(GENERIC_PARTS)
+
+# Object placement (fractions of the image side; angles in degrees). Large objects: at 32 px their shape
+# is drawn with enough pixels for a small network to read which way is up within a few hundred steps.
+# Every class covers the same share of the image in distribution (its unit square scaled to that area), so
+# the amount of object colour in an image says nothing about the class.
+OBJECT_AREA_RANGE = (0.2, 0.28)
+AREA_GRID = 200  # samples per side of the unit square when measuring a class's area
+STRETCH_RANGE = (0.95, 1.05)  # independent scale of each object axis
+MAX_TILT_DEG = 8.0
+CENTRE_JITTER = 0.06  # object centre: image centre + up to this fraction of the image side, each axis
+NOISE_STD_RANGE = (2.0, 7.0)  # per-pixel noise, after downsampling
+
+# Palette: a light background and a dark object, each channel uniform in its range, drawn per image the same
+# way for every class. The object stands out by brightness alone, in no direction in particular. Body and
+# accent parts share the object colour: a second colour would put each class's accent area (a fish's fins,
+# a duck's beak) into the colour histogram.
+BACKGROUND_RANGE = (170.0, 255.0)
+OBJECT_RANGE = (0.0, 110.0)
+DETAIL_COLOUR = np.array([245.0, 245.0, 240.0])  # eyes, windows, doors: light on the dark object
+
+
+def _class_parts(class_index: int) -> tuple[Part, ...]:
+    if class_index == 0:
+        return FISH_PARTS
+    if class_index == 1:
+        return DUCK_PARTS
+    return GENERIC_PARTS[GENERIC_SHAPES[(class_index - 2) % len(GENERIC_SHAPES)]]
 
 
 def _render_jpeg(class_index: int, rng: np.random.Generator, size: int,
@@ -318,197 +403,81 @@ def render_scene(class_index: int, rng: np.random.Generator,
                  size: int) -> tuple[np.ndarray, tuple[int, int, int, int]]:
     """Render a `size`x`size` RGB uint8 scene with the object of `class_index`, and its bounding box."""
     big = size * SUPERSAMPLE
-    horizon = rng.uniform(*HORIZON_RANGE) * big
-    ground = _jitter(rng, GROUND_GREEN + rng.uniform() * (GROUND_BROWN - GROUND_GREEN))
-    canvas = Image.fromarray(_background(rng, big, horizon, ground), "RGB")
-    draw = ImageDraw.Draw(canvas)
-    _draw_sky_details(draw, rng, big)
+    centres = np.arange(big, dtype=np.float32) + 0.5
+    xs, ys = centres[None, :], centres[:, None]  # pixel centres (x right, y down), broadcast to (big, big)
+    background, palette = _palette(rng)
 
-    width = rng.uniform(*OBJECT_WIDTH_RANGE) * big
-    base = horizon + rng.uniform(*OBJECT_BASE_RANGE) * (big - horizon)
-    cx = rng.uniform(width * 0.6, big - width * 0.6)
-    shadow_w, shadow_h = width * 0.55, width * SHADOW_HEIGHT
-    shadow_colour = _rgb(ground * SHADOW_DARKEN)
-    draw.ellipse((cx - shadow_w, base - shadow_h / 2, cx + shadow_w, base + shadow_h / 2), fill=shadow_colour)
-    big_box = _draw_object(draw, rng, class_index, cx, base, width)
+    canvas = np.broadcast_to(background, (big, big, 3))
+    u, v = _object_frame(rng, big, xs, ys, _unit_area(class_index))
+    silhouette = np.zeros((big, big), bool)
+    for part in _class_parts(class_index):
+        mask = _part_mask(part, u, v)
+        canvas = np.where(mask[..., None], palette[part.slot], canvas)
+        silhouette |= mask
 
-    small = np.asarray(canvas.resize((size, size), Image.Resampling.BOX), dtype=np.float32)
+    small = canvas.reshape(size, SUPERSAMPLE, size, SUPERSAMPLE, 3).mean(axis=(1, 3))
     small = small + rng.normal(0.0, rng.uniform(*NOISE_STD_RANGE), small.shape)
     pixels = np.clip(np.rint(small), 0, 255).astype(np.uint8)
-    x0, y0, x1, y1 = (v / SUPERSAMPLE for v in big_box)
-    box = (_clip_px(x0, size), _clip_px(y0, size), _clip_px(x1, size), _clip_px(y1, size))
-    return pixels, box
+    return pixels, _box(silhouette, size)
 
 
-def _clip_px(value: float, size: int) -> int:
-    return int(min(max(round(value), 0), size - 1))
+def _palette(rng: np.random.Generator) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The background colour and the (body, accent, detail) colours: one distribution for every class."""
+    background = rng.uniform(*BACKGROUND_RANGE, 3)
+    body = rng.uniform(*OBJECT_RANGE, 3)
+    return background, (body, body, DETAIL_COLOUR)
 
 
-def _jitter(rng: np.random.Generator, colour: np.ndarray, amount: float = COLOUR_JITTER) -> np.ndarray:
-    return np.clip(colour + rng.uniform(-amount, amount, 3), 0, 255)
+@functools.cache
+def _unit_area(class_index: int) -> float:
+    """The share of its unit square that the class's object covers."""
+    u, v = np.meshgrid((np.arange(AREA_GRID) + 0.5) / AREA_GRID - 0.5, (np.arange(AREA_GRID) + 0.5) / AREA_GRID - 0.5)
+    covered = np.zeros(u.shape, bool)
+    for part in _class_parts(class_index):
+        covered |= _part_mask(part, u, v)
+    return float(covered.mean())
 
 
-def _rgb(colour: np.ndarray) -> tuple[int, int, int]:
-    r, g, b = (int(v) for v in np.clip(np.rint(colour), 0, 255))
-    return r, g, b
+def _object_frame(rng: np.random.Generator, big: int, xs: np.ndarray, ys: np.ndarray,
+                  unit_area: float) -> tuple[np.ndarray, np.ndarray]:
+    """Each pixel's (u, v) in a randomly placed, scaled, stretched, tilted and mirrored object frame, scaled so
+    that the object covers a share of the image drawn from OBJECT_AREA_RANGE."""
+    side = np.sqrt(rng.uniform(*OBJECT_AREA_RANGE) / unit_area) * big
+    ox, oy = big / 2 + rng.uniform(-CENTRE_JITTER, CENTRE_JITTER, 2) * big
+    tilt = np.deg2rad(rng.uniform(-MAX_TILT_DEG, MAX_TILT_DEG))
+    stretch_u, stretch_v = rng.uniform(*STRETCH_RANGE, 2) * side
+    facing = 1.0 if rng.uniform() < 0.5 else -1.0
+    dx, dy = xs - ox, oy - ys  # dy points up
+    cos, sin = np.cos(tilt), np.sin(tilt)
+    u = facing * (cos * dx + sin * dy) / stretch_u
+    v = (cos * dy - sin * dx) / stretch_v
+    return u, v
 
 
-def _background(rng: np.random.Generator, big: int, horizon: float, ground: np.ndarray) -> np.ndarray:
-    """Sky gradient (brightest at the top) above the horizon, ground darkening toward the bottom below it."""
-    rows = np.arange(big, dtype=np.float32)[:, None] + 0.5
-    sky_t = np.clip(rows / horizon, 0.0, 1.0)
-    sky = _jitter(rng, SKY_TOP) * (1 - sky_t) + _jitter(rng, SKY_HORIZON) * sky_t
-    ground_t = np.clip((rows - horizon) / (big - horizon), 0.0, 1.0)
-    ground_rows = ground * (1 - (1 - GROUND_BOTTOM_DARKEN) * ground_t)
-    column = np.where(rows < horizon, sky, ground_rows)  # (big, 3)
-    image = np.broadcast_to(column[:, None, :], (big, big, 3)).astype(np.float32)
-    cells = -(-big // GROUND_TEXTURE_CELL)
-    texture = rng.normal(0.0, GROUND_TEXTURE_STD, (cells, cells, 1))  # coarse ground texture
-    texture = texture.repeat(GROUND_TEXTURE_CELL, 0).repeat(GROUND_TEXTURE_CELL, 1)[:big, :big]
-    image = image + np.where(rows[:, :, None] >= horizon, texture, 0.0)
-    return np.clip(image, 0, 255).astype(np.uint8)
+def _part_mask(part: Part, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Pixels inside one part."""
+    p = part.params
+    if part.kind in ("ellipse", "dome"):
+        cu, cv, ru, rv = p
+        inside = ((u - cu) / ru) ** 2 + ((v - cv) / rv) ** 2 <= 1.0
+        return inside & (v >= cv) if part.kind == "dome" else inside
+    if part.kind == "box":
+        u0, v0, u1, v1 = p
+        return (u >= u0) & (u <= u1) & (v >= v0) & (v <= v1)
+    if part.kind == "polygon":
+        corners = np.asarray(p, dtype=np.float32).reshape(-1, 2)
+        start, edge = corners, np.roll(corners, -1, axis=0) - corners
+        cross = (edge[:, 0, None, None] * (v - start[:, 1, None, None])
+                 - edge[:, 1, None, None] * (u - start[:, 0, None, None]))
+        return (cross >= 0).all(axis=0) | (cross <= 0).all(axis=0)
+    raise ValueError(f"unknown part kind {part.kind!r}")
 
 
-def _draw_sky_details(draw: ImageDraw.ImageDraw, rng: np.random.Generator, big: int) -> None:
-    """A sun in the upper part of the sky at a random x, and sometimes a cloud."""
-    radius = rng.uniform(*SUN_RADIUS_RANGE) * big
-    sx, sy = rng.uniform(radius, big - radius), rng.uniform(*SUN_Y_RANGE) * big
-    draw.ellipse((sx - radius, sy - radius, sx + radius, sy + radius), fill=SUN_COLOUR)
-    if rng.uniform() < CLOUD_PROBABILITY:
-        cx, cy = rng.uniform(0.1, 0.9) * big, rng.uniform(0.08, 0.3) * big
-        w, h = rng.uniform(0.08, 0.16) * big, rng.uniform(0.03, 0.05) * big
-        for dx in (-w * 0.5, 0.0, w * 0.5):
-            draw.ellipse((cx + dx - w * 0.5, cy - h, cx + dx + w * 0.5, cy + h), fill=CLOUD_COLOUR)
-
-
-def _draw_object(draw: ImageDraw.ImageDraw, rng: np.random.Generator, class_index: int, cx: float,
-                 base: float, width: float) -> Box:
-    """Draw the class object standing on `base` centred at `cx`; return its box at the drawing scale."""
-    if class_index == 0:
-        return _draw_fish(draw, rng, cx, base, width)
-    if class_index == 1:
-        return _draw_duck(draw, rng, cx, base, width)
-    k = class_index - 2
-    hue = (k * GOLDEN_RATIO + rng.uniform(-0.03, 0.03)) % 1.0
-    sat, val = rng.uniform(0.55, 0.9), rng.uniform(0.55, 0.9)
-    colour = _rgb(np.array(colorsys.hsv_to_rgb(hue, sat, val)) * 255)
-    dark = _rgb(np.array(colour) * 0.6)
-    return _SHAPE_DRAWERS[GENERIC_SHAPES[k % len(GENERIC_SHAPES)]](draw, cx, base, width, colour, dark)
-
-
-def _draw_fish(draw: ImageDraw.ImageDraw, rng: np.random.Generator, cx: float, base: float,
-               width: float) -> Box:
-    """Orange elliptic body with a triangular tail behind it, facing left or right."""
-    facing = 1 if rng.uniform() < 0.5 else -1
-    colour = _rgb(_jitter(rng, FISH_ORANGE, 20.0))
-    body_half_w, body_h = width * 0.36, width * rng.uniform(0.38, 0.5)
-    body_cx = cx + facing * width * 0.14
-    top, mid = base - body_h, base - body_h / 2
-    draw.ellipse((body_cx - body_half_w, top, body_cx + body_half_w, base), fill=colour)
-    tail_join = body_cx - facing * body_half_w * 0.85
-    tail_end = cx - facing * width * 0.5
-    draw.polygon([(tail_join, mid), (tail_end, mid - body_h * 0.45), (tail_end, mid + body_h * 0.45)],
-                 fill=colour)
-    eye_x, eye_r = body_cx + facing * body_half_w * 0.55, max(width * 0.035, 1.0)
-    draw.ellipse((eye_x - eye_r, mid - body_h * 0.2 - eye_r, eye_x + eye_r, mid - body_h * 0.2 + eye_r),
-                 fill=EYE_COLOUR)
-    return cx - width * 0.5, top, cx + width * 0.5, base
-
-
-def _draw_duck(draw: ImageDraw.ImageDraw, rng: np.random.Generator, cx: float, base: float,
-               width: float) -> Box:
-    """White/grey rounded body, smaller head circle above its front, orange beak pointing forward."""
-    facing = 1 if rng.uniform() < 0.5 else -1
-    colour = _rgb(_jitter(rng, DUCK_WHITE * rng.uniform(*DUCK_GREY_LEVEL_RANGE), 8.0))
-    body_half_w, body_h = width * 0.4, width * rng.uniform(0.42, 0.5)
-    body_cx = cx - facing * width * 0.05
-    body_top = base - body_h
-    draw.ellipse((body_cx - body_half_w, body_top, body_cx + body_half_w, base), fill=colour)
-    back = body_cx - facing * body_half_w
-    draw.polygon([(back, body_top + body_h * 0.45), (back - facing * width * 0.08, body_top + body_h * 0.1),
-                  (back + facing * width * 0.15, body_top + body_h * 0.35)], fill=colour)  # tail tip
-    head_r = width * 0.15
-    head_x, head_y = body_cx + facing * body_half_w * 0.6, body_top - head_r * 0.5
-    draw.ellipse((head_x - head_r, head_y - head_r, head_x + head_r, head_y + head_r), fill=colour)
-    beak_root = head_x + facing * head_r * 0.8
-    beak_tip = beak_root + facing * width * 0.16
-    draw.polygon([(beak_root, head_y - head_r * 0.3), (beak_tip, head_y + head_r * 0.1),
-                  (beak_root, head_y + head_r * 0.45)], fill=_rgb(_jitter(rng, BEAK_ORANGE, 12.0)))
-    eye_r = max(width * 0.03, 1.0)
-    eye_x = head_x + facing * head_r * 0.35
-    draw.ellipse((eye_x - eye_r, head_y - head_r * 0.35 - eye_r, eye_x + eye_r, head_y - head_r * 0.35 + eye_r),
-                 fill=EYE_COLOUR)
-    left, right = sorted((back - facing * width * 0.08, beak_tip))
-    return left, head_y - head_r, right, base
-
-
-ShapeDrawer = Callable[[ImageDraw.ImageDraw, float, float, float, tuple, tuple], Box]
-
-
-def _square(draw: ImageDraw.ImageDraw, cx: float, base: float, w: float, colour: tuple, dark: tuple) -> Box:
-    box = (cx - w * 0.4, base - w * 0.8, cx + w * 0.4, base)
-    draw.rectangle(box, fill=colour, outline=dark, width=2)
-    return box
-
-
-def _triangle(draw: ImageDraw.ImageDraw, cx: float, base: float, w: float, colour: tuple, dark: tuple) -> Box:
-    draw.polygon([(cx - w * 0.5, base), (cx + w * 0.5, base), (cx, base - w * 0.9)], fill=colour)
-    return cx - w * 0.5, base - w * 0.9, cx + w * 0.5, base
-
-
-def _star(draw: ImageDraw.ImageDraw, cx: float, base: float, w: float, colour: tuple, dark: tuple) -> Box:
-    outer, inner = w * 0.5, w * 0.2
-    cy = base - outer * 0.81  # lowest points of an upright 5-point star sit at 0.81 * outer radius
-    angles = -np.pi / 2 + np.arange(10) * np.pi / 5
-    radii = np.where(np.arange(10) % 2 == 0, outer, inner)
-    points = [(cx + r * np.cos(a), cy + r * np.sin(a)) for r, a in zip(radii, angles, strict=True)]
-    draw.polygon(points, fill=colour, outline=dark)
-    return cx - outer * 0.95, cy - outer, cx + outer * 0.95, base
-
-
-def _bar(draw: ImageDraw.ImageDraw, cx: float, base: float, w: float, colour: tuple, dark: tuple) -> Box:
-    half, top = w * 0.12, base - w * 1.2
-    draw.rectangle((cx - half, top, cx + half, base), fill=colour)
-    draw.rectangle((cx - half * 2, top, cx + half * 2, top + w * 0.12), fill=dark)  # cap on top
-    return cx - half * 2, top, cx + half * 2, base
-
-
-def _ball(draw: ImageDraw.ImageDraw, cx: float, base: float, w: float, colour: tuple, dark: tuple) -> Box:
-    r = w * 0.4
-    draw.ellipse((cx - r, base - 2 * r, cx + r, base), fill=colour)
-    draw.ellipse((cx - r * 0.45, base - r * 1.65, cx - r * 0.05, base - r * 1.3), fill=(250, 250, 250))
-    return cx - r, base - 2 * r, cx + r, base
-
-
-def _diamond(draw: ImageDraw.ImageDraw, cx: float, base: float, w: float, colour: tuple, dark: tuple) -> Box:
-    h = w * 1.0
-    draw.polygon([(cx, base), (cx + w * 0.35, base - h * 0.6), (cx, base - h), (cx - w * 0.35, base - h * 0.6)],
-                 fill=colour, outline=dark)
-    return cx - w * 0.35, base - h, cx + w * 0.35, base
-
-
-def _house(draw: ImageDraw.ImageDraw, cx: float, base: float, w: float, colour: tuple, dark: tuple) -> Box:
-    wall_top, roof_top = base - w * 0.5, base - w * 0.9
-    draw.rectangle((cx - w * 0.4, wall_top, cx + w * 0.4, base), fill=colour)
-    draw.polygon([(cx - w * 0.5, wall_top), (cx + w * 0.5, wall_top), (cx, roof_top)], fill=dark)
-    draw.rectangle((cx - w * 0.08, base - w * 0.25, cx + w * 0.08, base), fill=dark)  # door
-    return cx - w * 0.5, roof_top, cx + w * 0.5, base
-
-
-def _mushroom(draw: ImageDraw.ImageDraw, cx: float, base: float, w: float, colour: tuple, dark: tuple) -> Box:
-    stem_top = base - w * 0.45
-    draw.rectangle((cx - w * 0.1, stem_top, cx + w * 0.1, base), fill=(235, 225, 205))
-    draw.chord((cx - w * 0.5, stem_top - w * 0.45, cx + w * 0.5, stem_top + w * 0.45), 180, 360, fill=colour)
-    return cx - w * 0.5, stem_top - w * 0.45, cx + w * 0.5, base
-
-
-_SHAPE_DRAWERS: dict[str, ShapeDrawer] = {
-    "square": _square,
-    "triangle": _triangle,
-    "star": _star,
-    "bar": _bar,
-    "ball": _ball,
-    "diamond": _diamond,
-    "house": _house,
-    "mushroom": _mushroom,
-}
+def _box(silhouette: np.ndarray, size: int) -> tuple[int, int, int, int]:
+    """The object's bounding box in output pixels (inclusive), from its supersampled silhouette."""
+    rows, cols = np.flatnonzero(silhouette.any(axis=1)), np.flatnonzero(silhouette.any(axis=0))
+    if not len(rows):  # cannot happen: the object centre is inside the image; a whole-image box keeps the file valid
+        return 0, 0, size - 1, size - 1
+    x0, x1 = cols[0] // SUPERSAMPLE, cols[-1] // SUPERSAMPLE
+    y0, y1 = rows[0] // SUPERSAMPLE, rows[-1] // SUPERSAMPLE
+    return int(x0), int(y0), int(x1), int(y1)

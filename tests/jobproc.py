@@ -9,11 +9,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-# A few steps of everything: 32 px, alpha 0.35, tiny batches.
+# A few steps of everything: 32 px, alpha 0.35, tiny batches, one seed, the whole backbone with a random head.
 TINY = (
     "data.image_size=32", "model.alpha=0.35", "model.stem_stride=1",
     "pretext.epochs=2", "pretext.batch_images=16", "pretext.warmup_epochs=0.5",
-    "finetune.epochs=1", "finetune.min_steps=4", "finetune.batch_size=16",
+    "finetune.epochs=1", "finetune.min_steps=4", "finetune.batch_size=16", "finetune.seeds=1",
+    "finetune.transfer_layers=['out_relu']", "finetune.head_init='random'",
     "evaluate.probe_steps=20", "evaluate.label_fractions=[0.5, 1.0]", "evaluate.report_examples=8",
     "runtime.checkpoint_every_steps=2", "runtime.log_every_steps=2",
 )

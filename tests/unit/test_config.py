@@ -28,8 +28,9 @@ def test_default_config_is_demo_and_loads():
     # values from demo.toml, not the dataclass defaults
     assert config.data.image_size == 32
     assert config.model.alpha == 0.35
-    assert config.pretext.epochs == 8
-    assert config.evaluate.label_fractions == [1.0]
+    assert config.pretext.epochs == 10
+    assert config.finetune.seeds == 2 and config.finetune.head_init == "probe"
+    assert config.evaluate.label_fractions == [0.1, 1.0]
 
 
 def test_named_config_by_path_equals_by_name():

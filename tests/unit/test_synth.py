@@ -1,4 +1,8 @@
-"""Tests for job.synth: layout, determinism, grayscale JPEGs and crude learnability cues."""
+"""Tests for job.synth: layout, determinism, grayscale JPEGs, and what the data lets a model learn.
+
+The mechanism the demo shows: which way is up is visible only in object shape (no global cue), and fish vs
+duck differ in shape, not colour. Both are checked on generated images with linear probes, without training.
+"""
 
 from __future__ import annotations
 
@@ -165,34 +169,24 @@ def test_two_classes_and_image_size(tmp_path: Path) -> None:
     assert decode(files[f"train/{FISH}/images/{FISH}_0.JPEG"]).size == (48, 48)
 
 
-def test_learnability_cues(tmp_path: Path) -> None:
-    make_synthetic_dataset(tmp_path / "l.zip", classes=3, per_class=12, val_per_class=0, test_images=0,
-                           image_size=32, grayscale_fraction=0.0)
-    files = zip_files(tmp_path / "l.zip")
 
-    def pixels(wnid: str) -> np.ndarray:
-        names = [n for n in files if n.startswith(f"train/{wnid}/images/")]
-        return np.stack([np.asarray(decode(files[n]), dtype=np.float32) for n in names])
 
-    everything = np.concatenate([pixels(w) for w in files["wnids.txt"].decode().split()])
-    quarter = everything.shape[1] // 4
-    top, bottom = everything[:, :quarter].mean(axis=(1, 2, 3)), everything[:, -quarter:].mean(axis=(1, 2, 3))
-    assert (top > bottom).all()
-    assert top.mean() > bottom.mean() + 50
+# --- the mechanism: orientation only from shape, fish vs duck only from shape --------------------------------
 
-    def object_colour(wnid: str) -> np.ndarray:
-        """Mean colour inside the annotated object boxes."""
-        means = []
-        for line in files[f"train/{wnid}/{wnid}_boxes.txt"].decode().splitlines():
-            name, x0, y0, x1, y1 = line.split("\t")
-            image = np.asarray(decode(files[f"train/{wnid}/images/{name}"]), dtype=np.float32)
-            means.append(image[int(y0):int(y1) + 1, int(x0):int(x1) + 1].mean(axis=(0, 1)))
-        return np.mean(means, axis=0)
-
-    fish, duck = object_colour(FISH), object_colour(DUCK)
-    assert np.abs(fish - duck).max() > 30
-    assert fish[0] - fish[2] > duck[0] - duck[2] + 30  # fish are orange (red >> blue), ducks white/grey
-
+MECHANISM = {"classes": 6, "per_class": 60, "downstream_per_class": 150, "val_per_class": 0, "test_images": 0,
+             "image_size": 32, "seed": 0, "grayscale_fraction": 0.0}
+GRID = 4  # the background features: mean colour outside the object's box in a GRID x GRID grid
+SILHOUETTE_GRID = 8  # the shape features: share of object pixels in a finer grid
+OBJECT_MAX_LUMA = 140.0  # between the dark object's and the light background's colour ranges
+PROBE_STEPS, PROBE_LR, PROBE_WEIGHT_DECAY = 400, 0.5, 1e-3
+ROTATION_CHANCE_MAX = 0.35  # 4-way chance is 0.25
+SHAPE_ROTATION_MIN = 0.45  # the silhouette alone tells the rotation
+CUE_CONTROL_MIN = 0.9  # the background probe reads a planted global cue
+CUE_RAMP = 60.0  # grey levels, top to bottom, of the planted cue
+COLOUR_BINS = 4  # evaluate.colour_bins' default
+COLOUR_CHANCE_MAX = 0.65  # 2-way chance is 0.5
+FISH_MIN_ASPECT, DUCK_MAX_ASPECT = 1.4, 1.25  # median box width / height
+ASPECT_ACCURACY_MIN = 0.95
 
 @pytest.fixture
 def umask_022():
@@ -248,3 +242,100 @@ def test_a_class_without_train_images_is_refused(tmp_path: Path, name: str) -> N
     with pytest.raises(ValueError, match=f"^{name} must be >= 1"):
         make_synthetic_dataset(tmp_path / "x.zip", **{**SMALL, name: 0})
     assert not (tmp_path / "x.zip").exists()
+
+
+@pytest.fixture(scope="module")
+def mechanism_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+    path = tmp_path_factory.mktemp("mechanism") / "m.zip"
+    make_synthetic_dataset(path, **MECHANISM)
+    return zip_files(path)
+
+
+def class_images(files: dict[str, bytes], wnid: str) -> tuple[np.ndarray, np.ndarray]:
+    """A class's train images (uint8, in boxes.txt order) and their object boxes (x0, y0, x1, y1, inclusive)."""
+    images, boxes = [], []
+    for line in files[f"train/{wnid}/{wnid}_boxes.txt"].decode().splitlines():
+        name, *box = line.split("\t")
+        images.append(np.asarray(decode(files[f"train/{wnid}/images/{name}"]).convert("RGB")))
+        boxes.append([int(v) for v in box])
+    return np.stack(images), np.array(boxes)
+
+
+def aspect(boxes: np.ndarray) -> np.ndarray:
+    """Box width / height."""
+    return (boxes[:, 2] - boxes[:, 0] + 1) / (boxes[:, 3] - boxes[:, 1] + 1)
+
+
+def probe_accuracy(features: np.ndarray, labels: np.ndarray, classes: int, seed: int = 0) -> float:
+    """Multinomial logistic regression (full-batch gradient descent, standardised features) trained on a
+    random half of the samples; accuracy on the other half."""
+    order = np.random.default_rng(seed).permutation(len(labels))
+    train, val = order[: len(order) // 2], order[len(order) // 2:]
+    mean, std = features[train].mean(0), features[train].std(0) + 1e-6
+    x_train, x_val = (features[train] - mean) / std, (features[val] - mean) / std
+    targets = np.eye(classes)[labels[train]]
+    weights, bias = np.zeros((features.shape[1], classes)), np.zeros(classes)
+    for _ in range(PROBE_STEPS):
+        logits = x_train @ weights + bias
+        p = np.exp(logits - logits.max(1, keepdims=True))
+        grad = (p / p.sum(1, keepdims=True) - targets) / len(train)
+        weights -= PROBE_LR * (x_train.T @ grad + PROBE_WEIGHT_DECAY * weights)
+        bias -= PROBE_LR * grad.sum(0)
+    return float(np.mean(np.argmax(x_val @ weights + bias, 1) == labels[val]))
+
+
+def grid_mean(values: np.ndarray, weights: np.ndarray, cells: int) -> np.ndarray:
+    """Weighted mean of `values` [N, S, S, C] in each cell of a cells x cells grid → [N, cells * cells * C];
+    a cell without weight takes the image's weighted mean."""
+    n, size = len(values), values.shape[1]
+
+    def cell_sums(x: np.ndarray) -> np.ndarray:
+        return x.reshape(n, cells, size // cells, cells, size // cells, -1).sum(axis=(2, 4))
+
+    totals, counts = cell_sums(values * weights[..., None]), cell_sums(weights[..., None])
+    overall = totals.sum(axis=(1, 2), keepdims=True) / np.maximum(counts.sum(axis=(1, 2), keepdims=True), 1)
+    return np.where(counts > 0, totals / np.maximum(counts, 1), overall).reshape(n, -1)
+
+
+def test_orientation_is_in_the_shape_only(mechanism_data: dict[str, bytes]) -> None:
+    """Outside the object's box, rotated images look alike at every angle (a planted sky/ground ramp would
+    tell the angle there); the object's silhouette tells it."""
+    wnids = mechanism_data["wnids.txt"].decode().split()
+    images, boxes = (np.concatenate(parts) for parts in zip(*(class_images(mechanism_data, w) for w in wnids)))
+    images = images.astype(np.float32)
+    size = images.shape[1]
+    rows, cols = np.arange(size)[None, :, None], np.arange(size)[None, None, :]
+    inside = ((rows >= boxes[:, 1, None, None]) & (rows <= boxes[:, 3, None, None])
+              & (cols >= boxes[:, 0, None, None]) & (cols <= boxes[:, 2, None, None]))
+    ramp = np.linspace(CUE_RAMP / 2, -CUE_RAMP / 2, size, dtype=np.float32)[None, :, None, None]
+    angles = np.random.default_rng(1).integers(4, size=len(images))
+
+    def rotated(upright: np.ndarray) -> np.ndarray:
+        return np.stack([np.rot90(image, k) for image, k in zip(upright, angles, strict=True)])
+
+    def background_probe(upright: np.ndarray) -> float:
+        background = rotated((~inside).astype(np.float32))
+        return probe_accuracy(grid_mean(rotated(upright), background, GRID), angles, 4)
+
+    assert background_probe(images) < ROTATION_CHANCE_MAX
+    assert background_probe(images + ramp) > CUE_CONTROL_MIN  # the probe does find a global cue when there is one
+    silhouettes = (rotated(images).mean(axis=-1) < OBJECT_MAX_LUMA).astype(np.float32)
+    shape = grid_mean(silhouettes[..., None], np.ones_like(silhouettes), SILHOUETTE_GRID)
+    assert probe_accuracy(shape, angles, 4) > SHAPE_ROTATION_MIN
+
+
+def test_fish_and_duck_differ_in_shape_not_colour(mechanism_data: dict[str, bytes]) -> None:
+    """The evaluate stage's colour-histogram features do not separate the pair; the objects' outline does."""
+    from job.evaluate import colour_histograms
+
+    fish, fish_boxes = class_images(mechanism_data, FISH)
+    duck, duck_boxes = class_images(mechanism_data, DUCK)
+    fish_aspect, duck_aspect = aspect(fish_boxes), aspect(duck_boxes)
+    labels = np.repeat([0, 1], [len(fish), len(duck)])
+    histograms = colour_histograms(np.concatenate([fish, duck]), COLOUR_BINS)
+    assert probe_accuracy(histograms, labels, 2) < COLOUR_CHANCE_MAX
+
+    assert np.median(fish_aspect) > FISH_MIN_ASPECT and np.median(duck_aspect) < DUCK_MAX_ASPECT
+    threshold = (np.median(fish_aspect) + np.median(duck_aspect)) / 2
+    said_fish = np.concatenate([fish_aspect, duck_aspect]) > threshold
+    assert np.mean(said_fish == (labels == 0)) > ASPECT_ACCURACY_MIN  # long and flat: a fish
