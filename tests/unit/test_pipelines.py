@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
+import random
+
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -82,11 +86,28 @@ def test_plan_one_pass_uses_every_example_once(num, batch):
     assert flat.min() >= 0 and flat.max() < num
 
 
-def test_plan_is_seeded_by_seed_and_epoch():
-    a = plan_epoch(50, 8, seed=3, epoch=2)
-    b = plan_epoch(50, 8, seed=3, epoch=2)
-    np.testing.assert_array_equal(a.indices, b.indices)
-    np.testing.assert_array_equal(a.weights, b.weights)
+_RESEEDS = itertools.count(1000)
+
+
+def move_global_random_state() -> None:
+    """What happens between two plans in one process and not in a restarted one: the job reseeds the global
+    generators (keras.utils.set_random_seed before building each model; a new seed each time here, so that no
+    two calls leave them in the same state) and other code draws from them."""
+    keras.utils.set_random_seed(next(_RESEEDS))
+    np.random.random(5)
+    random.random()
+    tf.random.uniform([3])
+
+
+def test_plan_is_a_function_of_seed_and_epoch_alone():
+    """An exact resume plans epoch 2 in a fresh process, without the plans of epochs 0 and 1 and with the global
+    generators elsewhere: it must get the batches the first process had."""
+    restarted = plan_epoch(50, 8, seed=3, epoch=2)
+    for epoch in range(3):
+        move_global_random_state()
+        a = plan_epoch(50, 8, seed=3, epoch=epoch)
+    np.testing.assert_array_equal(a.indices, restarted.indices)
+    np.testing.assert_array_equal(a.weights, restarted.weights)
     assert not np.array_equal(a.indices, plan_epoch(50, 8, seed=3, epoch=3).indices)
     assert not np.array_equal(a.indices, plan_epoch(50, 8, seed=4, epoch=2).indices)
     assert not np.array_equal(a.indices.ravel()[:50], np.arange(50))  # shuffled
@@ -134,9 +155,12 @@ def test_stratified_subset_keeps_class_proportions():
     assert np.bincount(labels[small], minlength=4).tolist() == [1, 1, 1, 2]  # at least one per class
 
 
-def test_stratified_subset_is_seeded():
+def test_stratified_subset_is_a_function_of_its_seed_alone():
+    """A downstream run and the colour baseline of the same seed draw their subsets at different points of the
+    job (the run after other seeding of the global generators): they must label the same images."""
     labels = np.repeat(np.arange(3), 30)
     a = stratified_subset(labels, 0.3, seed=1)
+    move_global_random_state()
     np.testing.assert_array_equal(a, stratified_subset(labels, 0.3, seed=1))
     assert not np.array_equal(a, stratified_subset(labels, 0.3, seed=2))
 
@@ -150,6 +174,7 @@ def test_random_subset():
     a = random_subset(100, 10, seed=5)
     assert len(a) == 10 and len(set(a.tolist())) == 10
     assert np.all(np.diff(a) > 0) and a.min() >= 0 and a.max() < 100
+    move_global_random_state()  # a restarted pretrain draws its image subset again, elsewhere in the job
     np.testing.assert_array_equal(a, random_subset(100, 10, seed=5))
     assert not np.array_equal(a, random_subset(100, 10, seed=6))
     np.testing.assert_array_equal(random_subset(7, 0, seed=0), np.arange(7))
@@ -217,12 +242,19 @@ def test_augment_without_padding_only_flips(images):
     assert 0 < flipped < len(images)  # both happen with p = 0.5
 
 
-def test_augment_is_seeded(images):
-    def draw(seed):
-        return augment(images, seed, padding=2)
+def test_augmentation_is_a_function_of_seed_epoch_and_step_alone(images):
+    """A resumed epoch draws step 5's flips and crops without having drawn steps 0-4, after other seeding."""
+    def draw(seed: int, epoch: int, step: int) -> np.ndarray:
+        flips, offsets = draw_augmentation(seed, epoch, step, N, padding=2)
+        return augment_batch(tf.constant(images), flips, offsets, 2).numpy()
 
-    np.testing.assert_array_equal(draw(4), draw(4))
-    assert not np.array_equal(draw(4), draw(5))
+    restarted = draw(4, 1, 5)
+    for step in range(6):
+        move_global_random_state()
+        ongoing = draw(4, 1, step)
+    np.testing.assert_array_equal(ongoing, restarted)
+    for other in (draw(5, 1, 5), draw(4, 2, 5), draw(4, 1, 6)):  # another seed, epoch or step
+        assert not np.array_equal(other, restarted)
 
 
 def test_augment_with_padding_crops_the_reflect_padded_image(images):
