@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pytest
 
-from job.report import METRIC_KEYS, _markdown, build_metrics, lookup
+from job.report import METRIC_KEYS, Examples, _markdown, build_metrics, lookup, write_report
 
 
 def _run(seed: int, accuracy: float) -> dict:
@@ -91,3 +94,45 @@ def test_knn_k_is_the_configured_one_with_a_note_when_capped(metrics):
     metrics["downstream"].update(knn_k=9, knn_k_configured=20)
     assert ("| k-NN (cosine, k = 9; evaluate.knn_k = 20, capped below the number of train images) on frozen "
             "features, val accuracy | 0.8000 |") in _markdown(metrics, [])
+
+
+def _evaluations_switched_off() -> dict:
+    """What the evaluate stage returns with evaluate.linear_probe_200, depth_probe, scratch_baseline and
+    colour_baseline off (job/stages.py: None, an empty list or no colour scores)."""
+    return {
+        "transfer_layers": ["out_relu"], "transfer_selection": None, "linear_probe_val_accuracy": 0.9,
+        "random_linear_probe_val_accuracy": 0.7, "knn_val_accuracy": 0.8, "knn_k": 20, "knn_k_configured": 20,
+        "linear_probe_200_top1": None, "random_linear_probe_200_top1": None, "depth_probe": None,
+        "finetune": [_run(0, 0.9)], "scratch": [], "colour_histogram": [],
+        "label_efficiency": [{"fraction": 1.0, "pretrained": [0.9], "scratch": [], "colour_histogram": []}],
+        "timing": {"frozen_probes_s": 1.0, "colour_baseline_s": 0.0, "downstream_s": 2.0},
+    }
+
+
+def test_switched_off_evaluations_keep_every_key_and_the_report_renders(tmp_path):
+    pretext = {"val_rotation_accuracy": 0.6, "online_probe_val_accuracy": None, "epochs": 1, "train_seconds": 1.0,
+               "samples_per_sec": 5.0, "train_images": 10, "history": []}
+    data = {"train_images": 10, "val_images": 2, "skipped_images": 0, "skipped_files": []}
+    metrics = build_metrics(pretext, _evaluations_switched_off(), data)
+    for key in METRIC_KEYS:
+        lookup(metrics, key)
+    off = ("pretext.linear_probe_200_top1", "pretext.random_linear_probe_200_top1", "downstream.depth_probe",
+           "downstream.transfer_selection", "baseline.scratch_val_accuracy", "baseline.scratch_val_accuracy_std",
+           "baseline.colour_histogram_val_accuracy", "baseline.colour_histogram_val_accuracy_std")
+    assert {key: lookup(metrics, key) for key in off} == dict.fromkeys(off)
+    assert metrics["label_efficiency"][0]["scratch"] == metrics["label_efficiency"][0]["colour_histogram"] == []
+
+    examples = Examples(
+        rotated_images=np.zeros((4, 8, 8, 3), np.uint8), rotation_true=np.array([0, 90, 180, 270]),
+        rotation_predicted=np.array([0, 90, 0, 270]), val_images=np.zeros((2, 8, 8, 3), np.uint8),
+        val_true=np.array([0, 1]), val_predicted=np.array([0, 0]), class_names=["fish", "duck"], count=2,
+    )
+    path = write_report(tmp_path, metrics, examples)
+    assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
+    text = path.read_text()
+    lines = text.splitlines()
+    assert "| Scratch baseline, same recipe (mean ± std, 1 seed) | n/a |" in lines
+    assert "| 100% | 0.9000 ± 0.0000 | n/a | n/a | n/a | n/a |" in lines  # no scratch nor colour scores
+    assert "| all-class (200-way) on the transferred features | n/a | n/a | n/a |" in lines
+    assert "Linear probe by depth" not in text and "random's best depth" not in text
+    assert (tmp_path / "label_efficiency.png").stat().st_size > 0
