@@ -131,3 +131,21 @@ def test_s4l_trains_the_classifier_and_the_rotation_task_together(synth_zip, tmp
     assert {"train_rotation_accuracy", "train_rotation_loss"} <= set(result["history"][0])
     assert any(not np.allclose(np.asarray(v), old)
                for v, old in zip(learner.nets.backbone.trainable_variables[-2:], last, strict=True))
+
+
+def test_linear_mode_trains_the_head_and_leaves_the_backbone(synth_zip, tmp_path):
+    """finetune.mode = "linear": the head learns; every backbone variable, BatchNorm statistics included, is the
+    pretrained one. Seed 1 (not runtime.seed): no classifier export, which this test does not need."""
+    config = load_config("demo", [*TINY, f"data.cache_dir={tmp_path / 'cache'}", "finetune.mode='linear'"])
+    ctx = Context(config, RunLayout(tmp_path / "run"), synth_zip, make_cluster())
+    _pretrained_backbone(ctx, (ctx,))
+    result = train_downstream(ctx, PRETRAINED, 1.0, seed=1)
+    assert result["mode"] == "linear" and result["history"]
+    nets = ctx.built[f"learner/{PRETRAINED}/linear"].nets
+    trained_backbone, trained_head = nets.backbone.get_weights(), nets.head.get_weights()
+    ctx.built[f"learner/{PRETRAINED}/linear"].reset(ctx, PRETRAINED, "linear", seed=1, warmup_steps=0,
+                                                    total_steps=1)  # the state the run started from
+    for trained, initial in zip(trained_backbone, nets.backbone.get_weights(), strict=True):
+        np.testing.assert_array_equal(trained, initial)
+    assert any(np.abs(trained - initial).max() > 0
+               for trained, initial in zip(trained_head, nets.head.get_weights(), strict=True))
