@@ -1,8 +1,10 @@
-"""Kill -9 after a checkpoint, restart: same final step and weights as an uninterrupted run, each step logged once."""
+"""Kill -9 after a checkpoint, restart: same final step and weights as an uninterrupted run, each step logged once;
+SIGTERM: a checkpoint, then exit 143."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -80,3 +82,37 @@ def test_killed_pretrain_resumes_to_the_same_weights(tmp_path):
     resumed = events(logs)
     assert len(resumed) == len(set(resumed)), "a step logged twice"
     assert events(logs) == events(RunLayout(reference).tensorboard("pretext"))
+
+
+def test_sigterm_checkpoints_and_exits_143(tmp_path):
+    """Outside any scheduler: SIGTERM mid-epoch → a checkpoint after the current step → exit 143, no done.json."""
+    data = tmp_path / "data.zip"
+    make_synthetic_dataset(data, classes=4, per_class=16, downstream_per_class=24, val_per_class=4, image_size=32)
+    output = tmp_path / "run"
+    env = {k: v for k, v in job_env().items()
+           if not k.startswith(("SLURM_", "CLOUD_ML_")) and k not in ("TF_CONFIG", "CLUSTER_SPEC")}
+    log = tmp_path / "stderr.log"  # a file, not a pipe: nobody reads a pipe while the job trains
+    with log.open("w") as stderr_file:
+        process = subprocess.Popen(
+            job_args("pretrain", data, output, tmp_path / "cache", *OVERRIDES), cwd=REPO, env=env,
+            stdout=subprocess.DEVNULL, stderr=stderr_file,
+        )
+    index = RunLayout(output).pretext / "ckpt" / "checkpoint"
+    deadline = time.monotonic() + 300
+    while not index.is_file() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert process.poll() is None, "the run finished before it could be stopped"
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=300)
+    stderr = log.read_text()
+    assert process.returncode == 143, stderr[-3000:]
+    stopped = re.search(r"Stop requested: checkpoint saved at step (\d+)", stderr)
+    assert stopped, stderr[-3000:]
+    step = int(stopped.group(1))
+    assert 2 <= step < 24, step  # after the first checkpoint, before the end
+    assert f"preempted: stopped on request at step {step} after saving a checkpoint; rerun the same command" in stderr
+    assert "Traceback" not in stderr
+    latest = tf.train.latest_checkpoint(str(index.parent))
+    assert latest.endswith(f"ckpt-{step}")
+    assert tf.train.load_checkpoint(latest).get_tensor("step/.ATTRIBUTES/VARIABLE_VALUE") == step
+    assert not RunLayout.done(RunLayout(output).pretext).exists()
