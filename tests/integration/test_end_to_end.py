@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -179,3 +180,30 @@ def test_a_vertex_tuning_trial_takes_its_hyperparameters_and_reports_its_metrics
         reported.update({k: v for k, v in record.items() if k not in ("trial", "timestamp", "global_step")})
     assert reported["downstream.val_accuracy"] == str(float(metrics["downstream"]["val_accuracy"]))
     assert reported["pretext.val_rotation_accuracy"] == str(float(metrics["pretext"]["val_rotation_accuracy"]))
+
+
+def test_force_trains_a_complete_stage_again(finished_run, tmp_path):
+    """`finetune --force` on a finished run (a copy of it) trains its downstream run again: new timings, new
+    TensorBoard events (the old ones discarded with the stage), a new classifier; not a done.json rewritten from
+    the old checkpoint. (Without --force the rerun above skips it.)"""
+    data, finished, cache, _ = finished_run
+    output = tmp_path / "run"
+    shutil.copytree(finished, output)  # keeps mtimes
+    layout = RunLayout(output)
+    stage = layout.downstream("pretrained", "finetune", 1.0, 0)
+    before = json.loads(RunLayout.done(stage).read_text())
+    events = layout.logs_of(stage)
+    events_before = {p.name for p in events.glob("events.out.tfevents.*")}
+    classifier_before = layout.classifier.stat().st_mtime_ns
+
+    result = run_job([*job_args("finetune", data, output, cache, *DEPTH_PROBE), "--force"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"--force: discarding {stage}" in result.stderr
+    assert "Resumed from" not in result.stderr and "epoch 1/1" in result.stderr
+    after = json.loads(RunLayout.done(stage).read_text())
+    assert after["fingerprint"] == before["fingerprint"]  # the same settings and data
+    assert after["train_seconds"] != before["train_seconds"]
+    assert [h["epoch_seconds"] for h in after["history"]] != [h["epoch_seconds"] for h in before["history"]]
+    events_after = {p.name for p in events.glob("events.out.tfevents.*")}
+    assert events_before and events_after and not events_before & events_after
+    assert layout.classifier.stat().st_mtime_ns > classifier_before
