@@ -164,9 +164,11 @@ def _execute(stage_names: list[str], data: str, output: str, config_name: str, o
         log.info("Pulled %d files of %s into %s", pulled, output, local_output)
     data_path = fetch_dataset(data, cache / "downloads")
     from job import stages  # TensorFlow: imported once the data is there (a bad --data fails in seconds)
-    from job.context import check_model
+    from job.context import check_model, make_deterministic
     from job.distribute import make_cluster
 
+    if config.runtime.deterministic:
+        make_deterministic(config.runtime.seed)
     cluster = make_cluster(config.runtime.slurm_port_base)
     for signum in STOP_SIGNALS:  # TensorFlow's multi-worker runtime installs its own SIGTERM handler
         signal.signal(signum, _request_stop)
@@ -287,6 +289,10 @@ def bench(data: str, config_name: str, overrides: tuple[str, ...], batches: int,
     config = load_config(config_name, overrides)
     cache = Path(config.data.cache_dir).expanduser()
     data_path = fetch_dataset(data, cache / "downloads")
+    if config.runtime.deterministic:
+        from job.context import make_deterministic
+
+        make_deterministic(config.runtime.seed)
     with tempfile.TemporaryDirectory() as scratch:
         context = stages.Context(config, RunLayout(Path(scratch)), data_path, make_cluster())
         results = benchmark.run_bench(context, batches, repeats)

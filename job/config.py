@@ -124,6 +124,9 @@ class RuntimeConfig:
     log_every_steps: int = 20
     mixed_precision: str = "auto"  # "auto" (on with a GPU), "on", "off"
     xla: str = "auto"  # "auto" (on with a GPU), "on", "off"
+    # Bit-identical results for the same config and data, in one run or killed and resumed: op determinism and
+    # one inter-op thread (concurrent backward ops changed CPU round-off between runs). Costs speed (README).
+    deterministic: bool = False
     sync_interval_s: float = 60.0  # upload interval when --output is gs://
     slurm_port_base: int = 8888
 
