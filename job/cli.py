@@ -196,10 +196,12 @@ def _execute(stage_names: list[str], data: str, output: str, config_name: str, o
     data_path = fetch_dataset(data, cache / "downloads", config.data.sha256 or None)
     console.import_tensorflow()  # once the data is there (a bad --data fails in seconds)
     from job import stages
-    from job.context import check_model
+    from job.context import check_model, make_deterministic
     from job.distribute import make_cluster
     from job.train import Preempted
 
+    if config.runtime.deterministic:
+        make_deterministic(config.runtime.seed)
     cluster = make_cluster(config.runtime)
     for signum in STOP_SIGNALS:  # TensorFlow's multi-worker runtime installs its own SIGTERM handler
         signal.signal(signum, _request_stop)
@@ -404,6 +406,10 @@ def bench(data: str, config_name: str, overrides: tuple[str, ...], batches: int,
     config = load_config(config_name, overrides)
     cache = Path(config.data.cache_dir).expanduser()
     data_path = fetch_dataset(data, cache / "downloads", config.data.sha256 or None)
+    if config.runtime.deterministic:
+        from job.context import make_deterministic
+
+        make_deterministic(config.runtime.seed)
     with tempfile.TemporaryDirectory() as scratch:
         context = stages.Context(config, RunLayout(Path(scratch)), data_path, make_cluster())
         results = benchmark.run_bench(context, batches, repeats)

@@ -142,6 +142,9 @@ class RuntimeConfig:
     log_every_steps: int = 20
     mixed_precision: str = "auto"  # "auto" (on with a GPU), "on", "off"
     xla: str = "auto"  # "auto" (on with a GPU), "on", "off"
+    # Bit-identical results for the same config and data, in one run or killed and resumed: op determinism and
+    # one inter-op thread (concurrent backward ops changed CPU round-off between runs). Costs speed (README).
+    deterministic: bool = False
     sync_interval_s: float = 60.0  # upload interval when --output is gs://
     # Multi-task Slurm jobs: each job's ports lie in [slurm_port_base, slurm_port_base + slurm_port_count),
     # below Linux's ephemeral ports (32768-60999); the job id picks the block (job/slurm.py).

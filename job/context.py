@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +25,11 @@ from models.backbone import WeightsUnavailable, build_backbone, load_backbone_we
 log = logging.getLogger(__name__)
 
 LISTED_SKIPPED = 20  # unreadable files named in metrics.json and the report
+MIXED_POLICY = "mixed_float16"  # float16 compute, float32 variables; with dynamic loss scaling (job/train.py)
+# runtime.deterministic: independent ops run one at a time. With TensorFlow's default inter-op parallelism the
+# backward pass's independent ops run concurrently and CPU round-off varied with their timing (Conv_1's kernel
+# gradient first, ~1e-9), which the training amplified into different results by the second epoch.
+DETERMINISTIC_INTER_OP_THREADS = 1
 
 
 @dataclass
@@ -119,6 +125,28 @@ def read_done(stage_dir: Path) -> dict | None:
 def mixed_precision(ctx: Context) -> bool:
     setting = ctx.config.runtime.mixed_precision
     return setting == "on" or (setting == "auto" and ctx.cluster.has_gpu)
+
+
+@contextlib.contextmanager
+def dtype_policy(mixed: bool):
+    """Inside, Keras builds layers with float16 compute (float32 variables) when `mixed`; float32 after."""
+    keras.mixed_precision.set_global_policy(MIXED_POLICY if mixed else "float32")
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def make_deterministic(seed: int) -> None:
+    """runtime.deterministic: the same config and data give bit-identical results, uninterrupted or resumed.
+
+    Call before TensorFlow runs anything. Op determinism (deterministic GPU kernels; ops without one raise),
+    one inter-op thread (see DETERMINISTIC_INTER_OP_THREADS), and seeds for every random generator (op
+    determinism refuses unseeded random ops). The input pipeline already is a function of (seed, epoch, step).
+    """
+    tf.config.experimental.enable_op_determinism()
+    tf.config.threading.set_inter_op_parallelism_threads(DETERMINISTIC_INTER_OP_THREADS)
+    keras.utils.set_random_seed(seed)
 
 
 def use_xla(ctx: Context) -> bool:

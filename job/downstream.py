@@ -18,6 +18,8 @@ from job.context import (
     check_batch,
     correct,
     dataset_fn,
+    dtype_policy,
+    mixed_precision,
     pretrained_backbone,
     probe_settings,
     sparse_ce,
@@ -29,7 +31,7 @@ from job.evaluate import accuracy, confusion_matrix, cross_entropy, fit_logistic
 from job.files import atomic_path
 from job.pipelines import model_pixels, stratified_subset
 from job.serving import export_classifier
-from job.train import LoopConfig, ParamGroup, Trainer, WarmupCosine, make_optimizer
+from job.train import LoopConfig, ParamGroup, Trainer, WarmupCosine, loss_scaled, make_optimizer
 from models.backbone import load_backbone_weights, pooled_block_features, transfer_features
 from models.heads import ROTATION_HEAD, classifier_head, rotation_head
 
@@ -132,7 +134,8 @@ class Learner:
 
     def init_head(self, ctx: Context, images: np.ndarray, labels: np.ndarray, seed: int) -> None:
         """LP-FT: set the head to a logistic regression fitted on the frozen features of the labelled images."""
-        kernel, bias = fit_logistic(predict(self.nets.features, images), labels, 2, seed=seed, **probe_settings(ctx))
+        features = np.asarray(predict(self.nets.features, images), np.float32)  # float16 under mixed precision
+        kernel, bias = fit_logistic(features, labels, 2, seed=seed, **probe_settings(ctx))
         self.nets.head.get_layer("logits").set_weights([kernel, bias])
 
 
@@ -222,7 +225,8 @@ def _learner(ctx: Context, init: str, mode: str) -> Learner:
         return ctx.built[key]
     f = ctx.config.finetune
     transfer_layers(ctx)  # an "auto" choice fits probes: outside the strategy's scope
-    with ctx.cluster.strategy.scope():
+    mixed = mixed_precision(ctx)
+    with ctx.cluster.strategy.scope(), dtype_policy(mixed):
         nets = _networks(ctx, mode)
         if init == PRETRAINED and f.freeze_batchnorm:
             for layer in nets.backbone._flatten_layers(include_self=False, recursive=True):
@@ -248,6 +252,8 @@ def _learner(ctx: Context, init: str, mode: str) -> Learner:
             ]
         else:
             groups = [ParamGroup(_unique(nets.trained.trainable_variables), optimizer(1.0))]
+        if mixed:
+            groups = loss_scaled(groups)  # one loss scale for the backbone's and the head's gradients
         for group in groups:
             group.optimizer.build(group.variables)
 

@@ -18,6 +18,7 @@ from job.context import (
     check_batch,
     correct,
     dataset_fn,
+    dtype_policy,
     mixed_precision,
     sparse_ce,
     use_xla,
@@ -57,8 +58,7 @@ def pretext_task(ctx: Context) -> PretextTask:
     train_indices = random_subset(len(data.train), p.max_images, cfg.runtime.seed)
     steps = p.steps_per_epoch or math.ceil(len(train_indices) / p.batch_images)
     mixed = mixed_precision(ctx)
-    keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
-    with ctx.cluster.strategy.scope():
+    with ctx.cluster.strategy.scope(), dtype_policy(mixed):
         keras.utils.set_random_seed(cfg.runtime.seed)
         backbone = build_configured_backbone(ctx)
         dim = backbone.output_shape[-1]
@@ -71,7 +71,6 @@ def pretext_task(ctx: Context) -> PretextTask:
         optimizer = make_optimizer(p.optimizer, schedule, p.weight_decay)
         if mixed:
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-    keras.mixed_precision.set_global_policy("float32")
     use_probe = p.online_probe
 
     def objective(batch, training):

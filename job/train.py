@@ -99,6 +99,52 @@ class ParamGroup:
     optimizer: keras.optimizers.Optimizer
 
 
+class GroupedOptimizer(keras.optimizers.Optimizer):
+    """Several parameter groups' optimizers as one, so that one LossScaleOptimizer wraps them all: one loss
+    scale unscales every group's gradients, and a non-finite gradient anywhere skips the step for all."""
+
+    def __init__(self, groups: list[ParamGroup], name: str = "grouped"):
+        super().__init__(learning_rate=0.0, name=name)
+        self._groups = tuple(groups)  # a tuple of plain objects: neither Keras nor TF tracks the model's variables
+        for i, group in enumerate(groups):
+            setattr(self, f"group{i}", group.optimizer)  # checkpointed with this optimizer
+
+    def build(self, var_list) -> None:
+        if len(var_list) != sum(len(g.variables) for g in self._groups):
+            raise ValueError(f"{len(var_list)} variables for groups of {[len(g.variables) for g in self._groups]}")
+        for group in self._groups:
+            if not group.optimizer.built:
+                group.optimizer.build(group.variables)
+        super().build(var_list)
+
+    @property
+    def variables(self) -> list:
+        return self._variables + [v for g in self._groups for v in g.optimizer.variables]
+
+    @property
+    def learning_rate(self):
+        return self._groups[0].optimizer.learning_rate  # the first group's (what the training log shows)
+
+    def apply(self, grads, trainable_variables=None) -> None:
+        """Each group's optimizer applies its slice of `grads` (in the order of the groups' variables)."""
+        grads, offset = list(grads), 0
+        for group in self._groups:
+            count = len(group.variables)
+            group.optimizer.apply(grads[offset : offset + count], group.variables)
+            offset += count
+        self._iterations.assign_add(1)
+
+
+def loss_scaled(groups: list[ParamGroup]) -> list[ParamGroup]:
+    """Mixed precision: the groups under one LossScaleOptimizer (one group over all their variables).
+
+    One scale for all: a loss scaled by one group's scale but unscaled by another's (or not at all) would
+    multiply that group's updates by the ratio. Build it under the strategy's scope.
+    """
+    inner = groups[0].optimizer if len(groups) == 1 else GroupedOptimizer(groups)
+    return [ParamGroup([v for g in groups for v in g.variables], keras.optimizers.LossScaleOptimizer(inner))]
+
+
 @dataclass
 class LoopConfig:
     epochs: int
@@ -142,6 +188,8 @@ class Trainer:
         instead of tracing again (the downstream runs share one model; see job/downstream.py)."""
         self.cluster, self.model, self.objective, self.groups = cluster, model, objective, groups
         self.directory, self.config = Path(directory), config
+        if len(groups) > 1 and any(isinstance(g.optimizer, keras.optimizers.LossScaleOptimizer) for g in groups):
+            raise ValueError("several parameter groups need one loss scale: pass loss_scaled(groups)")
         strategy = cluster.strategy
         with strategy.scope():
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
@@ -456,6 +504,7 @@ def debiased_batchnorm(model: keras.Model, updates: int):
 
 
 def _scale_loss(groups: list[ParamGroup], loss: tf.Tensor) -> tf.Tensor:
+    """The loss times the loss scale, when the (then only) group's optimizer is a LossScaleOptimizer."""
     optimizer = groups[0].optimizer
     if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
         return optimizer.scale_loss(loss)
