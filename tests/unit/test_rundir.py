@@ -93,7 +93,7 @@ def assert_intact(files: dict[Path, bytes]) -> None:
 # -- 1. a run directory never mixes two runs -------------------------------------------------------
 @pytest.mark.parametrize(("override", "change"), [
     ("model.alpha=1.0", "model.alpha 0.35 → 1.0"),
-    ("pretext.epochs=5", "pretext.epochs 8 → 5"),
+    ("pretext.epochs=5", f"pretext.epochs {load_config(DEMO).pretext.epochs} → 5"),
 ])
 def test_other_settings_on_a_completed_stage_are_refused(tmp_path, synth_zip, override, change):
     """Before: 'complete, skipping', exit 0, and config.json rewritten to the new settings."""
