@@ -187,7 +187,7 @@ def test_evaluate_writes_the_report_before_done_json(tmp_path, monkeypatch):
     monkeypatch.setattr(stages, "_examples", lambda ctx, done: None)
     monkeypatch.setattr(Context, "dataset_summary", lambda self: {})
     monkeypatch.setattr(stages.report, "build_metrics", lambda pretext, done, data: {"done": done})
-    monkeypatch.setattr(stages.report, "verdict_markdown", lambda metrics: "")
+    monkeypatch.setattr(stages.report, "verdict_markdown", lambda values: "")
     monkeypatch.setattr(stages.summaries, "write_run_summary", lambda *args: None)
     monkeypatch.setattr(stages.report, "write_report",
                         lambda directory, values, examples: seen.append(RunLayout.done(layout.evaluate).exists()))
