@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,3 +38,25 @@ def job_args(command: str, data: Path | str, output: Path | str, cache: Path, *o
 
 def run_job(args: list[str], timeout: float = 600, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(args, cwd=REPO, env=job_env(**env), capture_output=True, text=True, timeout=timeout)
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` loopback ports free right now (for the workers of a local multi-worker job)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def wait_for_file(path: Path, process: subprocess.Popen, timeout: float = 300) -> None:
+    """Wait until `path` exists (a checkpoint index, say) while `process` still runs; fail if it ended first."""
+    deadline = time.monotonic() + timeout
+    while not path.is_file() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert process.poll() is None, f"the process ended before {path} appeared"
+    assert path.is_file(), f"no {path} after {timeout:.0f} s"
+

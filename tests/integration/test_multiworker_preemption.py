@@ -12,14 +12,13 @@ import hashlib
 import json
 import re
 import signal
-import socket
 import subprocess
 import time
 
 import pytest
 
 from job.synth import make_synthetic_dataset
-from tests.jobproc import REPO, job_args, job_env
+from tests.jobproc import REPO, free_ports, job_args, job_env
 
 pytestmark = pytest.mark.slow
 
@@ -31,17 +30,6 @@ CHIEF_PUSH_DELAY_S = "5"
 TIMEOUT_S = 420
 
 
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
 def _latest_step(index_text: str) -> int:
     return int(re.search(r'^model_checkpoint_path: "ckpt-(\d+)"', index_text, re.M).group(1))
 
@@ -50,7 +38,7 @@ def test_stopped_workers_leave_their_checkpoint_in_the_bucket(tmp_path, gcs_emul
     data = tmp_path / "data.zip"
     make_synthetic_dataset(data, classes=4, per_class=16, downstream_per_class=24, val_per_class=4, image_size=32)
     output = f"gs://{gcs_emulator.bucket}/runs/mw"
-    workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
+    workers = [f"127.0.0.1:{port}" for port in free_ports(2)]
     processes, logs = [], []
     for index in range(2):  # two machines: each its own cache (and mirror of the output)
         tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}

@@ -8,7 +8,6 @@ import re
 import shutil
 import signal
 import subprocess
-import time
 
 import numpy as np
 import pytest
@@ -16,7 +15,7 @@ import tensorflow as tf
 
 from job.layout import RunLayout
 from job.synth import make_synthetic_dataset
-from tests.jobproc import REPO, job_args, job_env, run_job
+from tests.jobproc import REPO, job_args, job_env, run_job, wait_for_file
 from tests.tbevents import events
 
 pytestmark = pytest.mark.slow
@@ -79,10 +78,7 @@ def test_killed_pretrain_resumes_to_the_same_weights(reference, tmp_path):
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     index = RunLayout(interrupted).pretext / "ckpt" / "checkpoint"
-    deadline = time.monotonic() + 300
-    while not index.is_file() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert process.poll() is None, "the run finished before it could be killed"
+    wait_for_file(index, process)
     process.send_signal(signal.SIGKILL)
     process.wait()
     killed_at = int(tf.train.latest_checkpoint(str(index.parent)).rsplit("-", 1)[1])
@@ -126,10 +122,7 @@ def test_sigterm_checkpoints_and_exits_143(reference, tmp_path):
             stdout=subprocess.DEVNULL, stderr=stderr_file,
         )
     index = RunLayout(output).pretext / "ckpt" / "checkpoint"
-    deadline = time.monotonic() + 300
-    while not index.is_file() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert process.poll() is None, "the run finished before it could be stopped"
+    wait_for_file(index, process)
     process.send_signal(signal.SIGTERM)
     process.wait(timeout=300)
     stderr = log.read_text()

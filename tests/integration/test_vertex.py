@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import json
 import re
-import socket
 import subprocess
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from job.cli import main, vertex_output
 from job.config import load_config
 from job.layout import RunLayout
 from job.synth import make_synthetic_dataset
-from tests.jobproc import REPO, job_args, job_env
+from tests.jobproc import REPO, free_ports, job_args, job_env
 
 VERTEX = REPO / "infra" / "vertex"
 SPECS = ("t4.yaml", "t4-spot.yaml", "multiworker.yaml")
@@ -211,23 +210,12 @@ def test_a_wrong_enum_value_is_refused(name, path, value):
         (_parse_tuning if name == TUNING else _parse)(document)
 
 
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
 @pytest.mark.slow
 def test_two_workers_with_a_vertex_cluster_spec(tmp_path):
     data = tmp_path / "data.zip"
     make_synthetic_dataset(data, classes=4, per_class=16, downstream_per_class=24, val_per_class=4, image_size=32)
     output, cache = tmp_path / "run", tmp_path / "cache"
-    chief_port, worker_port = _free_ports(2)
+    chief_port, worker_port = free_ports(2)
     cluster = {"workerpool0": [f"127.0.0.1:{chief_port}"], "workerpool1": [f"127.0.0.1:{worker_port}"]}
     job = {"workerPoolSpecs": _load("multiworker.yaml")["workerPoolSpecs"]}
     base = {k: v for k, v in job_env().items() if k not in ("TF_CONFIG", "CLUSTER_SPEC") and not k.startswith("SLURM_")}
