@@ -184,10 +184,13 @@ def check_model(ctx: Context) -> None:
 
 
 def pretrained_backbone(ctx: Context) -> keras.Model:
-    """The configured backbone with the pretrain stage's exported weights (model/backbone.keras)."""
-    backbone = build_configured_backbone(ctx, weights="none")
-    load_backbone_weights(backbone, ctx.layout.backbone)
-    return backbone
+    """The configured backbone with the pretrain stage's exported weights (model/backbone.keras), read once per
+    job (the transfer-layer choice, the probes and every pretrained downstream run share it; read only)."""
+    if "pretrained_backbone" not in ctx.built:
+        backbone = build_configured_backbone(ctx, weights="none")
+        load_backbone_weights(backbone, ctx.layout.backbone)
+        ctx.built["pretrained_backbone"] = backbone
+    return ctx.built["pretrained_backbone"]
 
 
 def probe_settings(ctx: Context) -> dict:

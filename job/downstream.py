@@ -32,7 +32,7 @@ from job.files import atomic_path
 from job.pipelines import model_pixels, stratified_subset
 from job.serving import export_classifier
 from job.train import LoopConfig, ParamGroup, Trainer, WarmupCosine, loss_scaled, make_optimizer
-from models.backbone import load_backbone_weights, pooled_block_features, transfer_features
+from models.backbone import pooled_block_features, transfer_features
 from models.heads import ROTATION_HEAD, classifier_head, rotation_head
 
 log = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ class Learner:
         fresh = _networks(ctx, mode)  # plain variables, outside the strategy: only their values are used
         self.nets.trained.set_weights(fresh.trained.get_weights())
         if init == PRETRAINED:
-            load_backbone_weights(self.nets.backbone, ctx.layout.backbone)
+            self.nets.backbone.set_weights(pretrained_backbone(ctx).get_weights())
             if self.nets.rotation is not None:
                 self.nets.rotation.get_layer(ROTATION_HEAD).set_weights(_pretrained_rotation_head(ctx))
         for group, state in zip(self.groups, self.initial_optimizer_state, strict=True):
