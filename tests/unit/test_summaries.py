@@ -6,6 +6,7 @@ record (`summary_iterator`).
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -105,6 +106,9 @@ def test_a_resumed_training_drops_the_events_it_redoes(tmp_path):
     unchanged = killed.read_bytes()
     assert summaries.drop_steps_after(logs, 4) == 0 and killed.read_bytes() == unchanged
 
+    # The resumed process starts seconds later: its file sorts after the killed one's (names hold the second
+    # and a per-process counter, which sorts "10" before "9" when both fall in one second in one process).
+    time.sleep(1.01 - time.time() % 1)
     write_steps(logs, range(5, 10))  # the resumed process
     logged = events(logs)
     assert len(logged) == len(set(logged))
