@@ -196,8 +196,9 @@ def _execute(stage_names: list[str], data: str, output: str, config_name: str, o
     data_path = fetch_dataset(data, cache / "downloads", config.data.sha256 or None)
     console.import_tensorflow()  # once the data is there (a bad --data fails in seconds)
     from job import stages
-    from job.context import check_model, make_deterministic
+    from job.context import check_model
     from job.distribute import make_cluster
+    from job.precision import make_deterministic
     from job.train import Preempted
 
     if config.runtime.deterministic:
@@ -407,7 +408,7 @@ def bench(data: str, config_name: str, overrides: tuple[str, ...], batches: int,
     cache = Path(config.data.cache_dir).expanduser()
     data_path = fetch_dataset(data, cache / "downloads", config.data.sha256 or None)
     if config.runtime.deterministic:
-        from job.context import make_deterministic
+        from job.precision import make_deterministic
 
         make_deterministic(config.runtime.seed)
     with tempfile.TemporaryDirectory() as scratch:

@@ -1,8 +1,7 @@
-"""What every stage and task needs: the config, the run layout, the data and the cluster; shared builders."""
+"""The stage-level object: the config, the run layout, the data and the cluster, and what a job builds once."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -10,26 +9,19 @@ from functools import cached_property
 from pathlib import Path
 
 import keras
-import tensorflow as tf
 
-from job.config import Config
+from job.config import Config, EvaluateConfig
 from job.data import Dataset, load_dataset
 from job.distribute import Cluster
-from job.errors import JobError
 from job.files import read_json, write_json
 from job.layout import RunLayout
-from job.pipelines import BatchPlan, ImageStore, Sharding, plan_epoch, train_dataset
 from job.rundir import FINGERPRINT_KEY, REDO_FIX, ForceRecord, discard, fingerprint, kind_of
-from models.backbone import WeightsUnavailable, build_backbone, load_backbone_weights
+from job.task import NO_WEIGHTS, configured_backbone
+from models.backbone import load_backbone_weights
 
 log = logging.getLogger(__name__)
 
 LISTED_SKIPPED = 20  # unreadable files named in metrics.json and the report
-MIXED_POLICY = "mixed_float16"  # float16 compute, float32 variables; with dynamic loss scaling (job/train.py)
-# runtime.deterministic: independent ops run one at a time. With TensorFlow's default inter-op parallelism the
-# backward pass's independent ops run concurrently and CPU round-off varied with their timing (Conv_1's kernel
-# gradient first, ~1e-9), which the training amplified into different results by the second epoch.
-DETERMINISTIC_INTER_OP_THREADS = 1
 
 
 @dataclass
@@ -122,64 +114,15 @@ def read_done(stage_dir: Path) -> dict | None:
     return result
 
 
-def mixed_precision(ctx: Context) -> bool:
-    setting = ctx.config.runtime.mixed_precision
-    return setting == "on" or (setting == "auto" and ctx.cluster.has_gpu)
-
-
-@contextlib.contextmanager
-def dtype_policy(mixed: bool):
-    """Inside, Keras builds layers with float16 compute (float32 variables) when `mixed`; float32 after."""
-    keras.mixed_precision.set_global_policy(MIXED_POLICY if mixed else "float32")
-    try:
-        yield
-    finally:
-        keras.mixed_precision.set_global_policy("float32")
-
-
-def make_deterministic(seed: int) -> None:
-    """runtime.deterministic: the same config and data give bit-identical results, uninterrupted or resumed.
-
-    Call before TensorFlow runs anything. Op determinism (deterministic GPU kernels; ops without one raise),
-    one inter-op thread (see DETERMINISTIC_INTER_OP_THREADS), and seeds for every random generator (op
-    determinism refuses unseeded random ops). The input pipeline already is a function of (seed, epoch, step).
-    """
-    tf.config.experimental.enable_op_determinism()
-    tf.config.threading.set_inter_op_parallelism_threads(DETERMINISTIC_INTER_OP_THREADS)
-    keras.utils.set_random_seed(seed)
-
-
-def use_xla(ctx: Context) -> bool:
-    setting = ctx.config.runtime.xla
-    return setting == "on" or (setting == "auto" and ctx.cluster.has_gpu)
-
-
 def build_configured_backbone(ctx: Context, weights: str | None = None) -> keras.Model:
-    m = ctx.config.model
-    weights = m.weights if weights is None else weights
-    try:
-        return build_backbone(
-            ctx.config.data.image_size,
-            alpha=m.alpha,
-            weights=weights,
-            bn_momentum=m.bn_momentum,
-            stem_stride=m.stem_stride,
-            input_scale=m.input_scale,
-        )
-    except WeightsUnavailable as err:
-        raise JobError(f"model.weights = 'imagenet' could not be downloaded ({err}): connect to the network, "
-                       "or use model.weights = 'none' or the path of a weights file.") from err
-    except (ValueError, OSError) as err:
-        if weights == "none":
-            raise
-        raise JobError(f"model.weights = {weights!r} does not fit this model ({err}): use weights saved for "
-                       f"model.alpha = {m.alpha}, or model.weights = 'none'.") from err
+    """The configured backbone (model, data.image_size) with `weights` (default model.weights)."""
+    return configured_backbone(ctx.config.model, ctx.config.data.image_size, weights)
 
 
 def check_model(ctx: Context) -> None:
     """Build the configured backbone once when it loads weights (download, file, shapes): a bad model.weights
     fails here, before anything in the output is touched."""
-    if ctx.config.model.weights != "none":
+    if ctx.config.model.weights != NO_WEIGHTS:
         build_configured_backbone(ctx)
 
 
@@ -187,7 +130,7 @@ def pretrained_backbone(ctx: Context) -> keras.Model:
     """The configured backbone with the pretrain stage's exported weights (model/backbone.keras), read once per
     job (the transfer-layer choice, the probes and every pretrained downstream run share it; read only)."""
     if "pretrained_backbone" not in ctx.built:
-        backbone = build_configured_backbone(ctx, weights="none")
+        backbone = build_configured_backbone(ctx, weights=NO_WEIGHTS)
         load_backbone_weights(backbone, ctx.layout.backbone)
         ctx.built["pretrained_backbone"] = backbone
     return ctx.built["pretrained_backbone"]
@@ -195,42 +138,10 @@ def pretrained_backbone(ctx: Context) -> keras.Model:
 
 def probe_settings(ctx: Context) -> dict:
     """The logistic-regression probes' settings (evaluate.probe_*), as keywords of job.evaluate.fit_logistic."""
-    e = ctx.config.evaluate
-    return {"steps": e.probe_steps, "learning_rate": e.probe_learning_rate, "weight_decay": e.probe_weight_decay}
+    return probe_keywords(ctx.config.evaluate)
 
 
-def check_batch(ctx: Context, batch: int, key: str) -> None:
-    replicas = ctx.cluster.num_replicas
-    if batch % replicas:
-        raise JobError(f"{key} = {batch} does not split over {replicas} replicas: make it a multiple of {replicas}.")
-
-
-def sparse_ce(labels, logits):
-    return tf.keras.losses.sparse_categorical_crossentropy(labels, tf.cast(logits, tf.float32), from_logits=True)
-
-
-def correct(labels, logits):
-    return tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32), labels), tf.float32)
-
-
-def weighted(values, weights):
-    return tf.reduce_sum(values * weights), tf.reduce_sum(weights)
-
-
-def dataset_fn(images, labels, indices, batch, steps, ctx: Context, rotations: bool, seed_offset: int = 0):
-    """(epoch, start_step, input_context) → this pipeline's tf.data.Dataset for that epoch."""
-    seed, padding = ctx.config.runtime.seed + seed_offset, ctx.config.data.crop_padding
-    store = ImageStore(images)  # once per task, shared by every epoch's dataset
-
-    def make(epoch: int, start_step: int, context) -> tf.data.Dataset:
-        plan = plan_epoch(len(indices), batch, seed, epoch, steps)
-        plan = BatchPlan(indices[plan.indices], plan.weights)
-        return train_dataset(
-            store, labels, plan, seed=seed, epoch=epoch, start_step=start_step, padding=padding,
-            rotations=rotations, sharding=Sharding.from_input_context(context),
-            prefetch=ctx.config.data.prefetch_batches,
-        )
-
-    return make
-
-
+def probe_keywords(evaluate: EvaluateConfig) -> dict:
+    """evaluate.probe_*, as keywords of job.evaluate.fit_logistic."""
+    return {"steps": evaluate.probe_steps, "learning_rate": evaluate.probe_learning_rate,
+            "weight_decay": evaluate.probe_weight_decay}

@@ -12,26 +12,17 @@ import numpy as np
 import tensorflow as tf
 
 from job import console
-from job.context import (
-    Context,
-    build_configured_backbone,
-    check_batch,
-    correct,
-    dataset_fn,
-    dtype_policy,
-    mixed_precision,
-    pretrained_backbone,
-    probe_settings,
-    sparse_ce,
-    use_xla,
-    weighted,
-)
+from job.config import ModelConfig
+from job.context import Context, pretrained_backbone, probe_settings
 from job.errors import JobError
 from job.evaluate import accuracy, confusion_matrix, cross_entropy, fit_logistic, predict
 from job.files import atomic_path
+from job.losses import correct, sparse_ce, weighted
 from job.pipelines import model_pixels, stratified_subset
+from job.precision import dtype_policy, mixed_precision, use_xla
 from job.serving import export_classifier
-from job.train import LoopConfig, ParamGroup, Trainer, WarmupCosine, loss_scaled, make_optimizer
+from job.task import NO_WEIGHTS, Task, build_optimizer, check_batch, configured_backbone, dataset_fn, loop_config
+from job.train import DatasetFn, Evaluator, LoopConfig, ParamGroup, WarmupCosine, loss_scaled
 from models.backbone import pooled_block_features, transfer_features
 from models.heads import ROTATION_HEAD, classifier_head, rotation_head
 
@@ -99,7 +90,8 @@ class Networks:
 
 @dataclass
 class Learner:
-    """The networks of one kind (pretrained or scratch) and mode, their optimizers and traced train steps.
+    """The networks of one kind (pretrained or scratch) and mode, their optimizers and traced train step; each
+    downstream run is a `Task` of them (`task`).
 
     Built once per job and reset for each run (seed, label fraction): tracing a MobileNetV2 train step
     takes ~30 s on a CPU, and the evaluation protocol trains up to 6 x seeds classifiers.
@@ -116,11 +108,16 @@ class Learner:
     def model(self) -> keras.Model:
         return self.nets.classifier
 
+    def task(self, inputs: DatasetFn, evaluator: Evaluator, loop: LoopConfig) -> Task:
+        """One run of these networks: trains (and checkpoints) `nets.trained` on `inputs`."""
+        return Task(self.nets.trained, self.objective, self.groups, inputs, evaluator, loop)
+
     def reset(self, ctx: Context, init: str, mode: str, seed: int, warmup_steps: int, total_steps: int) -> None:
         """Fresh seeded weights (the pretrained backbone's and rotation head's when init is pretrained),
         optimizers and schedules."""
         keras.utils.set_random_seed(seed)
-        fresh = _networks(ctx, mode)  # plain variables, outside the strategy: only their values are used
+        # Plain variables, outside the strategy: only their values are used.
+        fresh = _networks(ctx.config.model, ctx.config.data.image_size, transfer_layers(ctx), mode)
         self.nets.trained.set_weights(fresh.trained.get_weights())
         if init == PRETRAINED:
             self.nets.backbone.set_weights(pretrained_backbone(ctx).get_weights())
@@ -196,17 +193,17 @@ def select_transfer_layers(ctx: Context) -> dict[str, float]:
     return scores
 
 
-def _networks(ctx: Context, mode: str) -> Networks:
-    """pixels → transfer features → 2-way head (and, for "s4l", → whole backbone → rotation head), randomly
+def _networks(model_cfg: ModelConfig, image_size: int, layers: list[str], mode: str) -> Networks:
+    """pixels → features at `layers` → 2-way head (and, for "s4l", → whole backbone → rotation head), randomly
     initialised (Keras' global seed)."""
-    backbone = build_configured_backbone(ctx, weights="none")
-    features = transfer_features(backbone, transfer_layers(ctx))  # names checked by job.config.validate
-    head = classifier_head(features.output_shape[-1], 2, ctx.config.model.classifier_dropout)
+    backbone = configured_backbone(model_cfg, image_size, weights=NO_WEIGHTS)
+    features = transfer_features(backbone, layers)  # names checked by job.config.validate
+    head = classifier_head(features.output_shape[-1], 2, model_cfg.classifier_dropout)
     pixels = keras.Input(backbone.input_shape[1:], name="pixels")
     classifier = keras.Model(pixels, head(features(pixels)), name="classifier")
     if mode != S4L:
         return Networks(classifier, backbone, features, head, None, classifier)
-    rotation_logits = rotation_head(backbone.output_shape[-1], ctx.config.model.head_hidden_units)(backbone(pixels))
+    rotation_logits = rotation_head(backbone.output_shape[-1], model_cfg.head_hidden_units)(backbone(pixels))
     rotation = keras.Model(pixels, rotation_logits, name="rotation_model")
     trained = keras.Model(pixels, [classifier(pixels), rotation(pixels)], name="s4l")
     return Networks(classifier, backbone, features, head, rotation, trained)
@@ -224,10 +221,10 @@ def _learner(ctx: Context, init: str, mode: str) -> Learner:
     if key in ctx.built:
         return ctx.built[key]
     f = ctx.config.finetune
-    transfer_layers(ctx)  # an "auto" choice fits probes: outside the strategy's scope
-    mixed = mixed_precision(ctx)
+    layers = transfer_layers(ctx)  # an "auto" choice fits probes: outside the strategy's scope
+    mixed = mixed_precision(ctx.config.runtime, ctx.cluster)
     with ctx.cluster.strategy.scope(), dtype_policy(mixed):
-        nets = _networks(ctx, mode)
+        nets = _networks(ctx.config.model, ctx.config.data.image_size, layers, mode)
         if init == PRETRAINED and f.freeze_batchnorm:
             for layer in nets.backbone._flatten_layers(include_self=False, recursive=True):
                 if isinstance(layer, keras.layers.BatchNormalization):
@@ -237,7 +234,7 @@ def _learner(ctx: Context, init: str, mode: str) -> Learner:
         def optimizer(scale: float):
             schedule = WarmupCosine(f.learning_rate * scale, 0, 1)
             schedules.append(schedule)
-            return make_optimizer(f.optimizer, schedule, f.weight_decay)
+            return build_optimizer(f, schedule)
 
         trunk = nets.features if nets.rotation is None else nets.backbone  # what the loss reaches
         heads = nets.head.trainable_variables + (nets.rotation.get_layer(ROTATION_HEAD).trainable_variables
@@ -286,11 +283,11 @@ def _learner(ctx: Context, init: str, mode: str) -> Learner:
 def _s4l_dataset_fn(ctx: Context, labelled: Callable, steps: int) -> Callable:
     """Zip each labelled batch with finetune.s4l_images unlabelled images (all downstream train images, labels
     unused) in four rotations: the S4L step sees both."""
-    split, f = downstream_split(ctx), ctx.config.finetune
-    check_batch(ctx, f.s4l_images, "finetune.s4l_images")
+    split, cfg = downstream_split(ctx), ctx.config
+    check_batch(ctx.cluster, cfg.finetune.s4l_images, "finetune.s4l_images")
     images = split.train_images
-    unlabelled = dataset_fn(images, np.zeros(len(images), np.int32), np.arange(len(images)), f.s4l_images, steps,
-                            ctx, rotations=True, seed_offset=UNLABELLED_SEED_OFFSET)
+    unlabelled = dataset_fn(images, np.zeros(len(images), np.int32), np.arange(len(images)), cfg.finetune.s4l_images,
+                            steps, data=cfg.data, seed=cfg.runtime.seed + UNLABELLED_SEED_OFFSET, rotations=True)
 
     def make(epoch: int, start_step: int, context) -> tf.data.Dataset:
         def merge(batch, extra):
@@ -317,7 +314,7 @@ def train_downstream(ctx: Context, init: str, fraction: float, seed: int, mode: 
     images, labels = split.train_images[subset], split.train_labels[subset]
     batch = min(f.batch_size, len(subset))
     batch -= batch % ctx.cluster.num_replicas
-    check_batch(ctx, batch, "finetune.batch_size")
+    check_batch(ctx.cluster, batch, "finetune.batch_size")
     # A few labels still get finetune.min_steps steps, in finetune.epochs epochs that each pass over them
     # several times: per-epoch evaluation and checkpoints then cost the same at every label fraction.
     one_pass = math.ceil(len(subset) / batch)
@@ -335,18 +332,18 @@ def train_downstream(ctx: Context, init: str, fraction: float, seed: int, mode: 
         logits = predict(model, split.val_images)
         return {"accuracy": accuracy(logits, split.val_labels), "loss": cross_entropy(logits, split.val_labels)}
 
-    loop = LoopConfig(
-        epochs=epochs, steps_per_epoch=steps, samples_per_step=batch,
-        checkpoint_every_steps=cfg.runtime.checkpoint_every_steps, keep_checkpoints=cfg.runtime.keep_checkpoints,
-        log_every_steps=cfg.runtime.log_every_steps, patience=f.early_stopping_patience, monitor="accuracy",
-        xla=use_xla(ctx), fresh_batchnorm=init == SCRATCH,
+    loop = loop_config(
+        cfg.runtime, epochs=epochs, steps_per_epoch=steps, samples_per_step=batch, patience=f.early_stopping_patience,
+        monitor="accuracy", xla=use_xla(cfg.runtime, ctx.cluster), fresh_batchnorm=init == SCRATCH,
     )
-    trainer = Trainer(ctx.cluster, learner.nets.trained, learner.objective, learner.groups, directory,
-                      layout.tensorboard("finetune") / directory.name, loop, step_fn=learner.step_fn)
+    labelled = dataset_fn(images, labels, np.arange(len(labels)), batch, steps if steps > one_pass else 0,
+                          data=cfg.data, seed=cfg.runtime.seed, rotations=False)
+    inputs = _s4l_dataset_fn(ctx, labelled, steps) if mode == S4L else labelled
+    task = learner.task(inputs, evaluator, loop)
+    trainer = task.trainer(ctx.cluster, directory, layout.tensorboard("finetune") / directory.name,
+                           step_fn=learner.step_fn)
     learner.step_fn = trainer.step_fn
-    labelled = dataset_fn(images, labels, np.arange(len(labels)), batch, steps if steps > one_pass else 0, ctx,
-                          rotations=False)
-    result = trainer.fit(_s4l_dataset_fn(ctx, labelled, steps) if mode == S4L else labelled, evaluator)
+    result = trainer.fit(task.dataset_fn, task.evaluator)
     trainer.finalize(use_best=False)
     trainer.close()
     logits = predict(model, split.val_images)

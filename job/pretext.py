@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import keras
@@ -12,23 +12,18 @@ import numpy as np
 import tensorflow as tf
 
 from job import console, testhooks
-from job.context import (
-    Context,
-    build_configured_backbone,
-    check_batch,
-    correct,
-    dataset_fn,
-    dtype_policy,
-    mixed_precision,
-    sparse_ce,
-    use_xla,
-    weighted,
-)
+from job.config import DataConfig, ModelConfig, PretextConfig, RuntimeConfig
+from job.context import Context
+from job.data import Dataset
+from job.distribute import Cluster
 from job.evaluate import accuracy, cross_entropy, predict
 from job.files import atomic_path
-from job.pipelines import model_pixels, random_subset, rotate_four
+from job.losses import correct, sparse_ce, weighted
+from job.pipelines import NUM_ROTATIONS, model_pixels, random_subset, rotate_four
+from job.precision import dtype_policy, mixed_precision, use_xla
 from job.serving import export_rotation_model
-from job.train import LoopConfig, ParamGroup, Trainer, WarmupCosine, make_optimizer
+from job.task import Task, build_optimizer, check_batch, configured_backbone, dataset_fn, loop_config
+from job.train import ParamGroup, WarmupCosine
 from models.heads import classifier_head, rotation_head
 
 log = logging.getLogger(__name__)
@@ -38,37 +33,43 @@ ROTATIONS_TAG, PREDICTIONS_TAG = "val/rotations", "val/rotation_predictions"
 
 
 @dataclass
-class PretextTask:
+class PretextTask(Task):
     """The pretext model and how to train it: built once, used by the pretrain stage and the benchmark."""
 
-    model: keras.Model  # pixels → [rotation logits, online-probe logits]
     backbone: keras.Model
     rotation_model: keras.Model  # pixels → rotation logits
-    objective: Callable
-    optimizer: keras.optimizers.Optimizer
-    loop: LoopConfig
     train_indices: np.ndarray
-    dataset_fn: Callable
+
+    @property
+    def optimizer(self) -> keras.optimizers.Optimizer:
+        return self.groups[0].optimizer
 
 
 def pretext_task(ctx: Context) -> PretextTask:
-    """Build the rotation model (backbone, rotation head, online probe) under the cluster's strategy."""
-    cfg, data, p = ctx.config, ctx.dataset, ctx.config.pretext
-    check_batch(ctx, p.batch_images, "pretext.batch_images")
-    train_indices = random_subset(len(data.train), p.max_images, cfg.runtime.seed)
+    """The stage's pretext task: `build_pretext_task` on its config sections, dataset and cluster."""
+    cfg = ctx.config
+    return build_pretext_task(cfg.pretext, cfg.model, cfg.data, cfg.runtime, ctx.dataset, ctx.cluster)
+
+
+def build_pretext_task(p: PretextConfig, model_cfg: ModelConfig, data_cfg: DataConfig, runtime: RuntimeConfig,
+                       data: Dataset, cluster: Cluster) -> PretextTask:
+    """Build the rotation model (backbone, rotation head, online probe) under the cluster's strategy, its
+    objective, optimizer, inputs and validation."""
+    check_batch(cluster, p.batch_images, "pretext.batch_images")
+    train_indices = random_subset(len(data.train), p.max_images, runtime.seed)
     steps = p.steps_per_epoch or math.ceil(len(train_indices) / p.batch_images)
-    mixed = mixed_precision(ctx)
-    with ctx.cluster.strategy.scope(), dtype_policy(mixed):
-        keras.utils.set_random_seed(cfg.runtime.seed)
-        backbone = build_configured_backbone(ctx)
+    mixed = mixed_precision(runtime, cluster)
+    with cluster.strategy.scope(), dtype_policy(mixed):
+        keras.utils.set_random_seed(runtime.seed)
+        backbone = configured_backbone(model_cfg, data_cfg.image_size)
         dim = backbone.output_shape[-1]
         pixels = keras.Input(backbone.input_shape[1:], name="pixels")
         features = backbone(pixels)
-        rotation_logits = rotation_head(dim, cfg.model.head_hidden_units)(features)
+        rotation_logits = rotation_head(dim, model_cfg.head_hidden_units)(features)
         probe_logits = classifier_head(dim, len(data.wnids), name="online_probe")(keras.ops.stop_gradient(features))
         model = keras.Model(pixels, [rotation_logits, probe_logits], name="pretext")
         schedule = WarmupCosine(p.learning_rate, int(p.warmup_epochs * steps), p.epochs * steps)
-        optimizer = make_optimizer(p.optimizer, schedule, p.weight_decay)
+        optimizer = build_optimizer(p, schedule)
         if mixed:
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     use_probe = p.online_probe
@@ -88,17 +89,30 @@ def pretext_task(ctx: Context) -> PretextTask:
             metrics["online_probe_accuracy"] = weighted(correct(batch["labels"], probe), upright)
         return per_example, metrics
 
-    loop = LoopConfig(
-        epochs=p.epochs, steps_per_epoch=steps, samples_per_step=4 * p.batch_images,
-        checkpoint_every_steps=cfg.runtime.checkpoint_every_steps, keep_checkpoints=cfg.runtime.keep_checkpoints,
-        log_every_steps=cfg.runtime.log_every_steps, patience=p.early_stopping_patience,
-        monitor="rotation_accuracy", xla=use_xla(ctx),
+    loop = loop_config(
+        runtime, epochs=p.epochs, steps_per_epoch=steps, samples_per_step=NUM_ROTATIONS * p.batch_images,
+        patience=p.early_stopping_patience, monitor="rotation_accuracy", xla=use_xla(runtime, cluster),
     )
-    make_dataset = dataset_fn(
-        data.train.images, data.train.labels, train_indices, p.batch_images, p.steps_per_epoch, ctx, rotations=True
-    )
+    make_dataset = dataset_fn(data.train.images, data.train.labels, train_indices, p.batch_images, p.steps_per_epoch,
+                              data=data_cfg, seed=runtime.seed, rotations=True)
     rotation_model = keras.Model(pixels, rotation_logits, name="rotation_model")
-    return PretextTask(model, backbone, rotation_model, objective, optimizer, loop, train_indices, make_dataset)
+    val_indices = random_subset(len(data.val), p.val_max_images, runtime.seed)
+
+    @functools.cache
+    def val_set() -> tuple[np.ndarray, np.ndarray]:  # read on the first validation (the benchmark never does)
+        return np.asarray(data.val.images[val_indices]), data.val.labels[val_indices]
+
+    def evaluator(epoch: int, writer) -> dict[str, float]:
+        val_images, val_labels = val_set()
+        (rotation, probe), angles = predict(model, val_images, rotations=True)
+        metrics = {"rotation_accuracy": accuracy(rotation, angles), "loss": cross_entropy(rotation, angles)}
+        if use_probe:
+            metrics["online_probe_accuracy"] = accuracy(probe[angles == 0], val_labels)
+        _rotation_summary(writer, model, val_images[:ROTATION_EXAMPLES])
+        return metrics
+
+    return PretextTask(model, objective, [ParamGroup(model.trainable_variables, optimizer)], make_dataset, evaluator,
+                       loop, backbone, rotation_model, train_indices)
 
 
 def pretrain(ctx: Context) -> dict:
@@ -107,32 +121,18 @@ def pretrain(ctx: Context) -> dict:
     if (done := ctx.completed(layout.pretext)) is not None:
         log.info("pretrain: complete in %s, skipping (use --force to redo)", layout.pretext)
         return done
-    data = ctx.dataset
     task = pretext_task(ctx)
-    val_indices = random_subset(len(data.val), p.val_max_images, ctx.config.runtime.seed)
-    val_images, val_labels = np.asarray(data.val.images[val_indices]), data.val.labels[val_indices]
     log.info(
-        "pretrain: %d images x 4 rotations, %d steps/epoch, %s, %s (%s), mixed precision %s",
-        len(task.train_indices), task.loop.steps_per_epoch, console.count(p.epochs, "epoch"),
-        console.count(ctx.cluster.num_replicas, "replica"), ctx.cluster.kind, mixed_precision(ctx),
+        "pretrain: %d images x %d rotations, %d steps/epoch, %s, %s (%s), mixed precision %s",
+        len(task.train_indices), NUM_ROTATIONS, task.loop.steps_per_epoch, console.count(p.epochs, "epoch"),
+        console.count(ctx.cluster.num_replicas, "replica"), ctx.cluster.kind,
+        mixed_precision(ctx.config.runtime, ctx.cluster),
     )
-
-    def evaluator(epoch: int, writer) -> dict[str, float]:
-        (rotation, probe), angles = predict(task.model, val_images, rotations=True)
-        metrics = {"rotation_accuracy": accuracy(rotation, angles), "loss": cross_entropy(rotation, angles)}
-        if p.online_probe:
-            metrics["online_probe_accuracy"] = accuracy(probe[angles == 0], val_labels)
-        _rotation_summary(writer, task.model, val_images[:ROTATION_EXAMPLES])
-        return metrics
-
-    trainer = Trainer(
-        ctx.cluster, task.model, task.objective, [ParamGroup(task.model.trainable_variables, task.optimizer)],
-        layout.pretext, layout.tensorboard("pretext"), task.loop,
-    )
-    result = trainer.fit(task.dataset_fn, evaluator)
+    trainer = task.trainer(ctx.cluster, layout.pretext, layout.tensorboard("pretext"))
+    result = trainer.fit(task.dataset_fn, task.evaluator)
     log.info("pretrain: exporting the backbone and the rotation model (.keras files and a SavedModel)...")
     trainer.finalize(use_best=True)
-    final = evaluator(result.epochs, tf.summary.create_noop_writer())  # the last epoch's step is logged already
+    final = task.evaluator(result.epochs, tf.summary.create_noop_writer())  # the last epoch's step is logged already
     trainer.close()
     testhooks.chief_delay(ctx.cluster, "the pretrain exports")
     if ctx.cluster.is_chief:

@@ -100,9 +100,9 @@ def test_s4l_trains_the_classifier_and_the_rotation_task_together(synth_zip, tmp
     transfer cut (which the classifier alone never trains)."""
     import keras
 
-    from job.context import dataset_fn
     from job.downstream import S4L, _learner, _s4l_dataset_fn, downstream_split
     from job.evaluate import predict
+    from job.task import dataset_fn
 
     config = load_config("demo", [*TINY, f"data.cache_dir={tmp_path / 'cache'}", "finetune.mode='s4l'",
                                   "finetune.s4l_images=4", "finetune.transfer_layers=['block_2_add']"])
@@ -110,8 +110,8 @@ def test_s4l_trains_the_classifier_and_the_rotation_task_together(synth_zip, tmp
     _pretrained_backbone(ctx, (ctx,))
     split = downstream_split(ctx)
 
-    labelled = dataset_fn(split.train_images, split.train_labels, np.arange(len(split.train_labels)), 8, 2, ctx,
-                          rotations=False)
+    labelled = dataset_fn(split.train_images, split.train_labels, np.arange(len(split.train_labels)), 8, 2,
+                          data=config.data, seed=config.runtime.seed, rotations=False)
     batches = list(_s4l_dataset_fn(ctx, labelled, steps=2)(0, 0, None))
     assert len(batches) == 2 and batches[0]["images"].shape[0] == 8
     assert batches[0]["unlabelled_images"].shape[0] == 4 * 4

@@ -1,0 +1,105 @@
+"""The shape of every training (TF Model Garden's `Task`): a model, its inputs for an input context, an objective,
+a validation and the loop's settings; and the builders they share, each given only its config section.
+
+The pretext task (job/pretext.py) and each downstream run (job/downstream.py) are a `Task`; the trainer
+(job/train.py) runs one without knowing which.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from job.config import DataConfig, FinetuneConfig, ModelConfig, PretextConfig, RuntimeConfig
+from job.distribute import Cluster
+from job.errors import JobError
+from job.pipelines import BatchPlan, ImageStore, Sharding, plan_epoch, train_dataset
+from job.train import DatasetFn, Evaluator, LoopConfig, Objective, ParamGroup, Trainer, WarmupCosine, make_optimizer
+from models.backbone import WeightsUnavailable, build_backbone
+
+NO_WEIGHTS = "none"  # model.weights: random init
+
+
+@dataclass
+class Task:
+    """One training: what the trainer updates and checkpoints, how, on what, and how it is validated."""
+
+    model: keras.Model  # trained and checkpointed
+    objective: Objective  # (batch, training) → (per-example loss, {metric: (sum, count)})
+    groups: list[ParamGroup]  # the model's trainable variables and their optimizers
+    dataset_fn: DatasetFn  # (epoch, start_step, input_context) → this input pipeline's dataset for the epoch
+    evaluator: Evaluator  # (epoch, writer) → validation metrics
+    loop: LoopConfig
+
+    def trainer(self, cluster: Cluster, directory: Path, tensorboard_dir: Path, step_fn=None) -> Trainer:
+        """A Trainer for this task, resuming from `directory`; `step_fn`: an earlier Trainer's traced step over the
+        same model, objective and groups."""
+        return Trainer(cluster, self.model, self.objective, self.groups, directory, tensorboard_dir, self.loop,
+                       step_fn=step_fn)
+
+
+def loop_config(runtime: RuntimeConfig, *, epochs: int, steps_per_epoch: int, samples_per_step: int, patience: int,
+                monitor: str, xla: bool, fresh_batchnorm: bool = True) -> LoopConfig:
+    """The loop's settings: the task's length and monitor, and runtime's checkpoint and log cadence."""
+    return LoopConfig(
+        epochs=epochs, steps_per_epoch=steps_per_epoch, samples_per_step=samples_per_step,
+        checkpoint_every_steps=runtime.checkpoint_every_steps, keep_checkpoints=runtime.keep_checkpoints,
+        log_every_steps=runtime.log_every_steps, patience=patience, monitor=monitor, xla=xla,
+        fresh_batchnorm=fresh_batchnorm,
+    )
+
+
+def dataset_fn(images: np.ndarray, labels: np.ndarray, indices: np.ndarray, batch: int, steps: int, *,
+               data: DataConfig, seed: int, rotations: bool) -> DatasetFn:
+    """(epoch, start_step, input_context) → this pipeline's tf.data.Dataset for that epoch, over `indices` of
+    `images` in batches of `batch` (`steps` a epoch; 0: one pass), augmented as `data` says, drawn from `seed`."""
+    store = ImageStore(images)  # once per task, shared by every epoch's dataset
+
+    def make(epoch: int, start_step: int, context: tf.distribute.InputContext | None) -> tf.data.Dataset:
+        plan = plan_epoch(len(indices), batch, seed, epoch, steps)
+        plan = BatchPlan(indices[plan.indices], plan.weights)
+        return train_dataset(
+            store, labels, plan, seed=seed, epoch=epoch, start_step=start_step, padding=data.crop_padding,
+            rotations=rotations, sharding=Sharding.from_input_context(context), prefetch=data.prefetch_batches,
+        )
+
+    return make
+
+
+def configured_backbone(model: ModelConfig, image_size: int, weights: str | None = None) -> keras.Model:
+    """MobileNetV2 as `model` configures it, with `weights` (default model.weights); a JobError for weights
+    that cannot be downloaded or do not fit."""
+    weights = model.weights if weights is None else weights
+    try:
+        return build_backbone(
+            image_size,
+            alpha=model.alpha,
+            weights=weights,
+            bn_momentum=model.bn_momentum,
+            stem_stride=model.stem_stride,
+            input_scale=model.input_scale,
+        )
+    except WeightsUnavailable as err:
+        raise JobError(f"model.weights = 'imagenet' could not be downloaded ({err}): connect to the network, "
+                       "or use model.weights = 'none' or the path of a weights file.") from err
+    except (ValueError, OSError) as err:
+        if weights == NO_WEIGHTS:
+            raise
+        raise JobError(f"model.weights = {weights!r} does not fit this model ({err}): use weights saved for "
+                       f"model.alpha = {model.alpha}, or model.weights = 'none'.") from err
+
+
+def build_optimizer(section: PretextConfig | FinetuneConfig, schedule: WarmupCosine) -> keras.optimizers.Optimizer:
+    """The section's optimizer (`optimizer`, `weight_decay`) following `schedule`."""
+    return make_optimizer(section.optimizer, schedule, section.weight_decay)
+
+
+def check_batch(cluster: Cluster, batch: int, key: str) -> None:
+    """A JobError when the global batch `batch` (config key `key`) does not split over the cluster's replicas."""
+    replicas = cluster.num_replicas
+    if batch % replicas:
+        raise JobError(f"{key} = {batch} does not split over {replicas} replicas: make it a multiple of {replicas}.")

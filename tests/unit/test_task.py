@@ -1,0 +1,118 @@
+"""job.task: the one shape of a training (a Task run by its own Trainer), the loop's settings built from the
+runtime section, the input builder given only its sections; job.precision's settings per cluster; and the
+pretext task built from its config sections, the dataset and the cluster, without a Context."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from job.config import DataConfig, ModelConfig, PretextConfig, RuntimeConfig
+from job.data import Dataset, ImageSet
+from job.distribute import Cluster
+from job.precision import mixed_precision, use_xla
+from job.task import Task, dataset_fn, loop_config
+from job.train import ParamGroup, WarmupCosine, make_optimizer
+from models.heads import NUM_ROTATIONS
+
+EPOCHS, STEPS, BATCH = 2, 3, 4
+CADENCE = {"checkpoint_every_steps": 2, "keep_checkpoints": 5, "log_every_steps": 1}
+IMAGE_SIZE, IMAGES = 16, 12
+
+
+def _cluster(gpus: int = 0) -> Cluster:
+    return Cluster(tf.distribute.OneDeviceStrategy("/cpu:0"), True, 0, 1, gpus, "single")
+
+
+def test_loop_config_takes_the_length_from_the_task_and_the_cadence_from_runtime():
+    loop = loop_config(RuntimeConfig(**CADENCE), epochs=EPOCHS, steps_per_epoch=STEPS, samples_per_step=BATCH,
+                       patience=1, monitor="accuracy", xla=True, fresh_batchnorm=False)
+    assert (loop.epochs, loop.steps_per_epoch, loop.samples_per_step) == (EPOCHS, STEPS, BATCH)
+    assert {key: getattr(loop, key) for key in CADENCE} == CADENCE
+    assert (loop.patience, loop.monitor, loop.xla, loop.fresh_batchnorm) == (1, "accuracy", True, False)
+
+
+@pytest.mark.parametrize("setting, gpus, expected", [
+    ("on", 0, True), ("off", 1, False), ("auto", 0, False), ("auto", 1, True),
+])
+def test_mixed_precision_and_xla_follow_their_runtime_key_and_the_cluster(setting, gpus, expected):
+    runtime = RuntimeConfig(mixed_precision=setting, xla="off")
+    assert mixed_precision(runtime, _cluster(gpus)) is expected
+    assert use_xla(runtime, _cluster(gpus)) is False
+    assert use_xla(RuntimeConfig(xla=setting), _cluster(gpus)) is expected
+
+
+def _images(seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (IMAGES, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+
+
+def test_dataset_fn_needs_only_the_data_section_and_a_seed():
+    images, labels = _images(), np.arange(IMAGES, dtype=np.int32) % 3
+    data = DataConfig(image_size=IMAGE_SIZE, crop_padding=2, prefetch_batches=1)
+
+    def first_batch(seed: int, rotations: bool) -> dict:
+        make = dataset_fn(images, labels, np.arange(IMAGES), BATCH, STEPS, data=data, seed=seed, rotations=rotations)
+        batches = list(make(0, 0, None))
+        assert len(batches) == STEPS
+        return {k: np.asarray(v) for k, v in batches[0].items()}
+
+    rotated = first_batch(seed=1, rotations=True)
+    assert rotated["images"].shape[0] == NUM_ROTATIONS * BATCH
+    np.testing.assert_array_equal(rotated["rotations"], np.repeat(np.arange(NUM_ROTATIONS), BATCH))
+    assert first_batch(seed=1, rotations=False)["images"].shape[0] == BATCH
+    again, other = first_batch(seed=1, rotations=True), first_batch(seed=2, rotations=True)
+    np.testing.assert_array_equal(again["images"], rotated["images"])  # a function of the seed alone
+    assert not np.array_equal(other["labels"], rotated["labels"]) or not np.array_equal(other["images"],
+                                                                                         rotated["images"])
+
+
+def test_a_task_is_trained_by_its_own_trainer_with_its_loop(tmp_path):
+    """Task.trainer hands the task's model, objective, groups and loop to the Trainer: it trains every step of
+    the loop and checkpoints at the runtime section's cadence."""
+    cluster = _cluster()
+    with cluster.strategy.scope():
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2)])
+        optimizer = make_optimizer("adamw", WarmupCosine(0.1, 0, EPOCHS * STEPS), weight_decay=0.0)
+
+    def objective(batch, training):
+        loss = keras.losses.sparse_categorical_crossentropy(batch["y"], model(batch["x"], training=training),
+                                                            from_logits=True)
+        return loss, {"loss": (tf.reduce_sum(loss), tf.cast(tf.size(loss), tf.float32))}
+
+    def inputs(epoch: int, start_step: int, context) -> tf.data.Dataset:
+        batch = {"x": np.ones((BATCH, 2), np.float32), "y": np.zeros(BATCH, np.int32)}
+        return tf.data.Dataset.from_tensors(batch).repeat(STEPS - start_step)
+
+    evaluated = []
+    loop = loop_config(RuntimeConfig(**CADENCE), epochs=EPOCHS, steps_per_epoch=STEPS, samples_per_step=BATCH,
+                       patience=0, monitor="accuracy", xla=False, fresh_batchnorm=False)
+    task = Task(model, objective, [ParamGroup(model.trainable_variables, optimizer)], inputs,
+                lambda epoch, writer: evaluated.append(epoch) or {"accuracy": 0.5}, loop)
+    trainer = task.trainer(cluster, tmp_path / "stage", tmp_path / "logs")
+    result = trainer.fit(task.dataset_fn, task.evaluator)
+    trainer.close()
+    assert (result.steps, result.epochs, evaluated) == (EPOCHS * STEPS, EPOCHS, [0, 1])
+    kept = sorted(int(p.name.split("-")[1].split(".")[0]) for p in (tmp_path / "stage" / "ckpt").glob("ckpt-*.index"))
+    assert kept == [2, 3, 4, 6]  # every checkpoint_every_steps and each epoch's end, keep_checkpoints of them
+
+
+def test_the_pretext_task_is_built_from_its_sections_the_dataset_and_the_cluster():
+    from job.pretext import PretextTask, build_pretext_task
+
+    labels = np.arange(IMAGES, dtype=np.int32) % 3
+    split = ImageSet(_images(), labels, [f"{i}.JPEG" for i in range(IMAGES)])
+    data = Dataset(["n0", "n1", "n2"], {}, split, ImageSet(_images(1), labels, list(split.files)))
+    pretext = PretextConfig(epochs=EPOCHS, batch_images=BATCH, max_images=8, warmup_epochs=0.0)
+    task = build_pretext_task(pretext, ModelConfig(alpha=0.35, stem_stride=1), DataConfig(image_size=IMAGE_SIZE),
+                              RuntimeConfig(**CADENCE), data, _cluster())
+    assert isinstance(task, PretextTask) and isinstance(task, Task)
+    assert len(task.train_indices) == 8 and task.loop.steps_per_epoch == 8 // BATCH
+    assert task.loop.samples_per_step == NUM_ROTATIONS * BATCH and task.loop.monitor == "rotation_accuracy"
+    assert {key: getattr(task.loop, key) for key in CADENCE} == CADENCE
+    assert task.groups[0].variables == task.model.trainable_variables and task.optimizer is task.groups[0].optimizer
+    batch = next(iter(task.dataset_fn(0, 0, None)))
+    per_example, metrics = task.objective(batch, False)
+    assert per_example.shape[0] == NUM_ROTATIONS * BATCH and set(metrics) >= {"loss", "rotation_accuracy"}
