@@ -182,9 +182,9 @@ def _job_options(function: Callable) -> Callable:
 def _execute(stage_names: list[str], data: str, output: str, config_name: str, overrides: tuple[str, ...],
              force: bool, take_over: bool = False) -> None:
     from job import hypertune, rundir
+    from job.fetch import fetch_dataset
     from job.files import write_json
     from job.layout import RunLayout
-    from job.storage import fetch_dataset
     from job.sync import check_output_uri, open_output
 
     config = load_config(config_name, overrides)
@@ -401,8 +401,8 @@ def bench(data: str, config_name: str, overrides: tuple[str, ...], batches: int,
     from job import bench as benchmark
     from job import stages
     from job.distribute import make_cluster
+    from job.fetch import fetch_dataset
     from job.layout import RunLayout
-    from job.storage import fetch_dataset
 
     config = load_config(config_name, overrides)
     cache = Path(config.data.cache_dir).expanduser()

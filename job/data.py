@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from job.errors import JobError
-from job.files import fsync_path, read_json, write_json
+from job.files import cache_key, fsync_path, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -398,7 +398,7 @@ def source_identity(path: Path) -> str:
 
 def _cache_dir(path: Path, image_size: int, cache_root: Path) -> Path:
     identity = source_identity(path)
-    key = hashlib.sha1(f"{identity}|{image_size}|{CACHE_FORMAT_VERSION}".encode()).hexdigest()[:16]
+    key = cache_key(f"{identity}|{image_size}|{CACHE_FORMAT_VERSION}")
     return Path(cache_root).expanduser() / "decoded" / key
 
 

@@ -8,11 +8,12 @@ never uploads the temporary names. No TensorFlow here.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from job.errors import JobError
@@ -23,6 +24,7 @@ TEMP_PREFIX = ".tmp-"
 TEMP_TOKEN_CHARS = 8
 JSON_INDENT = 2
 TORN = "is empty or torn (a crash while writing?)"
+CACHE_KEY_CHARS = 16  # hex digits of a cache key: a short directory name
 
 
 def temp_name(path: Path) -> Path:
@@ -76,3 +78,17 @@ def read_json(path: Path, fix: str) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
         raise JobError(f"{path} {TORN}: {fix}.") from err
+
+
+def cache_key(text: str) -> str:
+    """A stable short directory name for `text` (a URI, a data source's identity): its SHA-1, shortened."""
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:CACHE_KEY_CHARS]
+
+
+def safe_relpath(rel: str) -> PurePosixPath | None:
+    """`rel` (a bucket object's name below a prefix) as a relative path that stays below its root, or None when
+    it is empty, absolute or has an empty, `.` or `..` part."""
+    path = PurePosixPath(rel)
+    if not rel or path.is_absolute() or any(part in ("", ".", "..") for part in rel.split("/")):
+        return None
+    return path

@@ -24,7 +24,7 @@ from google.api_core import exceptions as api_exceptions
 from google.cloud import storage
 
 from job.errors import JobError, StorageError
-from job.storage import gcs_errors
+from job.gcs import gcs_errors
 
 log = logging.getLogger(__name__)
 

@@ -87,7 +87,8 @@ def load_predictor(model: str, cache_dir: Path) -> Predictor:
 
 
 def _load_gcs(uri: str, cache_dir: Path) -> Predictor:
-    from job.storage import fetch_dataset, gcs_object_exists
+    from job.fetch import fetch_dataset
+    from job.gcs import gcs_object_exists
 
     if uri.endswith(KERAS_SUFFIX):
         if not gcs_object_exists(uri):
@@ -166,7 +167,7 @@ def find_images(inputs: Sequence[str], cache_dir: Path) -> list[ImageFile]:
     found: list[ImageFile] = []
     for item in inputs:
         if item.startswith(GCS_SCHEME):
-            from job.storage import fetch_dataset
+            from job.fetch import fetch_dataset
 
             local = fetch_dataset(item, cache_dir)
             found += _local_images(local, item.rstrip("/") if local.is_dir() else item)

@@ -20,9 +20,10 @@ from typing import Any
 from job.config import Config
 from job.data import source_identity
 from job.errors import JobError, from_os_error
+from job.fetch import fetched_version
 from job.files import read_json, write_json
+from job.gcs import redact
 from job.layout import RunLayout
-from job.storage import fetched_version, redact
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,6 @@ lease (job/lease.py) while it runs.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import mimetypes
@@ -27,10 +26,8 @@ from google.api_core.retry import Retry
 from google.cloud import storage
 
 from job.errors import JobError, StorageError
-from job.files import write_json
-from job.lease import LEASE_NAME, Holder, OutputLease, lease_ttl
-from job.storage import (
-    CACHE_KEY_CHARS,
+from job.files import cache_key, safe_relpath, write_json
+from job.gcs import (
     DEFAULT_RETRY_DEADLINE_S,
     REQUEST_TIMEOUT_S,
     GcsUri,
@@ -41,6 +38,7 @@ from job.storage import (
     make_client,
     make_retry,
 )
+from job.lease import LEASE_NAME, Holder, OutputLease, lease_ttl
 from job.syncplan import (
     LocalState,
     UnitPush,
@@ -276,11 +274,11 @@ class OutputSync:
         return LocalState.OURS if recorded is not None and unchanged else LocalState.OTHER
 
     def _local_path(self, rel: str) -> Path | None:
-        parts = rel.split("/")
-        if any(part in ("", ".", "..") for part in parts):
+        path = safe_relpath(rel)
+        if path is None:
             logger.warning("Skipping %s: unsafe relative path", self._uri(rel))
             return None
-        return self.local_dir.joinpath(*parts)
+        return self.local_dir.joinpath(*path.parts)
 
     def _download_many(
         self, items: list[tuple[str, storage.Blob]], *, into_memory: bool = False
@@ -602,7 +600,7 @@ def _stat_key(path: Path) -> StatKey:
 
 def open_output(output: str, work_root: Path, interval_s: float = DEFAULT_INTERVAL_S,
                 mirror: str = "") -> tuple[Path, OutputSync | None]:
-    """Local output → (Path(output), None); gs://… → (work_root/<sha1(uri)[:16]><mirror>, an unstarted OutputSync).
+    """Local output → (Path(output), None); gs://… → (work_root/<cache_key(uri)><mirror>, an unstarted OutputSync).
 
     `mirror`: a suffix for a mirror of one's own (the other workers of a multi-worker job: only their pulls
     write into it, never the chief's training). The job writes to the returned directory. For gs://, call
@@ -611,8 +609,7 @@ def open_output(output: str, work_root: Path, interval_s: float = DEFAULT_INTERV
     """
     check_output_uri(output)
     if output.startswith("gs://"):
-        key = hashlib.sha1(output.encode("utf-8")).hexdigest()[:CACHE_KEY_CHARS]
-        local = Path(work_root) / f"{key}{mirror}"
+        local = Path(work_root) / f"{cache_key(output)}{mirror}"
         local.mkdir(parents=True, exist_ok=True)
         return local, OutputSync(output, local, interval_s=interval_s)
     return Path(output), None

@@ -8,7 +8,6 @@ worker exiting before the push ends is certain, not a matter of timing.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import signal
@@ -17,6 +16,7 @@ import time
 
 import pytest
 
+from job.files import cache_key
 from job.synth import make_synthetic_dataset
 from tests.jobproc import REPO, free_ports, job_args, job_env
 
@@ -50,7 +50,7 @@ def test_stopped_workers_leave_their_checkpoint_in_the_bucket(tmp_path, gcs_emul
                 job_args("pretrain", data, output, tmp_path / f"machine{index}", *OVERRIDES), cwd=REPO, env=env,
                 stdout=log, stderr=subprocess.STDOUT,
             ))
-    key = hashlib.sha1(output.encode()).hexdigest()[:16]
+    key = cache_key(output)  # where open_output mirrors a gs:// output
     chief_index = tmp_path / "machine0" / "runs" / key / "checkpoints" / "pretext" / "ckpt" / "checkpoint"
     try:
         deadline = time.monotonic() + TIMEOUT_S

@@ -26,12 +26,12 @@ from click.testing import CliRunner
 from google.auth.exceptions import DefaultCredentialsError
 from google.cloud import storage
 
-import job.storage as job_storage
+import job.gcs as job_gcs
 from job.cli import main
 from job.errors import JobError, StorageError
+from job.fetch import SIDECAR_SUFFIX, fetch_dataset
 from job.files import atomic_path
 from job.rundir import data_identity
-from job.storage import fetch_dataset
 from job.sync import STATE_SUFFIX, OutputSync, is_completion_marker, is_in_progress, is_marker, open_output
 from tests.integration.conftest import Emulator
 from tests.integration.faultproxy import LOOPBACK, FaultProxy
@@ -47,8 +47,8 @@ ATOMIC_TMP = "checkpoint.tmp" + "0123456789abcdef" * 2
 @pytest.fixture(autouse=True)
 def _fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
     """Keep exponential backoff, but in milliseconds."""
-    monkeypatch.setattr(job_storage, "RETRY_INITIAL_DELAY_S", FAST_RETRY_INITIAL_S)
-    monkeypatch.setattr(job_storage, "RETRY_MAX_DELAY_S", FAST_RETRY_MAX_S)
+    monkeypatch.setattr(job_gcs, "RETRY_INITIAL_DELAY_S", FAST_RETRY_INITIAL_S)
+    monkeypatch.setattr(job_gcs, "RETRY_MAX_DELAY_S", FAST_RETRY_MAX_S)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -424,7 +424,7 @@ def test_signed_url_query_is_redacted_but_used(
     assert hits == [f"/tiny.zip?{query}"]  # downloaded with the full URL
     assert fetch_dataset(f"{base}/tiny.zip?{query}", cache) == path  # cached: HEAD, unchanged
     assert hits[-1] == f"HEAD /tiny.zip?{query}"
-    (sidecar,) = cache.rglob(f"*{job_storage.SIDECAR_SUFFIX}")
+    (sidecar,) = cache.rglob(f"*{SIDECAR_SUFFIX}")
     assert f'"{base}/tiny.zip?<redacted>"' in sidecar.read_text()
     identity = data_identity(f"{base}/tiny.zip?{query}", path)
     assert identity["uri"] == f"{base}/tiny.zip?<redacted>"

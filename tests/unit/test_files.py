@@ -193,3 +193,20 @@ def test_evaluate_writes_the_report_before_done_json(tmp_path, monkeypatch):
                         lambda directory, values, examples: seen.append(RunLayout.done(layout.evaluate).exists()))
     assert stages.evaluate(ctx) == {"done": {"linear_probe_val_accuracy": 0.9}}
     assert seen == [False] and RunLayout.done(layout.evaluate).is_file()
+
+
+# -- cache_key and safe_relpath (job.fetch, job.sync and job.data share them) ------------------------
+def test_cache_key_is_a_short_stable_name_per_text():
+    from job.files import CACHE_KEY_CHARS, cache_key
+
+    key = cache_key("gs://bucket/runs/a")
+    assert key == cache_key("gs://bucket/runs/a") and len(key) == CACHE_KEY_CHARS
+    assert key != cache_key("gs://bucket/runs/b") and all(c in "0123456789abcdef" for c in key)
+
+
+def test_safe_relpath_keeps_a_name_below_its_root():
+    from job.files import safe_relpath
+
+    assert safe_relpath("train/n01/a.JPEG").parts == ("train", "n01", "a.JPEG")
+    for unsafe in ("", "/etc/passwd", "../up", "a/../../up", "a//b", "./a", "a/"):
+        assert safe_relpath(unsafe) is None, unsafe

@@ -10,7 +10,7 @@ import pytest
 import requests
 
 from job.errors import StorageError
-from job.storage import is_transient, unreachable
+from job.gcs import is_transient, unreachable
 from tests.jobproc import job_args, run_job
 
 FAIL_FAST_S = 15.0
