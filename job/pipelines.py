@@ -21,8 +21,8 @@ import numpy as np
 import tensorflow as tf
 
 from job.data import release_pages
+from models.heads import NUM_ROTATIONS
 
-NUM_ROTATIONS = 4
 SEED_STRIDE = 1_000_003  # (seed, epoch) → one stateless-RNG key component
 RGBX = 4  # bytes per pixel in the training batches: R, G, B and one zero byte
 STORE_CHUNK = 4096  # images packed per copy into the ImageStore

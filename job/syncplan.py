@@ -23,13 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 
 from job.files import TEMP_PREFIX
+from job.layout import DONE
 from job.units import INDEX_NAME, CheckpointIndex, is_complete, parse_index, unit_of
 
 # Written last in their directory: TF CheckpointManager's index file (it names the data files beside it).
 INDEX_MARKER_NAMES = frozenset({INDEX_NAME})
 # Written last of all: a stage's completion marker vouches for files anywhere in the run (its exported
 # model, its checkpoints), so it goes up only after everything else in the push went up.
-COMPLETION_MARKER_NAMES = frozenset({"DONE", "_SUCCESS", "done.json"})
+COMPLETION_MARKER_NAMES = frozenset({"DONE", "_SUCCESS", DONE})
 COMPLETION_MARKER_SUFFIXES = (".done", ".complete.json")
 
 # Being written right now: never uploaded (they get renamed to their final name when complete).

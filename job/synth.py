@@ -29,9 +29,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from job.data import ROOT_NAME
+
 logger = logging.getLogger(__name__)
 
-ROOT_NAME = "tiny-imagenet-200"
 JPEG_QUALITY = 90
 ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)  # fixed so zips are byte-identical for a seed
 SUPERSAMPLE = 2  # draw at 2x and average down, for anti-aliased edges

@@ -34,7 +34,6 @@ DatasetFn = Callable[[int, int, tf.distribute.InputContext], tf.data.Dataset]  #
 Evaluator = Callable[[int, tf.summary.SummaryWriter], dict[str, float]]  # (epoch, writer) -> val metrics
 
 HISTORY_FILE = "history.json"
-DONE_FILE = "done.json"
 BEST_WEIGHTS = "best.weights.h5"
 CHECKPOINT_DIR = "ckpt"
 STEP_KEY = "step/.ATTRIBUTES/VARIABLE_VALUE"  # the global step in a checkpoint (tf.train.Checkpoint(step=...))
