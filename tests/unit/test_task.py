@@ -19,7 +19,7 @@ from models.heads import NUM_ROTATIONS
 
 EPOCHS, STEPS, BATCH = 2, 3, 4
 CADENCE = {"checkpoint_every_steps": 2, "keep_checkpoints": 5, "log_every_steps": 1}
-IMAGE_SIZE, IMAGES = 16, 12
+IMAGE_SIZE, IMAGES = 32, 12  # MobileNetV2 takes 32 px at least
 
 
 def _cluster(gpus: int = 0) -> Cluster:
