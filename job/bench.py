@@ -89,7 +89,6 @@ def _extracted_train_dir(data_path: Path, workdir: Path) -> Path:
 def run_bench(ctx, batches: int, repeats: int) -> dict:
     """All measurements on the data and config of `ctx` (a stages.Context)."""
     from job.pretext import pretext_task
-    from job.train import ParamGroup, Trainer
 
     results: dict = {}
     with tempfile.TemporaryDirectory() as scratch:
@@ -118,10 +117,7 @@ def run_bench(ctx, batches: int, repeats: int) -> dict:
         results["pipeline_images_per_sec"] = results["pipeline_samples_per_sec"] / NUM_ROTATIONS
         results["peak_rss_mb_after_pipelines"] = _peak_rss_mb()
 
-        trainer = Trainer(
-            ctx.cluster, task.model, task.objective, [ParamGroup(task.model.trainable_variables, task.optimizer)],
-            scratch_dir / "bench", scratch_dir / "tb", task.loop,
-        )
+        trainer = task.trainer(ctx.cluster, scratch_dir / "bench", scratch_dir / "tb")
         strategy = ctx.cluster.strategy
         fixed = next(iter(strategy.distribute_datasets_from_function(lambda c: task.dataset_fn(0, 0, c))))
         per_step = task.loop.samples_per_step
