@@ -338,7 +338,8 @@ def train_downstream(ctx: Context, init: str, fraction: float, seed: int, mode: 
     loop = LoopConfig(
         epochs=epochs, steps_per_epoch=steps, samples_per_step=batch,
         checkpoint_every_steps=cfg.runtime.checkpoint_every_steps, keep_checkpoints=cfg.runtime.keep_checkpoints,
-        log_every_steps=cfg.runtime.log_every_steps, patience=f.early_stopping_patience, monitor="accuracy",
+        log_every_steps=cfg.runtime.log_every_steps, steps_per_loop=cfg.runtime.steps_per_loop,
+        patience=f.early_stopping_patience, monitor="accuracy",
         xla=use_xla(ctx), fresh_batchnorm=init == SCRATCH,
     )
     trainer = Trainer(ctx.cluster, learner.nets.trained, learner.objective, learner.groups, directory,

@@ -91,7 +91,8 @@ def pretext_task(ctx: Context) -> PretextTask:
     loop = LoopConfig(
         epochs=p.epochs, steps_per_epoch=steps, samples_per_step=4 * p.batch_images,
         checkpoint_every_steps=cfg.runtime.checkpoint_every_steps, keep_checkpoints=cfg.runtime.keep_checkpoints,
-        log_every_steps=cfg.runtime.log_every_steps, patience=p.early_stopping_patience,
+        log_every_steps=cfg.runtime.log_every_steps, steps_per_loop=cfg.runtime.steps_per_loop,
+        patience=p.early_stopping_patience,
         monitor="rotation_accuracy", xla=use_xla(ctx),
     )
     make_dataset = dataset_fn(

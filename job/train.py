@@ -145,6 +145,59 @@ def loss_scaled(groups: list[ParamGroup]) -> list[ParamGroup]:
     return [ParamGroup([v for g in groups for v in g.variables], keras.optimizers.LossScaleOptimizer(inner))]
 
 
+def loop_length(step: int, steps_per_loop: int, epoch_end: int, periods: tuple[int, ...]) -> int:
+    """How many steps the next call runs from `step`: at most `steps_per_loop`, and it ends on the epoch's end
+    or the next multiple of any of `periods` (log and checkpoint steps) if one comes first."""
+    end = min(step + steps_per_loop, epoch_end, *((step // p + 1) * p for p in periods))
+    return end - step
+
+
+def make_train_loop(
+    strategy: tf.distribute.Strategy, objective: Objective, groups: list[ParamGroup], xla: bool
+) -> Callable:
+    """The traced training loop: `(iterator, steps, stop, counter) -> ({metric: (sum, count)}, stop agreed)`.
+
+    Runs `steps` (a tensor, so one trace serves every length) optimisation steps on batches pulled from the
+    distributed `iterator` inside one `tf.function`, adds each to `counter` (the global step) in-graph, sums
+    the metrics over replicas and steps in-graph, and agrees the stop flag over workers once per call.
+    """
+    variables = [v for g in groups for v in g.variables]
+
+    def replica_step(batch):
+        with tf.GradientTape() as tape:
+            per_example, metrics = objective(batch, True)
+            loss = tf.nn.compute_average_loss(per_example)
+            scaled = _scale_loss(groups, loss)
+        gradients = tape.gradient(scaled, variables)
+        offset = 0
+        for group in groups:
+            count = len(group.variables)
+            group.optimizer.apply_gradients(zip(gradients[offset : offset + count], group.variables))
+            offset += count
+        return metrics
+
+    replica_fn = tf.function(replica_step, jit_compile=xla)
+
+    def one_step(iterator, counter):
+        metrics = strategy.run(replica_fn, args=(next(iterator),))
+        counter.assign_add(1)
+        return {
+            name: tuple(tf.cast(strategy.reduce(tf.distribute.ReduceOp.SUM, t, axis=None), tf.float64) for t in pair)
+            for name, pair in metrics.items()
+        }
+
+    @tf.function
+    def train_loop(iterator, steps, stop, counter):
+        totals = one_step(iterator, counter)  # the first step outside the loop gives the sums their structure
+        for _ in tf.range(steps - 1):
+            totals = tf.nest.map_structure(tf.add, totals, one_step(iterator, counter))
+        # Every worker learns whether any worker was asked to stop, so all stop after the same step.
+        stops = strategy.run(tf.identity, args=(stop,))
+        return totals, strategy.reduce(tf.distribute.ReduceOp.SUM, stops, axis=None) > 0
+
+    return train_loop
+
+
 @dataclass
 class LoopConfig:
     epochs: int
@@ -153,6 +206,7 @@ class LoopConfig:
     checkpoint_every_steps: int
     keep_checkpoints: int
     log_every_steps: int
+    steps_per_loop: int = 1  # steps per traced call; the host syncs at most this often (runtime.steps_per_loop)
     patience: int = 0  # epochs without improvement of `monitor` before stopping (0 = never)
     monitor: str = "val_accuracy"
     xla: bool = False
@@ -184,8 +238,8 @@ class Trainer:
         config: LoopConfig,
         step_fn: Callable | None = None,
     ):
-        """`step_fn`: the traced step of an earlier Trainer over the same model, objective and groups, reused
-        instead of tracing again (the downstream runs share one model; see job/downstream.py)."""
+        """`step_fn`: the traced loop (`make_train_loop`) of an earlier Trainer over the same model, objective
+        and groups, reused instead of tracing again (the downstream runs share one model; job/downstream.py)."""
         self.cluster, self.model, self.objective, self.groups = cluster, model, objective, groups
         self.directory, self.config = Path(directory), config
         if len(groups) > 1 and any(isinstance(g.optimizer, keras.optimizers.LossScaleOptimizer) for g in groups):
@@ -217,54 +271,25 @@ class Trainer:
         self.writer = (
             tf.summary.create_file_writer(str(tensorboard_dir)) if cluster.is_chief else tf.summary.create_noop_writer()
         )
-        self.step_fn = step_fn or self._make_train_step()
+        self.step_fn = step_fn or make_train_loop(cluster.strategy, objective, groups, config.xla)
         self._iterator = None
         self.stop_agreed = False
 
-    # -- the step ---------------------------------------------------------------------------------
-    def _make_train_step(self):
-        strategy, objective, groups = self.cluster.strategy, self.objective, self.groups
-        variables = [v for g in groups for v in g.variables]
-
-        def replica_step(batch, stop):
-            with tf.GradientTape() as tape:
-                per_example, metrics = objective(batch, True)
-                loss = tf.nn.compute_average_loss(per_example)
-                scaled = _scale_loss(groups, loss)
-            gradients = tape.gradient(scaled, variables)
-            offset = 0
-            for group in groups:
-                count = len(group.variables)
-                group.optimizer.apply_gradients(zip(gradients[offset : offset + count], group.variables))
-                offset += count
-            return metrics, stop
-
-        replica_fn = tf.function(replica_step, jit_compile=self.config.xla)
-
-        @tf.function
-        def train_step(batch, stop):
-            metrics, stops = strategy.run(replica_fn, args=(batch, stop))
-            reduced = {
-                name: tuple(strategy.reduce(tf.distribute.ReduceOp.SUM, t, axis=None) for t in pair)
-                for name, pair in metrics.items()
-            }
-            # Every worker learns whether any worker was asked to stop, so all stop after the same step.
-            return reduced, strategy.reduce(tf.distribute.ReduceOp.SUM, stops, axis=None) > 0
-
-        return train_step
-
-    def train_step(self, batch) -> dict[str, tuple[tf.Tensor, tf.Tensor]]:
-        """One optimisation step on a distributed batch; sets `stop_agreed` when a stop was requested."""
+    # -- the steps --------------------------------------------------------------------------------
+    def run_steps(self, iterator, steps: int) -> dict[str, tuple[float, float]]:
+        """`steps` optimisation steps on batches from a distributed `iterator`, in one traced call: the metrics'
+        (sum, count) over them, read on the host once. Sets `stop_agreed` when any worker was asked to stop."""
         tracing = self.step_fn.experimental_get_tracing_count() == 0
-        if tracing:  # the first step traces (and with XLA compiles) the model: tens of seconds on a CPU
+        if tracing:  # the first call traces (and with XLA compiles) the model: tens of seconds on a CPU
             log.info("Compiling the train step (its first call traces the model)...")
             begin = time.perf_counter()
-        metrics, stop = self.step_fn(batch, tf.constant(float(STOP_REQUESTED.is_set())))
+        metrics, stop = self.step_fn(
+            iterator, tf.constant(steps, tf.int64), tf.constant(float(STOP_REQUESTED.is_set())), self.step
+        )
         if tracing:
             log.info("Train step compiled in %.0f s", time.perf_counter() - begin)
-        self.step.assign_add(1)
         self.stop_agreed = bool(stop)
-        return metrics
+        return {name: (float(total), float(count)) for name, (total, count) in metrics.items()}
 
     # -- the loop ---------------------------------------------------------------------------------
     def restore(self) -> int:
@@ -335,6 +360,7 @@ class Trainer:
 
     def _run_epoch(self, dataset, epoch: int) -> dict[str, float]:
         cfg = self.config
+        epoch_end = (epoch + 1) * cfg.steps_per_epoch
         epoch_sums: dict[str, list[float]] = {}
         window_sums: dict[str, list[float]] = {}
         window_start, window_steps = time.perf_counter(), 0
@@ -342,17 +368,21 @@ class Trainer:
         # multi-worker iterator mid-epoch can block; the process exits right after a stop instead.
         self._iterator = iter(dataset)
         # On a terminal, a bar for the epoch replaces the step log lines (TensorBoard gets the same scalars).
-        done = int(self.step.numpy()) - epoch * cfg.steps_per_epoch
-        bar = console.progress_bar(f"epoch {epoch + 1}/{cfg.epochs}", cfg.steps_per_epoch, done)
-        for batch in self._iterator:
-            metrics = self.train_step(batch)
+        step = int(self.step.numpy())
+        bar = console.progress_bar(f"epoch {epoch + 1}/{cfg.epochs}", cfg.steps_per_epoch,
+                                   step - epoch * cfg.steps_per_epoch)
+        while step < epoch_end:
+            # Up to steps_per_loop steps in one call, ending on the next log, checkpoint or epoch boundary: the
+            # host reads the step and the metrics, and checks for a stop, only there.
+            count = loop_length(step, cfg.steps_per_loop, epoch_end, (cfg.log_every_steps, cfg.checkpoint_every_steps))
+            metrics = self.run_steps(self._iterator, count)
             step = int(self.step.numpy())
-            for name, (total, count) in metrics.items():
+            for name, (total, samples) in metrics.items():
                 for sums in (epoch_sums, window_sums):
                     acc = sums.setdefault(name, [0.0, 0.0])
-                    acc[0] += float(total)
-                    acc[1] += float(count)
-            window_steps += 1
+                    acc[0] += total
+                    acc[1] += samples
+            window_steps += count
             if bar is not None:
                 bar.update(step - epoch * cfg.steps_per_epoch, {k: s / max(c, 1.0) for k, (s, c) in epoch_sums.items()})
             if step % cfg.log_every_steps == 0:
@@ -368,11 +398,13 @@ class Trainer:
                     "  ".join(f"{k}={v:.4g}" for k, v in scalars.items()),
                 )
                 window_sums, window_start, window_steps = {}, time.perf_counter(), 0
-            at_epoch_end = step % cfg.steps_per_epoch == 0
+            at_epoch_end = step == epoch_end
             if self.stop_agreed and not at_epoch_end:  # at an epoch end, fit() evaluates and saves first
                 self._save_and_stop(step)
             if step % cfg.checkpoint_every_steps == 0 and not at_epoch_end:
                 self._save(step)
+        for _ in self._iterator:  # the epoch's dataset ends here, as each iterator did when a loop drained it
+            raise RuntimeError(f"the dataset of epoch {epoch + 1} has more than {cfg.steps_per_epoch} batches")
         console.close_progress()
         return {f"train_{k}": s / max(c, 1.0) for k, (s, c) in epoch_sums.items()}
 
