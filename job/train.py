@@ -153,13 +153,15 @@ def loop_length(step: int, steps_per_loop: int, epoch_end: int, periods: tuple[i
 
 
 def make_train_loop(
-    strategy: tf.distribute.Strategy, objective: Objective, groups: list[ParamGroup], xla: bool
+    strategy: tf.distribute.Strategy, objective: Objective, groups: list[ParamGroup], xla: bool, looped: bool
 ) -> Callable:
-    """The traced training loop: `(iterator, steps, stop, counter) -> ({metric: (sum, count)}, stop agreed)`.
+    """The traced training function: `(iterator, steps, stop, counter) -> ({metric: (sum, count)}, stop agreed)`.
 
-    Runs `steps` (a tensor, so one trace serves every length) optimisation steps on batches pulled from the
-    distributed `iterator` inside one `tf.function`, adds each to `counter` (the global step) in-graph, sums
-    the metrics over replicas and steps in-graph, and agrees the stop flag over workers once per call.
+    Runs `steps` optimisation steps on batches pulled from the distributed `iterator` in one `tf.function` call,
+    adds each to `counter` (the global step) in-graph, sums the metrics over replicas and steps in-graph, and
+    agrees the stop flag over workers once per call. `looped`: the steps run in a `tf.range` loop and `steps` is
+    a tensor, so one trace serves every length; otherwise a call runs one step (`steps` must be 1) and the
+    graph holds no loop (runtime.steps_per_loop = 1, the default: the graph of one step, as before).
     """
     variables = [v for g in groups for v in g.variables]
 
@@ -178,7 +180,7 @@ def make_train_loop(
 
     replica_fn = tf.function(replica_step, jit_compile=xla)
 
-    def one_step(iterator, counter):
+    def one_step(iterator, counter) -> dict:
         metrics = strategy.run(replica_fn, args=(next(iterator),))
         counter.assign_add(1)
         return {
@@ -186,16 +188,31 @@ def make_train_loop(
             for name, pair in metrics.items()
         }
 
+    def agreed(stop):
+        """Every worker learns whether any worker was asked to stop, so all stop after the same step."""
+        stops = strategy.run(tf.identity, args=(stop,))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, stops, axis=None) > 0
+
+    @tf.function
+    def train_step(iterator, steps, stop, counter):
+        del steps  # always 1
+        return one_step(iterator, counter), agreed(stop)
+
     @tf.function
     def train_loop(iterator, steps, stop, counter):
-        totals = one_step(iterator, counter)  # the first step outside the loop gives the sums their structure
-        for _ in tf.range(steps - 1):
-            totals = tf.nest.map_structure(tf.add, totals, one_step(iterator, counter))
-        # Every worker learns whether any worker was asked to stop, so all stop after the same step.
-        stops = strategy.run(tf.identity, args=(stop,))
-        return totals, strategy.reduce(tf.distribute.ReduceOp.SUM, stops, axis=None) > 0
+        # One call site of the step (the model is traced and optimised once): each step's metrics, flattened,
+        # go to a TensorArray summed after the loop; `structure` is set when the loop body is traced.
+        structure = {}
+        steps = tf.cast(steps, tf.int32)
+        rows = tf.TensorArray(tf.float64, size=steps, infer_shape=False)
+        for i in tf.range(steps):
+            structure["metrics"] = one_step(iterator, counter)
+            rows = rows.write(i, tf.stack(tf.nest.flatten(structure["metrics"])))
+        totals = tf.reduce_sum(rows.stack(), axis=0)
+        count = len(tf.nest.flatten(structure["metrics"]))
+        return tf.nest.pack_sequence_as(structure["metrics"], tf.unstack(totals, num=count)), agreed(stop)
 
-    return train_loop
+    return train_loop if looped else train_step
 
 
 @dataclass
@@ -271,7 +288,9 @@ class Trainer:
         self.writer = (
             tf.summary.create_file_writer(str(tensorboard_dir)) if cluster.is_chief else tf.summary.create_noop_writer()
         )
-        self.step_fn = step_fn or make_train_loop(cluster.strategy, objective, groups, config.xla)
+        self.step_fn = step_fn or make_train_loop(
+            cluster.strategy, objective, groups, config.xla, looped=config.steps_per_loop > 1
+        )
         self._iterator = None
         self.stop_agreed = False
 
@@ -279,6 +298,8 @@ class Trainer:
     def run_steps(self, iterator, steps: int) -> dict[str, tuple[float, float]]:
         """`steps` optimisation steps on batches from a distributed `iterator`, in one traced call: the metrics'
         (sum, count) over them, read on the host once. Sets `stop_agreed` when any worker was asked to stop."""
+        if not 1 <= steps <= self.config.steps_per_loop:
+            raise ValueError(f"{steps} steps in one call: this trainer runs 1 to {self.config.steps_per_loop}")
         tracing = self.step_fn.experimental_get_tracing_count() == 0
         if tracing:  # the first call traces (and with XLA compiles) the model: tens of seconds on a CPU
             log.info("Compiling the train step (its first call traces the model)...")
