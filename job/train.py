@@ -1,7 +1,8 @@
 """One custom training loop for every stage: distributed steps, checkpoints, resume, TensorBoard, early stop.
 
 Knows nothing of Tiny ImageNet or rotations: a stage hands it a model, an objective (batch → per-example
-loss and metric sums), parameter groups with their optimizers, a dataset factory and an evaluator.
+loss and metric sums), parameter groups with their optimizers, a dataset factory and an evaluator. The traced
+step is job/trainstep.py's, the optimizers job/optim.py's, the BatchNorm correction job/batchnorm.py's.
 """
 
 from __future__ import annotations
@@ -17,19 +18,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from job import console, units
+from job.batchnorm import debias_batchnorm, debiased_batchnorm
 from job.distribute import Cluster
 from job.files import atomic_path, read_json, write_json
+from job.optim import GroupedOptimizer, ParamGroup, WarmupCosine, current_lr, loss_scaled, make_optimizer
 from job.summaries import drop_steps_after
+from job.trainstep import Batch, Objective, loop_length, make_train_loop
+
+# Callers import these from here too (the trainer's parts live in job/optim.py, job/trainstep.py, job/batchnorm.py).
+__all__ = [
+    "BEST_WEIGHTS", "HISTORY_FILE", "STOP_REQUESTED", "Batch", "GroupedOptimizer", "LoopConfig", "LoopResult",
+    "Objective", "ParamGroup", "Preempted", "Trainer", "WarmupCosine", "debias_batchnorm", "debiased_batchnorm",
+    "loop_length", "loss_scaled", "make_optimizer",
+]
 
 log = logging.getLogger(__name__)
 
-Batch = dict[str, tf.Tensor]
-# objective(batch, training) -> (per-example loss, already weighted; {metric: (sum, count)})
-Objective = Callable[[Batch, bool], tuple[tf.Tensor, dict[str, tuple[tf.Tensor, tf.Tensor]]]]
 DatasetFn = Callable[[int, int, tf.distribute.InputContext], tf.data.Dataset]  # (epoch, start_step, ctx)
 Evaluator = Callable[[int, tf.summary.SummaryWriter], dict[str, float]]  # (epoch, writer) -> val metrics
 
@@ -38,7 +45,6 @@ DONE_FILE = "done.json"
 BEST_WEIGHTS = "best.weights.h5"
 CHECKPOINT_DIR = "ckpt"
 STEP_KEY = "step/.ATTRIBUTES/VARIABLE_VALUE"  # the global step in a checkpoint (tf.train.Checkpoint(step=...))
-MIN_BN_RESIDUE = 1e-7  # below this the initial BN statistics no longer matter
 
 
 # Set by a signal handler (SIGTERM, Slurm's warning signal): training saves a checkpoint after the
@@ -52,167 +58,6 @@ class Preempted(Exception):
     def __init__(self, step: int):
         super().__init__(f"stopped on request at step {step} after saving a checkpoint")
         self.step = step
-
-
-class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
-    """Linear warmup to `peak`, then cosine decay to zero at `total_steps`.
-
-    The three numbers are variables, so a traced train step follows `set_length()` without re-tracing.
-    """
-
-    def __init__(self, peak: float, warmup_steps: int, total_steps: int):
-        self.peak = tf.Variable(0.0, trainable=False, name="lr_peak")
-        self.warmup_steps = tf.Variable(0.0, trainable=False, name="lr_warmup_steps")
-        self.total_steps = tf.Variable(0.0, trainable=False, name="lr_total_steps")
-        self.peak.assign(peak)
-        self.set_length(warmup_steps, total_steps)
-
-    def set_length(self, warmup_steps: int, total_steps: int) -> None:
-        self.warmup_steps.assign(max(warmup_steps, 0))
-        self.total_steps.assign(max(total_steps, 1))
-
-    def __call__(self, step):
-        step = tf.cast(step, tf.float32)
-        peak, warmup, total = self.peak, self.warmup_steps, self.total_steps
-        rising = peak * (step + 1.0) / tf.maximum(warmup, 1.0)
-        progress = (step - warmup) / tf.maximum(total - warmup, 1.0)
-        cosine = 0.5 * peak * (1.0 + tf.cos(math.pi * tf.clip_by_value(progress, 0.0, 1.0)))
-        return tf.where(step < warmup, rising, cosine)
-
-    def get_config(self):
-        return {"peak": float(self.peak.numpy()), "warmup_steps": int(self.warmup_steps.numpy()),
-                "total_steps": int(self.total_steps.numpy())}
-
-
-def make_optimizer(name: str, schedule: WarmupCosine, weight_decay: float) -> keras.optimizers.Optimizer:
-    """AdamW, or SGD with Nesterov momentum 0.9 (weight decay applied decoupled in both)."""
-    if name == "sgd":
-        return keras.optimizers.SGD(schedule, momentum=0.9, nesterov=True, weight_decay=weight_decay)
-    return keras.optimizers.AdamW(schedule, weight_decay=weight_decay)
-
-
-@dataclass
-class ParamGroup:
-    """Variables trained by one optimizer (e.g. the backbone at a lower learning rate than the head)."""
-
-    variables: list
-    optimizer: keras.optimizers.Optimizer
-
-
-class GroupedOptimizer(keras.optimizers.Optimizer):
-    """Several parameter groups' optimizers as one, so that one LossScaleOptimizer wraps them all: one loss
-    scale unscales every group's gradients, and a non-finite gradient anywhere skips the step for all."""
-
-    def __init__(self, groups: list[ParamGroup], name: str = "grouped"):
-        super().__init__(learning_rate=0.0, name=name)
-        self._groups = tuple(groups)  # a tuple of plain objects: neither Keras nor TF tracks the model's variables
-        for i, group in enumerate(groups):
-            setattr(self, f"group{i}", group.optimizer)  # checkpointed with this optimizer
-
-    def build(self, var_list) -> None:
-        if len(var_list) != sum(len(g.variables) for g in self._groups):
-            raise ValueError(f"{len(var_list)} variables for groups of {[len(g.variables) for g in self._groups]}")
-        for group in self._groups:
-            if not group.optimizer.built:
-                group.optimizer.build(group.variables)
-        super().build(var_list)
-
-    @property
-    def variables(self) -> list:
-        return self._variables + [v for g in self._groups for v in g.optimizer.variables]
-
-    @property
-    def learning_rate(self):
-        return self._groups[0].optimizer.learning_rate  # the first group's (what the training log shows)
-
-    def apply(self, grads, trainable_variables=None) -> None:
-        """Each group's optimizer applies its slice of `grads` (in the order of the groups' variables)."""
-        grads, offset = list(grads), 0
-        for group in self._groups:
-            count = len(group.variables)
-            group.optimizer.apply(grads[offset : offset + count], group.variables)
-            offset += count
-        self._iterations.assign_add(1)
-
-
-def loss_scaled(groups: list[ParamGroup]) -> list[ParamGroup]:
-    """Mixed precision: the groups under one LossScaleOptimizer (one group over all their variables).
-
-    One scale for all: a loss scaled by one group's scale but unscaled by another's (or not at all) would
-    multiply that group's updates by the ratio. Build it under the strategy's scope.
-    """
-    inner = groups[0].optimizer if len(groups) == 1 else GroupedOptimizer(groups)
-    return [ParamGroup([v for g in groups for v in g.variables], keras.optimizers.LossScaleOptimizer(inner))]
-
-
-def loop_length(step: int, steps_per_loop: int, epoch_end: int, periods: tuple[int, ...]) -> int:
-    """How many steps the next call runs from `step`: at most `steps_per_loop`, and it ends on the epoch's end
-    or the next multiple of any of `periods` (log and checkpoint steps) if one comes first."""
-    end = min(step + steps_per_loop, epoch_end, *((step // p + 1) * p for p in periods))
-    return end - step
-
-
-def make_train_loop(
-    strategy: tf.distribute.Strategy, objective: Objective, groups: list[ParamGroup], xla: bool, looped: bool
-) -> Callable:
-    """The traced training function: `(iterator, steps, stop, counter) -> ({metric: (sum, count)}, stop agreed)`.
-
-    Runs `steps` optimisation steps on batches pulled from the distributed `iterator` in one `tf.function` call,
-    adds each to `counter` (the global step) in-graph, sums the metrics over replicas and steps in-graph, and
-    agrees the stop flag over workers once per call. `looped`: the steps run in a `tf.range` loop and `steps` is
-    a tensor, so one trace serves every length; otherwise a call runs one step (`steps` must be 1) and the
-    graph holds no loop (runtime.steps_per_loop = 1, the default: the graph of one step, as before).
-    """
-    variables = [v for g in groups for v in g.variables]
-
-    def replica_step(batch):
-        with tf.GradientTape() as tape:
-            per_example, metrics = objective(batch, True)
-            loss = tf.nn.compute_average_loss(per_example)
-            scaled = _scale_loss(groups, loss)
-        gradients = tape.gradient(scaled, variables)
-        offset = 0
-        for group in groups:
-            count = len(group.variables)
-            group.optimizer.apply_gradients(zip(gradients[offset : offset + count], group.variables))
-            offset += count
-        return metrics
-
-    replica_fn = tf.function(replica_step, jit_compile=xla)
-
-    def one_step(iterator, counter) -> dict:
-        metrics = strategy.run(replica_fn, args=(next(iterator),))
-        counter.assign_add(1)
-        return {
-            name: tuple(tf.cast(strategy.reduce(tf.distribute.ReduceOp.SUM, t, axis=None), tf.float64) for t in pair)
-            for name, pair in metrics.items()
-        }
-
-    def agreed(stop):
-        """Every worker learns whether any worker was asked to stop, so all stop after the same step."""
-        stops = strategy.run(tf.identity, args=(stop,))
-        return strategy.reduce(tf.distribute.ReduceOp.SUM, stops, axis=None) > 0
-
-    @tf.function
-    def train_step(iterator, steps, stop, counter):
-        del steps  # always 1
-        return one_step(iterator, counter), agreed(stop)
-
-    @tf.function
-    def train_loop(iterator, steps, stop, counter):
-        # One call site of the step (the model is traced and optimised once): each step's metrics, flattened,
-        # go to a TensorArray summed after the loop; `structure` is set when the loop body is traced.
-        structure = {}
-        steps = tf.cast(steps, tf.int32)
-        rows = tf.TensorArray(tf.float64, size=steps, infer_shape=False)
-        for i in tf.range(steps):
-            structure["metrics"] = one_step(iterator, counter)
-            rows = rows.write(i, tf.stack(tf.nest.flatten(structure["metrics"])))
-        totals = tf.reduce_sum(rows.stack(), axis=0)
-        count = len(tf.nest.flatten(structure["metrics"]))
-        return tf.nest.pack_sequence_as(structure["metrics"], tf.unstack(totals, num=count)), agreed(stop)
-
-    return train_loop if looped else train_step
 
 
 @dataclass
@@ -410,7 +255,7 @@ class Trainer:
                 seconds = time.perf_counter() - window_start
                 scalars = {k: s / max(c, 1.0) for k, (s, c) in window_sums.items()}
                 scalars["samples_per_sec"] = window_steps * cfg.samples_per_step / max(seconds, 1e-9)
-                scalars["learning_rate"] = float(_current_lr(self.groups[0].optimizer))
+                scalars["learning_rate"] = float(current_lr(self.groups[0].optimizer))
                 self._write_scalars(scalars, "train")
                 log.log(
                     logging.DEBUG if bar is not None else logging.INFO,
@@ -514,57 +359,3 @@ def _checkpointed_step(manager: tf.train.CheckpointManager) -> int:
     """The global step of the manager's latest checkpoint (0 without one): where training resumes."""
     latest = manager.latest_checkpoint
     return int(tf.train.load_checkpoint(latest).get_tensor(STEP_KEY)) if latest else 0
-
-
-def _batchnorm_layers(model: keras.Model) -> list[keras.layers.BatchNormalization]:
-    return [
-        layer for layer in model._flatten_layers(include_self=False, recursive=True)
-        if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable
-    ]
-
-
-def debias_batchnorm(model: keras.Model, updates: int) -> list:
-    """Replace each trainable BN layer's moving mean/variance m_t by its bias-corrected value.
-
-    Keras starts moving statistics at mean 0, variance 1 and updates m_t = r*m_(t-1) + (1-r)*batch, so
-    after t updates the initial values still weigh r**t. When real variances are small (they are, at
-    initialisation) that residue dominates and inference-mode outputs collapse in short runs;
-    (m_t - r**t * init) / (1 - r**t) is the exact average of the batch statistics seen.
-    Returns what is needed to undo it.
-    """
-    saved = []
-    for layer in _batchnorm_layers(model):
-        residue = layer.momentum**updates
-        if residue < MIN_BN_RESIDUE or residue >= 1.0:
-            continue
-        mean, variance = layer.moving_mean, layer.moving_variance
-        saved.append((mean, variance, mean.numpy(), variance.numpy()))
-        mean.assign(mean.numpy() / (1.0 - residue))
-        variance.assign(np.maximum((variance.numpy() - residue) / (1.0 - residue), 0.0))
-    return saved
-
-
-@contextlib.contextmanager
-def debiased_batchnorm(model: keras.Model, updates: int):
-    """Inside the block, BN moving statistics are bias-corrected (see `debias_batchnorm`)."""
-    saved = debias_batchnorm(model, updates)
-    try:
-        yield
-    finally:
-        for mean, variance, old_mean, old_variance in saved:
-            mean.assign(old_mean)
-            variance.assign(old_variance)
-
-
-def _scale_loss(groups: list[ParamGroup], loss: tf.Tensor) -> tf.Tensor:
-    """The loss times the loss scale, when the (then only) group's optimizer is a LossScaleOptimizer."""
-    optimizer = groups[0].optimizer
-    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-        return optimizer.scale_loss(loss)
-    return loss
-
-
-def _current_lr(optimizer: keras.optimizers.Optimizer) -> float:
-    inner = getattr(optimizer, "inner_optimizer", optimizer)
-    return float(keras.ops.convert_to_numpy(inner.learning_rate))
-
