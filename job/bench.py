@@ -5,8 +5,12 @@
 2. pipeline_samples_per_sec: this project's pretext pipeline exactly as training consumes it (augmentation and
    the four rotations included; a sample is one rotated image, so images/s is a quarter of it);
 3. train_samples_per_sec_synthetic: the training step on a batch already in memory;
-4. train_samples_per_sec: the training step fed by the real pipeline;
-5. pipeline_speedup = 2 / 1, input_efficiency = 4 / 3, peak RSS (after the decode, after both pipelines, at
+4. train_samples_per_sec: the training step fed by the real pipeline, runtime.steps_per_loop steps per traced call
+   as training runs them;
+5. train_samples_per_sec_steps_per_loop_1 / _n: 4 at one step per call (a host sync after every step) and at
+   steps_per_loop_n steps per call (runtime.steps_per_loop, or runtime.log_every_steps when that is 1: the
+   longest loop the run's logging allows), and loop_speedup = n / 1;
+6. pipeline_speedup = 2 / 1, input_efficiency = 4 / 3, peak RSS (after the decode, after both pipelines, at
    the end), the decoded payload (uint8 train + val) it compares with, and the first epoch's decode rate (a
    fresh decode into a scratch cache, which the rest of the benchmark then reads memory-mapped as runs do).
 Each measurement excludes warm-up, is repeated, and the median is reported.
@@ -14,6 +18,7 @@ Each measurement excludes warm-up, is repeated, and the median is reported.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import resource
@@ -57,6 +62,15 @@ def _drain(iterator: Iterator, batches: int, samples_of: Callable) -> int:
     for _ in range(batches):
         total += samples_of(next(iterator))
     return total
+
+
+def _train_steps(trainer, iterator, batches: int, steps_per_loop: int) -> None:
+    """`batches` train steps on batches from `iterator`, `steps_per_loop` per traced call (the rest in a last one)."""
+    done = 0
+    while done < batches:
+        count = min(steps_per_loop, batches - done)
+        trainer.run_steps(iterator, count)
+        done += count
 
 
 def seed_pipeline(train_dir: Path, image_size: int = SEED_IMAGE_SIZE) -> tf.data.Dataset:
@@ -117,31 +131,44 @@ def run_bench(ctx, batches: int, repeats: int) -> dict:
         results["pipeline_images_per_sec"] = results["pipeline_samples_per_sec"] / NUM_ROTATIONS
         results["peak_rss_mb_after_pipelines"] = _peak_rss_mb()
 
-        trainer = task.trainer(ctx.cluster, scratch_dir / "bench", scratch_dir / "tb")
-        strategy = ctx.cluster.strategy
-        fixed = next(iter(strategy.distribute_datasets_from_function(lambda c: task.dataset_fn(0, 0, c))))
-        per_step = task.loop.samples_per_step
+        strategy, runtime = ctx.cluster.strategy, ctx.config.runtime
+        per_step, configured = task.loop.samples_per_step, runtime.steps_per_loop
+        looped = configured if configured > 1 else runtime.log_every_steps
+        # One trainer per number of steps per call: one step (no loop in the graph) and `looped` (a tf.range loop).
+        trainers = {
+            steps: dataclasses.replace(task, loop=dataclasses.replace(task.loop, steps_per_loop=steps)).trainer(
+                ctx.cluster, scratch_dir / f"bench-{steps}", scratch_dir / f"tb-{steps}"
+            )
+            for steps in dict.fromkeys((1, looped))
+        }
 
-        def synthetic() -> int:
-            for _ in range(batches):
-                trainer.train_step(fixed)
-            return batches * per_step
+        def rates(iterator, settings: tuple[int, ...]) -> dict[int, float]:
+            """Median samples/s at each number of steps per call, the settings' repeats interleaved (a shared
+            machine's load then weighs on all of them alike); one warm-up each (the first traces the step)."""
+            settings = tuple(dict.fromkeys(settings))
+            for steps_per_loop in settings:
+                _train_steps(trainers[steps_per_loop], iterator, batches, steps_per_loop)
+            measured: dict[int, list[float]] = {steps_per_loop: [] for steps_per_loop in settings}
+            for _ in range(repeats):
+                for steps_per_loop in settings:
+                    start = time.perf_counter()
+                    _train_steps(trainers[steps_per_loop], iterator, batches, steps_per_loop)
+                    measured[steps_per_loop].append(batches * per_step / (time.perf_counter() - start))
+            return {steps_per_loop: statistics.median(r) for steps_per_loop, r in measured.items()}
 
-        synthetic()  # warm-up: traces the step
-        results["train_samples_per_sec_synthetic"] = _median_rate(synthetic, repeats)
-
+        fixed = strategy.distribute_datasets_from_function(lambda c: task.dataset_fn(0, 0, c).take(1).cache().repeat())
+        results["train_samples_per_sec_synthetic"] = rates(iter(fixed), (configured,))[configured]
         distributed = iter(
             strategy.distribute_datasets_from_function(lambda c: task.dataset_fn(0, 0, c).repeat())
         )
-
-        def fed() -> int:
-            for _ in range(batches):
-                trainer.train_step(next(distributed))
-            return batches * per_step
-
-        fed()
-        results["train_samples_per_sec"] = _median_rate(fed, repeats)
-        trainer.close()
+        fed = rates(distributed, (configured, 1, looped))
+        results["train_samples_per_sec"] = fed[configured]
+        results["steps_per_loop_n"] = looped
+        results["train_samples_per_sec_steps_per_loop_1"] = fed[1]
+        results["train_samples_per_sec_steps_per_loop_n"] = fed[looped]
+        results["loop_speedup"] = fed[looped] / fed[1]
+        for trainer in trainers.values():
+            trainer.close()
 
     results["pipeline_speedup"] = results["pipeline_samples_per_sec"] / results["seed_pipeline_samples_per_sec"]
     results["input_efficiency"] = results["train_samples_per_sec"] / results["train_samples_per_sec_synthetic"]

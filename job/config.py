@@ -140,6 +140,9 @@ class RuntimeConfig:
     checkpoint_every_steps: int = 200
     keep_checkpoints: int = 2
     log_every_steps: int = 20
+    # Train steps per traced call: the host reads the step and metrics, and checks for a stop, once per call
+    # (and always at log and checkpoint steps and epoch ends). More amortises launch and sync overhead (GPU).
+    steps_per_loop: int = 1
     mixed_precision: str = "auto"  # "auto" (on with a GPU), "on", "off"
     xla: str = "auto"  # "auto" (on with a GPU), "on", "off"
     # Bit-identical results for the same config and data, in one run or killed and resumed: op determinism and
@@ -286,6 +289,7 @@ def validate(config: Config) -> None:
         "evaluate.colour_bins": config.evaluate.colour_bins,
         "runtime.checkpoint_every_steps": config.runtime.checkpoint_every_steps,
         "runtime.log_every_steps": config.runtime.log_every_steps,
+        "runtime.steps_per_loop": config.runtime.steps_per_loop,
         "runtime.sync_interval_s": config.runtime.sync_interval_s,
         "runtime.slurm_port_base": config.runtime.slurm_port_base,
         "runtime.slurm_port_count": config.runtime.slurm_port_count,

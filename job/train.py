@@ -1,7 +1,8 @@
 """One custom training loop for every stage: distributed steps, checkpoints, resume, TensorBoard, early stop.
 
 Knows nothing of Tiny ImageNet or rotations: a stage hands it a model, an objective (batch → per-example
-loss and metric sums), parameter groups with their optimizers, a dataset factory and an evaluator.
+loss and metric sums), parameter groups with their optimizers, a dataset factory and an evaluator. The traced
+step is job/trainstep.py's, the optimizers job/optim.py's, the BatchNorm correction job/batchnorm.py's.
 """
 
 from __future__ import annotations
@@ -17,19 +18,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from job import console, units
+from job.batchnorm import debias_batchnorm, debiased_batchnorm
 from job.distribute import Cluster
 from job.files import atomic_path, read_json, write_json
+from job.optim import GroupedOptimizer, ParamGroup, WarmupCosine, current_lr, loss_scaled, make_optimizer
 from job.summaries import drop_steps_after
+from job.trainstep import Batch, Objective, loop_length, make_train_loop
+
+# Callers import these from here too (the trainer's parts live in job/optim.py, job/trainstep.py, job/batchnorm.py).
+__all__ = [
+    "BEST_WEIGHTS", "HISTORY_FILE", "STOP_REQUESTED", "Batch", "GroupedOptimizer", "LoopConfig", "LoopResult",
+    "Objective", "ParamGroup", "Preempted", "Trainer", "WarmupCosine", "debias_batchnorm", "debiased_batchnorm",
+    "loop_length", "loss_scaled", "make_optimizer",
+]
 
 log = logging.getLogger(__name__)
 
-Batch = dict[str, tf.Tensor]
-# objective(batch, training) -> (per-example loss, already weighted; {metric: (sum, count)})
-Objective = Callable[[Batch, bool], tuple[tf.Tensor, dict[str, tuple[tf.Tensor, tf.Tensor]]]]
 DatasetFn = Callable[[int, int, tf.distribute.InputContext], tf.data.Dataset]  # (epoch, start_step, ctx)
 Evaluator = Callable[[int, tf.summary.SummaryWriter], dict[str, float]]  # (epoch, writer) -> val metrics
 
@@ -37,7 +44,6 @@ HISTORY_FILE = "history.json"
 BEST_WEIGHTS = "best.weights.h5"
 CHECKPOINT_DIR = "ckpt"
 STEP_KEY = "step/.ATTRIBUTES/VARIABLE_VALUE"  # the global step in a checkpoint (tf.train.Checkpoint(step=...))
-MIN_BN_RESIDUE = 1e-7  # below this the initial BN statistics no longer matter
 
 
 # Set by a signal handler (SIGTERM, Slurm's warning signal): training saves a checkpoint after the
@@ -53,97 +59,6 @@ class Preempted(Exception):
         self.step = step
 
 
-class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
-    """Linear warmup to `peak`, then cosine decay to zero at `total_steps`.
-
-    The three numbers are variables, so a traced train step follows `set_length()` without re-tracing.
-    """
-
-    def __init__(self, peak: float, warmup_steps: int, total_steps: int):
-        self.peak = tf.Variable(0.0, trainable=False, name="lr_peak")
-        self.warmup_steps = tf.Variable(0.0, trainable=False, name="lr_warmup_steps")
-        self.total_steps = tf.Variable(0.0, trainable=False, name="lr_total_steps")
-        self.peak.assign(peak)
-        self.set_length(warmup_steps, total_steps)
-
-    def set_length(self, warmup_steps: int, total_steps: int) -> None:
-        self.warmup_steps.assign(max(warmup_steps, 0))
-        self.total_steps.assign(max(total_steps, 1))
-
-    def __call__(self, step):
-        step = tf.cast(step, tf.float32)
-        peak, warmup, total = self.peak, self.warmup_steps, self.total_steps
-        rising = peak * (step + 1.0) / tf.maximum(warmup, 1.0)
-        progress = (step - warmup) / tf.maximum(total - warmup, 1.0)
-        cosine = 0.5 * peak * (1.0 + tf.cos(math.pi * tf.clip_by_value(progress, 0.0, 1.0)))
-        return tf.where(step < warmup, rising, cosine)
-
-    def get_config(self):
-        return {"peak": float(self.peak.numpy()), "warmup_steps": int(self.warmup_steps.numpy()),
-                "total_steps": int(self.total_steps.numpy())}
-
-
-def make_optimizer(name: str, schedule: WarmupCosine, weight_decay: float) -> keras.optimizers.Optimizer:
-    """AdamW, or SGD with Nesterov momentum 0.9 (weight decay applied decoupled in both)."""
-    if name == "sgd":
-        return keras.optimizers.SGD(schedule, momentum=0.9, nesterov=True, weight_decay=weight_decay)
-    return keras.optimizers.AdamW(schedule, weight_decay=weight_decay)
-
-
-@dataclass
-class ParamGroup:
-    """Variables trained by one optimizer (e.g. the backbone at a lower learning rate than the head)."""
-
-    variables: list
-    optimizer: keras.optimizers.Optimizer
-
-
-class GroupedOptimizer(keras.optimizers.Optimizer):
-    """Several parameter groups' optimizers as one, so that one LossScaleOptimizer wraps them all: one loss
-    scale unscales every group's gradients, and a non-finite gradient anywhere skips the step for all."""
-
-    def __init__(self, groups: list[ParamGroup], name: str = "grouped"):
-        super().__init__(learning_rate=0.0, name=name)
-        self._groups = tuple(groups)  # a tuple of plain objects: neither Keras nor TF tracks the model's variables
-        for i, group in enumerate(groups):
-            setattr(self, f"group{i}", group.optimizer)  # checkpointed with this optimizer
-
-    def build(self, var_list) -> None:
-        if len(var_list) != sum(len(g.variables) for g in self._groups):
-            raise ValueError(f"{len(var_list)} variables for groups of {[len(g.variables) for g in self._groups]}")
-        for group in self._groups:
-            if not group.optimizer.built:
-                group.optimizer.build(group.variables)
-        super().build(var_list)
-
-    @property
-    def variables(self) -> list:
-        return self._variables + [v for g in self._groups for v in g.optimizer.variables]
-
-    @property
-    def learning_rate(self):
-        return self._groups[0].optimizer.learning_rate  # the first group's (what the training log shows)
-
-    def apply(self, grads, trainable_variables=None) -> None:
-        """Each group's optimizer applies its slice of `grads` (in the order of the groups' variables)."""
-        grads, offset = list(grads), 0
-        for group in self._groups:
-            count = len(group.variables)
-            group.optimizer.apply(grads[offset : offset + count], group.variables)
-            offset += count
-        self._iterations.assign_add(1)
-
-
-def loss_scaled(groups: list[ParamGroup]) -> list[ParamGroup]:
-    """Mixed precision: the groups under one LossScaleOptimizer (one group over all their variables).
-
-    One scale for all: a loss scaled by one group's scale but unscaled by another's (or not at all) would
-    multiply that group's updates by the ratio. Build it under the strategy's scope.
-    """
-    inner = groups[0].optimizer if len(groups) == 1 else GroupedOptimizer(groups)
-    return [ParamGroup([v for g in groups for v in g.variables], keras.optimizers.LossScaleOptimizer(inner))]
-
-
 @dataclass
 class LoopConfig:
     epochs: int
@@ -152,6 +67,7 @@ class LoopConfig:
     checkpoint_every_steps: int
     keep_checkpoints: int
     log_every_steps: int
+    steps_per_loop: int = 1  # steps per traced call; the host syncs at most this often (runtime.steps_per_loop)
     patience: int = 0  # epochs without improvement of `monitor` before stopping (0 = never)
     monitor: str = "val_accuracy"
     xla: bool = False
@@ -183,8 +99,8 @@ class Trainer:
         config: LoopConfig,
         step_fn: Callable | None = None,
     ):
-        """`step_fn`: the traced step of an earlier Trainer over the same model, objective and groups, reused
-        instead of tracing again (the downstream runs share one model; see job/downstream.py)."""
+        """`step_fn`: the traced loop (`make_train_loop`) of an earlier Trainer over the same model, objective
+        and groups, reused instead of tracing again (the downstream runs share one model; job/downstream.py)."""
         self.cluster, self.model, self.objective, self.groups = cluster, model, objective, groups
         self.directory, self.config = Path(directory), config
         if len(groups) > 1 and any(isinstance(g.optimizer, keras.optimizers.LossScaleOptimizer) for g in groups):
@@ -216,54 +132,29 @@ class Trainer:
         self.writer = (
             tf.summary.create_file_writer(str(tensorboard_dir)) if cluster.is_chief else tf.summary.create_noop_writer()
         )
-        self.step_fn = step_fn or self._make_train_step()
+        self.step_fn = step_fn or make_train_loop(
+            cluster.strategy, objective, groups, config.xla, looped=config.steps_per_loop > 1
+        )
         self._iterator = None
         self.stop_agreed = False
 
-    # -- the step ---------------------------------------------------------------------------------
-    def _make_train_step(self):
-        strategy, objective, groups = self.cluster.strategy, self.objective, self.groups
-        variables = [v for g in groups for v in g.variables]
-
-        def replica_step(batch, stop):
-            with tf.GradientTape() as tape:
-                per_example, metrics = objective(batch, True)
-                loss = tf.nn.compute_average_loss(per_example)
-                scaled = _scale_loss(groups, loss)
-            gradients = tape.gradient(scaled, variables)
-            offset = 0
-            for group in groups:
-                count = len(group.variables)
-                group.optimizer.apply_gradients(zip(gradients[offset : offset + count], group.variables))
-                offset += count
-            return metrics, stop
-
-        replica_fn = tf.function(replica_step, jit_compile=self.config.xla)
-
-        @tf.function
-        def train_step(batch, stop):
-            metrics, stops = strategy.run(replica_fn, args=(batch, stop))
-            reduced = {
-                name: tuple(strategy.reduce(tf.distribute.ReduceOp.SUM, t, axis=None) for t in pair)
-                for name, pair in metrics.items()
-            }
-            # Every worker learns whether any worker was asked to stop, so all stop after the same step.
-            return reduced, strategy.reduce(tf.distribute.ReduceOp.SUM, stops, axis=None) > 0
-
-        return train_step
-
-    def train_step(self, batch) -> dict[str, tuple[tf.Tensor, tf.Tensor]]:
-        """One optimisation step on a distributed batch; sets `stop_agreed` when a stop was requested."""
+    # -- the steps --------------------------------------------------------------------------------
+    def run_steps(self, iterator, steps: int) -> dict[str, tuple[float, float]]:
+        """`steps` optimisation steps on batches from a distributed `iterator`, in one traced call: the metrics'
+        (sum, count) over them, read on the host once. Sets `stop_agreed` when any worker was asked to stop."""
+        if not 1 <= steps <= self.config.steps_per_loop:
+            raise ValueError(f"{steps} steps in one call: this trainer runs 1 to {self.config.steps_per_loop}")
         tracing = self.step_fn.experimental_get_tracing_count() == 0
-        if tracing:  # the first step traces (and with XLA compiles) the model: tens of seconds on a CPU
+        if tracing:  # the first call traces (and with XLA compiles) the model: tens of seconds on a CPU
             log.info("Compiling the train step (its first call traces the model)...")
             begin = time.perf_counter()
-        metrics, stop = self.step_fn(batch, tf.constant(float(STOP_REQUESTED.is_set())))
+        metrics, stop = self.step_fn(
+            iterator, tf.constant(steps, tf.int64), tf.constant(float(STOP_REQUESTED.is_set())), self.step
+        )
         if tracing:
             log.info("Train step compiled in %.0f s", time.perf_counter() - begin)
-        self.step.assign_add(1)
         self.stop_agreed = bool(stop)
-        return metrics
+        return {name: (float(total), float(count)) for name, (total, count) in metrics.items()}
 
     # -- the loop ---------------------------------------------------------------------------------
     def restore(self) -> int:
@@ -334,6 +225,7 @@ class Trainer:
 
     def _run_epoch(self, dataset, epoch: int) -> dict[str, float]:
         cfg = self.config
+        epoch_end = (epoch + 1) * cfg.steps_per_epoch
         epoch_sums: dict[str, list[float]] = {}
         window_sums: dict[str, list[float]] = {}
         window_start, window_steps = time.perf_counter(), 0
@@ -341,24 +233,28 @@ class Trainer:
         # multi-worker iterator mid-epoch can block; the process exits right after a stop instead.
         self._iterator = iter(dataset)
         # On a terminal, a bar for the epoch replaces the step log lines (TensorBoard gets the same scalars).
-        done = int(self.step.numpy()) - epoch * cfg.steps_per_epoch
-        bar = console.progress_bar(f"epoch {epoch + 1}/{cfg.epochs}", cfg.steps_per_epoch, done)
-        for batch in self._iterator:
-            metrics = self.train_step(batch)
+        step = int(self.step.numpy())
+        bar = console.progress_bar(f"epoch {epoch + 1}/{cfg.epochs}", cfg.steps_per_epoch,
+                                   step - epoch * cfg.steps_per_epoch)
+        while step < epoch_end:
+            # Up to steps_per_loop steps in one call, ending on the next log, checkpoint or epoch boundary: the
+            # host reads the step and the metrics, and checks for a stop, only there.
+            count = loop_length(step, cfg.steps_per_loop, epoch_end, (cfg.log_every_steps, cfg.checkpoint_every_steps))
+            metrics = self.run_steps(self._iterator, count)
             step = int(self.step.numpy())
-            for name, (total, count) in metrics.items():
+            for name, (total, samples) in metrics.items():
                 for sums in (epoch_sums, window_sums):
                     acc = sums.setdefault(name, [0.0, 0.0])
-                    acc[0] += float(total)
-                    acc[1] += float(count)
-            window_steps += 1
+                    acc[0] += total
+                    acc[1] += samples
+            window_steps += count
             if bar is not None:
                 bar.update(step - epoch * cfg.steps_per_epoch, {k: s / max(c, 1.0) for k, (s, c) in epoch_sums.items()})
             if step % cfg.log_every_steps == 0:
                 seconds = time.perf_counter() - window_start
                 scalars = {k: s / max(c, 1.0) for k, (s, c) in window_sums.items()}
                 scalars["samples_per_sec"] = window_steps * cfg.samples_per_step / max(seconds, 1e-9)
-                scalars["learning_rate"] = float(_current_lr(self.groups[0].optimizer))
+                scalars["learning_rate"] = float(current_lr(self.groups[0].optimizer))
                 self._write_scalars(scalars, "train")
                 log.log(
                     logging.DEBUG if bar is not None else logging.INFO,
@@ -367,11 +263,13 @@ class Trainer:
                     "  ".join(f"{k}={v:.4g}" for k, v in scalars.items()),
                 )
                 window_sums, window_start, window_steps = {}, time.perf_counter(), 0
-            at_epoch_end = step % cfg.steps_per_epoch == 0
+            at_epoch_end = step == epoch_end
             if self.stop_agreed and not at_epoch_end:  # at an epoch end, fit() evaluates and saves first
                 self._save_and_stop(step)
             if step % cfg.checkpoint_every_steps == 0 and not at_epoch_end:
                 self._save(step)
+        for _ in self._iterator:  # the epoch's dataset ends here, as each iterator did when a loop drained it
+            raise RuntimeError(f"the dataset of epoch {epoch + 1} has more than {cfg.steps_per_epoch} batches")
         console.close_progress()
         return {f"train_{k}": s / max(c, 1.0) for k, (s, c) in epoch_sums.items()}
 
@@ -460,57 +358,3 @@ def _checkpointed_step(manager: tf.train.CheckpointManager) -> int:
     """The global step of the manager's latest checkpoint (0 without one): where training resumes."""
     latest = manager.latest_checkpoint
     return int(tf.train.load_checkpoint(latest).get_tensor(STEP_KEY)) if latest else 0
-
-
-def _batchnorm_layers(model: keras.Model) -> list[keras.layers.BatchNormalization]:
-    return [
-        layer for layer in model._flatten_layers(include_self=False, recursive=True)
-        if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable
-    ]
-
-
-def debias_batchnorm(model: keras.Model, updates: int) -> list:
-    """Replace each trainable BN layer's moving mean/variance m_t by its bias-corrected value.
-
-    Keras starts moving statistics at mean 0, variance 1 and updates m_t = r*m_(t-1) + (1-r)*batch, so
-    after t updates the initial values still weigh r**t. When real variances are small (they are, at
-    initialisation) that residue dominates and inference-mode outputs collapse in short runs;
-    (m_t - r**t * init) / (1 - r**t) is the exact average of the batch statistics seen.
-    Returns what is needed to undo it.
-    """
-    saved = []
-    for layer in _batchnorm_layers(model):
-        residue = layer.momentum**updates
-        if residue < MIN_BN_RESIDUE or residue >= 1.0:
-            continue
-        mean, variance = layer.moving_mean, layer.moving_variance
-        saved.append((mean, variance, mean.numpy(), variance.numpy()))
-        mean.assign(mean.numpy() / (1.0 - residue))
-        variance.assign(np.maximum((variance.numpy() - residue) / (1.0 - residue), 0.0))
-    return saved
-
-
-@contextlib.contextmanager
-def debiased_batchnorm(model: keras.Model, updates: int):
-    """Inside the block, BN moving statistics are bias-corrected (see `debias_batchnorm`)."""
-    saved = debias_batchnorm(model, updates)
-    try:
-        yield
-    finally:
-        for mean, variance, old_mean, old_variance in saved:
-            mean.assign(old_mean)
-            variance.assign(old_variance)
-
-
-def _scale_loss(groups: list[ParamGroup], loss: tf.Tensor) -> tf.Tensor:
-    """The loss times the loss scale, when the (then only) group's optimizer is a LossScaleOptimizer."""
-    optimizer = groups[0].optimizer
-    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-        return optimizer.scale_loss(loss)
-    return loss
-
-
-def _current_lr(optimizer: keras.optimizers.Optimizer) -> float:
-    inner = getattr(optimizer, "inner_optimizer", optimizer)
-    return float(keras.ops.convert_to_numpy(inner.learning_rate))
-

@@ -69,8 +69,10 @@ def _train(tmp_path, name: str, scaled: bool, batches) -> tuple[keras.Model, lis
         if scaled:
             groups = loss_scaled(groups)
     trainer = _trainer(cluster, model, groups, tmp_path, name)
-    for batch in batches:
-        trainer.train_step(batch)
+    stacked = {key: tf.stack([batch[key] for batch in batches]) for key in batches[0]}
+    iterator = iter(cluster.strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensor_slices(stacked)))
+    for _ in batches:
+        trainer.run_steps(iterator, 1)
     trainer.close()
     return model, groups
 
