@@ -6,6 +6,7 @@ by the source's identity and image size, and later runs memory-map them.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import errno
 import hashlib
@@ -22,6 +23,7 @@ import threading
 import time
 import zipfile
 import zlib
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -37,7 +39,11 @@ log = logging.getLogger(__name__)
 ROOT_NAME = "tiny-imagenet-200"
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 CACHE_FORMAT_VERSION = 2
-DECODE_CHUNK = 512
+DECODE_CHUNK = 512  # files read (or handed to the PIL threads) at once
+# A split of at least this many images is decoded in-graph (job.decode: about half PIL's CPU time per image,
+# no GIL); a smaller one with PIL alone (building the tf.data pipeline costs more than it saves).
+IN_GRAPH_MIN_IMAGES = 1024
+RELEASE_EVERY_IMAGES = 4096  # decoded images written between releases of the cache's mapped pages
 PROGRESS_EVERY_S = 10.0
 # What a corrupt, truncated or unsupported image file raises while it is decoded.
 UNREADABLE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
@@ -113,6 +119,7 @@ class _Tree:
 
     def __init__(self, path: Path):
         self.path = path
+        self._images: list[str] | None = None  # image file names, sorted, once files_under is asked
         if path.is_dir():
             self._zip = None
             markers = [p.relative_to(path).as_posix() for depth in range(MAX_ROOT_DEPTH + 1)
@@ -162,7 +169,15 @@ class _Tree:
         return self.read(name).decode("utf-8", errors="replace")
 
     def files_under(self, prefix: str) -> list[str]:
-        return sorted(n for n in self._names if n.startswith(prefix) and n.lower().endswith(IMAGE_SUFFIXES))
+        """The image files under `prefix`, sorted (found by bisection: one sort for all classes' folders)."""
+        if self._images is None:
+            self._images = sorted(n for n in self._names if n.lower().endswith(IMAGE_SUFFIXES))
+        found = []
+        for name in self._images[bisect.bisect_left(self._images, prefix) :]:
+            if not name.startswith(prefix):
+                break
+            found.append(name)
+        return found
 
     def describe(self, name: str) -> str:
         return f"{self.path}:{self._root}{name}" if self._zip is not None else str(self._root / name)
@@ -295,41 +310,22 @@ def _decode_split(
     """Decode every image to RGB uint8 `size`x`size`; unreadable files are appended to `skipped`.
 
     With `cache`, the images are written into `cache/<split>_images.npy` through a memory map whose
-    pages are handed back to the page cache as decoding goes.
+    pages are handed back to the page cache as decoding goes. A split of IN_GRAPH_MIN_IMAGES or more is
+    decoded in-graph (`job.decode`); what that path leaves (not a JPEG, CMYK, another size, unreadable) and
+    a smaller split are decoded one file at a time with PIL.
     """
     shape = (len(files), size, size, 3)
     target = cache / f"{split}_images.npy" if cache is not None else None
     images = np.lib.format.open_memmap(target, "w+", np.uint8, shape) if target else np.zeros(shape, np.uint8)
     ok = np.zeros(len(files), bool)
-    workers = threads or os.cpu_count() or 1
-    failed = threading.Event()  # one file could not be read: the others stop, the run fails
-
-    def decode(i: int) -> None:
-        if failed.is_set():
-            return
-        name = files[i]
-        try:
-            data = read_with_retries(tree, name)
-        except CORRUPT_MEMBER_ERRORS as err:
-            log.warning("Skipping unreadable image %s (%s)", tree.describe(name), unreadable_reason(err))
-            return
-        except JobError:
-            failed.set()
-            raise
-        try:
-            images[i] = decode_image(data, size)
-            ok[i] = True
-        except UNREADABLE_ERRORS as err:
-            log.warning("Skipping unreadable image %s (%s)", tree.describe(name), unreadable_reason(err))
-
-    last_report = time.perf_counter()
-    with ThreadPoolExecutor(workers) as pool:
-        for begin in range(0, len(files), DECODE_CHUNK):
-            list(pool.map(decode, range(begin, min(begin + DECODE_CHUNK, len(files)))))
-            if time.perf_counter() - last_report > PROGRESS_EVERY_S:
-                last_report = time.perf_counter()
-                log.info("Decoding %s: %d/%d images", split, begin + DECODE_CHUNK, len(files))
-                release_pages(images)
+    progress = _Progress(split, len(files))
+    if len(files) >= IN_GRAPH_MIN_IMAGES:
+        _decode_in_graph(tree, files, size, images, ok, threads, progress)
+    rest = np.flatnonzero(~ok)
+    if 0 < len(rest) < len(files):
+        log.info("Decoding %d %s images one at a time (not a %d px RGB or grayscale JPEG, or unreadable)",
+                 len(rest), split, size)
+    _decode_in_threads(tree, files, rest, size, images, ok, threads or os.cpu_count() or 1, progress)
     skipped += [tree.describe(f) for f, good in zip(files, ok) if not good]
     kept = np.flatnonzero(ok)
     for position, index in enumerate(kept):  # compact in place: no second copy of a large split
@@ -344,6 +340,100 @@ def _decode_split(
             images = compacted
         release_pages(images)
     return ImageSet(images[: len(kept)], np.asarray(labels, np.int32)[kept], [files[i] for i in kept])
+
+
+class _Progress:
+    """Logs how far a split's decode is, at most every PROGRESS_EVERY_S."""
+
+    def __init__(self, split: str, total: int):
+        self.split, self.total, self.done = split, total, 0
+        self.last = time.perf_counter()
+
+    def add(self, count: int) -> None:
+        self.done += count
+        if time.perf_counter() - self.last > PROGRESS_EVERY_S:
+            self.last = time.perf_counter()
+            log.info("Decoding %s: %d/%d images", self.split, self.done, self.total)
+
+
+def _decode_in_graph(tree: _Tree, files: list[str], size: int, images: np.ndarray, ok: np.ndarray, threads: int,
+                     progress: _Progress) -> None:
+    """Decode the JPEGs of `files` in-graph on every core (`job.decode`), written into `images` a batch at a time
+    and marked in `ok`; the others are left. A file that cannot be read is a JobError, as on the PIL path."""
+    from job.decode import decoded_batches  # TensorFlow: only for a large decode
+
+    failures: list[JobError] = []
+
+    def chunks() -> Iterator[tuple[list[int], list[bytes]]]:  # runs on a tf.data thread
+        for begin in range(0, len(files), DECODE_CHUNK):
+            positions, data = [], []
+            for i in range(begin, min(begin + DECODE_CHUNK, len(files))):
+                try:
+                    data.append(read_with_retries(tree, files[i]))
+                except CORRUPT_MEMBER_ERRORS:
+                    continue  # the PIL path reads it again and says why it is unreadable
+                except JobError as err:
+                    failures.append(err)
+                    return
+                positions.append(i)
+            yield positions, data
+
+    since_release = 0
+    for positions, batch in decoded_batches(chunks(), size, threads):
+        images[positions] = batch
+        ok[positions] = True
+        progress.add(len(positions))
+        since_release += len(positions)
+        if since_release >= RELEASE_EVERY_IMAGES:  # written pages go to the page cache, not this process
+            release_pages(images)
+            since_release = 0
+    release_pages(images)
+    if failures:
+        raise failures[0]
+
+
+def _decode_in_threads(tree: _Tree, files: list[str], indices: np.ndarray, size: int, images: np.ndarray,
+                       ok: np.ndarray, workers: int, progress: _Progress) -> None:
+    """Decode `files[indices]` into `images` with PIL on a thread pool, a chunk at a time, releasing written
+    pages as it goes; unreadable images are logged and left out of `ok`."""
+    failed = threading.Event()  # one file could not be read: the others stop, the run fails
+
+    def decode(i: int) -> None:
+        if failed.is_set():
+            return
+        try:
+            pixels, reason = _read_and_decode(tree, files[i], size)
+        except JobError:
+            failed.set()
+            raise
+        if pixels is None:
+            log.warning("Skipping unreadable image %s (%s)", tree.describe(files[i]), reason)
+        else:
+            images[i] = pixels
+            ok[i] = True
+
+    since_release = 0
+    with ThreadPoolExecutor(workers) as threads:
+        for begin in range(0, len(indices), DECODE_CHUNK):
+            chunk = indices[begin : begin + DECODE_CHUNK]
+            list(threads.map(decode, chunk))
+            progress.add(len(chunk))
+            since_release += len(chunk)
+            if since_release >= RELEASE_EVERY_IMAGES:  # written pages go to the page cache, not this process
+                release_pages(images)
+                since_release = 0
+
+
+def _read_and_decode(tree: _Tree, name: str, size: int) -> tuple[np.ndarray | None, str]:
+    """(pixels, "") for one image file, or (None, why) when its bytes are unreadable; JobError on an I/O error."""
+    try:
+        data = read_with_retries(tree, name)
+    except CORRUPT_MEMBER_ERRORS as err:
+        return None, unreadable_reason(err)
+    try:
+        return decode_image(data, size), ""
+    except UNREADABLE_ERRORS as err:
+        return None, unreadable_reason(err)
 
 
 def read_with_retries(tree: _Tree, name: str) -> bytes:

@@ -25,7 +25,7 @@ from models.heads import NUM_ROTATIONS
 
 SEED_STRIDE = 1_000_003  # (seed, epoch) → one stateless-RNG key component
 RGBX = 4  # bytes per pixel in the training batches: R, G, B and one zero byte
-STORE_CHUNK = 4096  # images packed per copy into the ImageStore
+STORE_CHUNK = 512  # images copied into the ImageStore at once (6 MB at 64 px: 4,096 cost 128 MB more peak RSS)
 
 
 @dataclass(frozen=True)
