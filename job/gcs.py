@@ -50,6 +50,11 @@ RETRY_MAX_DELAY_S = 32.0
 RETRY_MULTIPLIER = 2.0
 REQUEST_TIMEOUT_S = 60.0
 TRANSIENT_HTTP_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+# A resumable upload's session URI answering 404/410: the server no longer knows the session (it expired, or
+# it finished while its answer was lost and this server forgets finished sessions); the remedy is a new upload.
+SESSION_GONE_STATUS = frozenset({404, 410})
+SESSION_QUERY_KEY = "upload_id="
+UPLOAD_SESSION_RESTARTS = 2
 
 DEFAULT_WORKERS = 32
 PARTIAL_SUFFIX = ".partial"
@@ -132,6 +137,33 @@ def is_transient(exc: BaseException) -> bool:
     ):
         return is_transient(exc.args[0])
     return False
+
+
+def session_lost(exc: BaseException) -> bool:
+    """True when a resumable upload failed because its session URI answered 404/410 (the session is gone)."""
+    for cause in _causes(exc):
+        response = getattr(cause, "response", None)
+        request = getattr(response, "request", None)
+        if (
+            getattr(response, "status_code", None) in SESSION_GONE_STATUS
+            and SESSION_QUERY_KEY in (getattr(request, "url", None) or "")
+        ):
+            return True
+    return False
+
+
+def upload_restarting(uri: str, upload: Callable[[], Any]) -> None:
+    """Run `upload` (one library upload call, with its own retries) under gcs_errors; a resumable upload whose
+    session is gone starts again with a new session, at most UPLOAD_SESSION_RESTARTS times."""
+    for restart in range(UPLOAD_SESSION_RESTARTS + 1):
+        try:
+            with gcs_errors(uri, "upload"):
+                upload()
+            return
+        except StorageError as err:
+            if restart == UPLOAD_SESSION_RESTARTS or not session_lost(err):
+                raise
+            logger.info("Uploading %s again: its resumable upload session is gone (%s)", uri, describe_error(err))
 
 
 def make_retry(
@@ -233,7 +265,8 @@ logging.getLogger("urllib3.connectionpool").addFilter(RedactingFilter())
 
 
 def describe_error(exc: BaseException) -> str:
-    """A short reason for logs and messages: 'HTTP 503', 'ConnectionResetError: ...', unwrapping retries."""
+    """A short reason for logs and messages: 'HTTP 503', 'ConnectionResetError: ...', unwrapping retries; URL
+    query strings (a resumable upload's session id, a signed URL's signature) redacted."""
     seen = 0
     while seen < MAX_CAUSE_DEPTH:
         seen += 1
@@ -246,10 +279,13 @@ def describe_error(exc: BaseException) -> str:
     if isinstance(exc, InvalidResponse):
         return f"HTTP {exc.response.status_code}"
     if isinstance(exc, api_exceptions.GoogleAPICallError):
-        return f"HTTP {exc.code} {exc.message}".strip()
-    text = str(exc)
-    text = text if len(text) <= MAX_REASON_CHARS else text[:MAX_REASON_CHARS] + "..."
+        return _short(redact(f"HTTP {exc.code} {exc.message}".strip()))  # the message holds the request's URL
+    text = _short(redact(str(exc)))
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= MAX_REASON_CHARS else text[:MAX_REASON_CHARS] + "..."
 
 
 @contextlib.contextmanager
@@ -412,5 +448,7 @@ __all__ = [
     "make_client",
     "make_retry",
     "redact",
+    "session_lost",
     "unreachable",
+    "upload_restarting",
 ]

@@ -37,6 +37,7 @@ from job.gcs import (
     gcs_errors,
     make_client,
     make_retry,
+    upload_restarting,
 )
 from job.lease import LEASE_NAME, Holder, OutputLease, lease_ttl
 from job.syncplan import (
@@ -501,14 +502,12 @@ class OutputSync:
             if data is None:
                 key = _stat_key(path)  # taken before reading: a later change shows up at the next push
                 self._count()
-                with gcs_errors(self._uri(rel), "upload"):
-                    blob.upload_from_filename(
-                        str(path), content_type=content_type, retry=retry, timeout=REQUEST_TIMEOUT_S
-                    )
+                upload_restarting(self._uri(rel), lambda: blob.upload_from_filename(
+                    str(path), content_type=content_type, retry=retry, timeout=REQUEST_TIMEOUT_S))
             else:
                 self._count()
-                with gcs_errors(self._uri(rel), "upload"):
-                    blob.upload_from_string(data, content_type=content_type, retry=retry, timeout=REQUEST_TIMEOUT_S)
+                upload_restarting(self._uri(rel), lambda: blob.upload_from_string(
+                    data, content_type=content_type, retry=retry, timeout=REQUEST_TIMEOUT_S))
         except FileNotFoundError:
             logger.debug("%s vanished before upload; skipping", path)
             return None

@@ -40,6 +40,19 @@ HOP_BY_HOP = frozenset(
 )
 
 
+FATES = frozenset({"503", "reset", "truncate"})
+
+
+@dataclass
+class _PlannedFault:
+    """fault_next's rule: `fate` for the next `times` requests of `method` (any if None) containing `contains`."""
+
+    fate: str
+    method: str | None
+    contains: str
+    times: int
+
+
 @dataclass
 class FaultStats:
     """What the proxy saw: every request line, and how many of each fault it injected."""
@@ -73,6 +86,7 @@ class FaultProxy:
         self.reset_rate = reset_rate
         self.truncate_rate = truncate_rate
         self.fail_pattern: bytes | None = None  # always 503 requests whose path or body contains this
+        self._planned: list[_PlannedFault] = []
         self.stats = FaultStats()
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
@@ -106,9 +120,28 @@ class FaultProxy:
         with self._lock:
             self.fail_rate, self.reset_rate, self.truncate_rate = fail_rate, reset_rate, truncate_rate
 
+    def fault_next(self, fate: str, *, method: str | None = None, contains: str = "", times: int = 1) -> None:
+        """Give the next `times` requests (of `method`, whose path contains `contains`) `fate`: "503", "reset" or
+        "truncate" (forwarded, then the answer cut in half); before the random faults."""
+        if fate not in FATES:
+            raise ValueError(f"fate {fate!r} is not one of {sorted(FATES)}")
+        with self._lock:
+            self._planned.append(_PlannedFault(fate, method, contains, times))
+
+    def _planned_fate(self, method: str, path: str) -> str | None:
+        for planned in self._planned:
+            if planned.times > 0 and (planned.method is None or planned.method == method) and planned.contains in path:
+                planned.times -= 1
+                return planned.fate
+        return None
+
     def _decide(self, method: str, path: str, body: bytes) -> str:
         with self._lock:
             self.stats.requests.append((method, path))
+            planned = self._planned_fate(method, path)
+            if planned is not None:
+                self._count_fault(planned)
+                return planned
             pattern = self.fail_pattern
             if pattern is not None and (pattern in path.encode() or pattern in body):
                 self.stats.injected_503 += 1
@@ -127,6 +160,14 @@ class FaultProxy:
                 return "truncate"
             self.stats.forwarded += 1
             return "forward"
+
+    def _count_fault(self, fate: str) -> None:
+        if fate == "503":
+            self.stats.injected_503 += 1
+        elif fate == "reset":
+            self.stats.injected_resets += 1
+        else:
+            self.stats.injected_truncations += 1
 
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
         proxy = self
@@ -182,7 +223,13 @@ class FaultProxy:
                     headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
                     if body or self.command in ("POST", "PUT", "PATCH"):
                         headers["Content-Length"] = str(len(body))
-                    conn.request(self.command, self.path, body=body or None, headers=headers)
+                    try:
+                        conn.request(self.command, self.path, body=body or None, headers=headers)
+                    except OSError as exc:
+                        # The upstream may answer before reading the whole body and close (the emulator's 404
+                        # for a finished resumable session): relay that answer, as a real proxy would. Dropping
+                        # the client instead turned a definite error into an endless run of retried resets.
+                        logger.debug("faultproxy: upstream closed while the body was sent: %r", exc)
                     resp = conn.getresponse()
                     payload = resp.read()
                     out = {k: v for k, v in resp.getheaders() if k.lower() not in HOP_BY_HOP}

@@ -22,6 +22,7 @@ from typing import Any
 
 import google.auth
 import pytest
+import requests
 from click.testing import CliRunner
 from google.auth.exceptions import DefaultCredentialsError
 from google.cloud import storage
@@ -39,6 +40,7 @@ from tests.integration.faultproxy import LOOPBACK, FaultProxy
 FAST_RETRY_INITIAL_S = 0.01
 FAST_RETRY_MAX_S = 0.2
 SHORT_DEADLINE_S = 1.5
+RESUMABLE_DEADLINE_S = 30.0
 RESUMABLE_UPLOAD_BYTES = 9 << 20
 SECRET = "c2lnbmF0dXJl0123"
 ATOMIC_TMP = "checkpoint.tmp" + "0123456789abcdef" * 2
@@ -613,9 +615,11 @@ def test_open_output(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 
-# Each call retries until this deadline. One in four requests fails here, and under a loaded CI machine (two
-# pytest workers) a few unlucky calls outlasted the job's default 120 s: the test is about completing.
-FAULTS_DEADLINE_S = 600.0
+# Each call retries until the job's own deadline: backoff is in milliseconds here, so that is hundreds of
+# tries, and a call still failing then is a bug, not bad luck (the 600 s tried before hid one: a resumable
+# upload whose last answer was cut off retried a dead session, see the resumable tests below).
+FAULTS_DEADLINE_S = job_gcs.DEFAULT_RETRY_DEADLINE_S
+SESSION_URI = "upload_id="  # in the path of a resumable upload session's chunk PUTs
 
 
 def test_flaky_network_push_pull_fetch_complete(gcs_emulator: Emulator, flaky_proxy, tmp_path: Path, make_sync) -> None:
@@ -652,6 +656,41 @@ def test_flaky_network_push_pull_fetch_complete(gcs_emulator: Emulator, flaky_pr
 
     injected = proxy.stats.injected_503 + proxy.stats.injected_resets + proxy.stats.injected_truncations
     assert injected >= 10 and proxy.stats.injected_resets and proxy.stats.injected_truncations
+
+
+def test_resumable_upload_whose_last_answer_is_cut_off_completes(
+    gcs_emulator: Emulator, flaky_proxy, tmp_path: Path, make_sync
+) -> None:
+    """The answer to a resumable upload's last chunk is cut off: the stored object is complete, the retried chunk
+    finds the session gone (the emulator forgets finished sessions: 404) and the upload starts again. Before:
+    the proxy dropped the 404 (its upstream closed mid-body) and the reset was retried until the deadline (the
+    flaky-network test's 10 minutes); with the 404 relayed, the push failed with 'does not exist'."""
+    proxy = flaky_proxy()
+    proxy.fault_next("truncate", method="PUT", contains=SESSION_URI)
+    run = tmp_path / "run"
+    (run / "model").mkdir(parents=True)
+    big = random.Random(10).randbytes(RESUMABLE_UPLOAD_BYTES)  # > 8 MiB: a resumable upload
+    (run / "model" / "backbone.keras").write_bytes(big)
+    start = time.monotonic()
+    stats = make_sync(f"gs://{gcs_emulator.bucket}/runs/r", run, retry_deadline_s=RESUMABLE_DEADLINE_S).push()
+    assert stats.files_uploaded == 1
+    assert time.monotonic() - start < RESUMABLE_DEADLINE_S
+    blob = gcs_emulator.client().bucket(gcs_emulator.bucket).blob("runs/r/model/backbone.keras")
+    assert blob.download_as_bytes() == big
+    assert proxy.stats.injected_truncations == 1
+    assert proxy.stats.count("POST", "uploadType=resumable") == 2  # the session, then a new one
+
+
+def test_proxy_relays_an_answer_sent_before_the_request_body_was_read(gcs_emulator: Emulator, flaky_proxy) -> None:
+    """The emulator answers a chunk for an unknown session at once and closes without reading the body: the
+    client gets that 404 through the proxy (before: the proxy's send failed and it dropped the connection)."""
+    proxy = flaky_proxy()
+    body = bytes(RESUMABLE_UPLOAD_BYTES)  # more than the socket buffers hold
+    response = requests.put(
+        f"{proxy.host}/upload/storage/v1/b/{gcs_emulator.bucket}/o?uploadType=resumable&{SESSION_URI}unknown",
+        data=body, headers={"Content-Range": f"bytes 0-{len(body) - 1}/{len(body)}"}, timeout=RESUMABLE_DEADLINE_S,
+    )
+    assert response.status_code == 404
 
 
 # ---------------------------------------------------------------------------------------------------------
