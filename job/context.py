@@ -194,7 +194,7 @@ def pretrained_backbone(ctx: Context) -> keras.Model:
 
 
 def probe_settings(ctx: Context) -> dict:
-    """The logistic-regression probes' settings (evaluate.probe_*), as keywords of job.evaluate.fit_logistic."""
+    """The logistic-regression probes' settings (evaluate.probe_*), as keywords of job.probes.fit_logistic."""
     e = ctx.config.evaluate
     return {"steps": e.probe_steps, "learning_rate": e.probe_learning_rate, "weight_decay": e.probe_weight_decay}
 

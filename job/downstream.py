@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -27,9 +28,9 @@ from job.context import (
     weighted,
 )
 from job.errors import JobError
-from job.evaluate import accuracy, confusion_matrix, cross_entropy, fit_logistic, predict
 from job.files import atomic_path
 from job.pipelines import model_pixels, stratified_subset
+from job.probes import accuracy, confusion_matrix, cross_entropy, fit_logistic, predict
 from job.serving import export_classifier
 from job.train import LoopConfig, ParamGroup, Trainer, WarmupCosine, loss_scaled, make_optimizer
 from models.backbone import pooled_block_features, transfer_features
@@ -312,6 +313,7 @@ def train_downstream(ctx: Context, init: str, fraction: float, seed: int, mode: 
     if (done := ctx.completed(directory)) is not None:
         log.info("downstream %s: complete in %s, skipping (use --force to redo)", directory.name, directory)
         return done
+    started = time.perf_counter()  # the run's wall time (timing.downstream_s): tracing, training, exports
     split = downstream_split(ctx)
     subset = stratified_subset(split.train_labels, fraction, seed)
     images, labels = split.train_images[subset], split.train_labels[subset]
@@ -372,6 +374,7 @@ def train_downstream(ctx: Context, init: str, fraction: float, seed: int, mode: 
         "val_predictions": predicted.tolist(),
         "epochs": result.epochs,
         "train_seconds": result.train_seconds,
+        "wall_seconds": time.perf_counter() - started,
         "history": result.history,
     })
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,9 +25,9 @@ from job.context import (
     use_xla,
     weighted,
 )
-from job.evaluate import accuracy, cross_entropy, predict
 from job.files import atomic_path
 from job.pipelines import model_pixels, random_subset, rotate_four
+from job.probes import accuracy, cross_entropy, predict
 from job.serving import export_rotation_model
 from job.train import LoopConfig, ParamGroup, Trainer, WarmupCosine, make_optimizer
 from models.heads import classifier_head, rotation_head
@@ -107,6 +108,7 @@ def pretrain(ctx: Context) -> dict:
     if (done := ctx.completed(layout.pretext)) is not None:
         log.info("pretrain: complete in %s, skipping (use --force to redo)", layout.pretext)
         return done
+    started = time.perf_counter()  # the stage's wall time: timing.pretext_other_s is what training leaves
     data = ctx.dataset
     task = pretext_task(ctx)
     val_indices = random_subset(len(data.val), p.val_max_images, ctx.config.runtime.seed)
@@ -147,6 +149,7 @@ def pretrain(ctx: Context) -> dict:
         "epochs": result.epochs,
         "steps": result.steps,
         "train_seconds": result.train_seconds,
+        "wall_seconds": time.perf_counter() - started,
         "samples_per_sec": result.samples_per_sec,
         "train_images": int(len(task.train_indices)),
         "stopped_early": result.stopped_early,
