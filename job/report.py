@@ -160,13 +160,13 @@ def _timing(pretext: dict, evaluate: dict, data: dict) -> dict:
         "colour_baseline_s": evaluate.get("colour_baseline_s"),
         "evaluate_setup_s": evaluate.get("evaluate_setup_s"),
         "evaluations": evaluate.get("evaluations", {}),
-        "report_s": None,
+        "report_s": evaluate.get("report_s"),  # recorded when the evaluate stage completed
         "total_s": None,
         "outside_pretext_fraction": None,
     }
 
 
-def add_report_time(metrics: dict, seconds: float) -> None:
+def add_report_time(metrics: dict, seconds: float | None) -> None:
     """Set timing.report_s, and timing.total_s (the sum of the parts, unknown ones as 0) with the share of it
     spent outside pretext training."""
     timing = metrics["timing"]
@@ -189,8 +189,8 @@ def lookup(metrics: dict, dotted: str):
 
 def write_report(directory: Path, metrics: dict, examples: Examples, started: float | None = None) -> Path:
     """Write the figures, metrics.json and report.md into `directory`; returns the report's path. `started`: when
-    the report's work began (time.perf_counter()), for timing.report_s; now when not given."""
-    started = time.perf_counter() if started is None else started
+    the report's work began (time.perf_counter()), measured into timing.report_s; without it the report_s
+    recorded with the results is kept (a rewritten report of a completed stage: the same metrics.json)."""
     directory.mkdir(parents=True, exist_ok=True)
     figures = {
         "curves.png": _plot_curves(metrics),
@@ -203,7 +203,7 @@ def write_report(directory: Path, metrics: dict, examples: Examples, started: fl
         with atomic_path(directory / name) as tmp:
             figure.savefig(tmp, dpi=100, bbox_inches="tight")
         plt.close(figure)
-    add_report_time(metrics, time.perf_counter() - started)
+    add_report_time(metrics, metrics["timing"]["report_s"] if started is None else time.perf_counter() - started)
     write_json(directory / "metrics.json", metrics)
     path = directory / "report.md"
     write_text(path, _markdown(metrics, list(figures)))

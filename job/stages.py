@@ -54,8 +54,10 @@ def evaluate(ctx: Context) -> dict:
     metrics = report.build_metrics(pretext, done, ctx.dataset_summary(), evaluations.metrics(done))
     if ctx.cluster.is_chief:
         log.info("evaluate: writing the report (figures, metrics.json, report.md)...")
-        clock = time.perf_counter()
+        clock = time.perf_counter() if fresh else None
         report.write_report(layout.report, metrics, _examples(ctx, done), started=clock)
+        if fresh:  # kept with the results: a rewritten report (a rerun) writes the same metrics.json
+            done = {**done, "timing": {**done.get("timing", {}), "report_s": metrics["timing"].get("report_s")}}
         if fresh or not any(layout.summary_logs.glob(summaries.EVENTS_GLOB)):  # once per evaluation
             summaries.write_run_summary(layout.summary_logs, ctx.config, ctx.data_identity, ctx.dataset_summary(),
                                         metrics, report.verdict_markdown(metrics))
