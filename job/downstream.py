@@ -121,8 +121,7 @@ class Learner:
         """Fresh seeded weights (the pretrained backbone's and rotation head's when init is pretrained),
         optimizers and schedules."""
         keras.utils.set_random_seed(seed)
-        fresh = _networks(ctx, mode)  # plain variables, outside the strategy: only their values are used
-        self.nets.trained.set_weights(fresh.trained.get_weights())
+        self.nets.trained.set_weights(_initial_weights(ctx, mode, seed))
         if init == PRETRAINED:
             self.nets.backbone.set_weights(pretrained_backbone(ctx).get_weights())
             if self.nets.rotation is not None:
@@ -138,6 +137,16 @@ class Learner:
         features = np.asarray(predict(self.nets.features, images), np.float32)  # float16 under mixed precision
         kernel, bias = fit_logistic(features, labels, 2, seed=seed, **probe_settings(ctx))
         self.nets.head.get_layer("logits").set_weights([kernel, bias])
+
+
+def _initial_weights(ctx: Context, mode: str, seed: int) -> list[np.ndarray]:
+    """The `mode` networks' random initial weights with Keras seeded by `seed`, built once per job, mode and seed:
+    every run of that seed (each label fraction, pretrained or scratch) starts from them. Building a throwaway
+    MobileNetV2 for each run cost seconds, and collecting its garbage more (the gap after each downstream run)."""
+    key = f"initial_weights/{mode}/{seed}"
+    if key not in ctx.built:  # plain variables, outside the strategy: only their values are used
+        ctx.built[key] = _networks(ctx, mode).trained.get_weights()
+    return ctx.built[key]
 
 
 def _pretrained_rotation_head(ctx: Context) -> list[np.ndarray]:
