@@ -26,6 +26,10 @@ REAL_DATA_CONFIGS = {"cpu-real": "the real subset on a CPU", "t4": "full Tiny Im
 SHA256_HEX = re.compile(r"[0-9a-fA-F]{64}")
 WEIGHTS_SIGNATURES = {".weights.h5": b"\x89HDF\r\n\x1a\n", ".h5": b"\x89HDF\r\n\x1a\n", ".keras": b"PK\x03\x04"}
 MAX_PORT = 65535
+# The evaluate stage's evaluations, by the names job/evaluations.py registers them under (evaluate.evaluations
+# lists those to run; each boolean switch of [evaluate] still turns its own off).
+EVALUATIONS = ("linear_probe", "knn", "linear_probe_200", "depth_probe", "colour_baseline", "scratch_baseline",
+               "label_efficiency", "s4l")
 
 
 @dataclass
@@ -110,6 +114,10 @@ class FinetuneConfig:
 class EvaluateConfig:
     """Evaluations of the pretrained backbone."""
 
+    # The evaluations to run, by name (job/evaluations.py); one left out is not run and its metrics.json keys
+    # read null. Those with a boolean key below (scratch_baseline, colour_baseline, s4l, linear_probe_200,
+    # depth_probe) run only when it is true too.
+    evaluations: list[str] = field(default_factory=lambda: list(EVALUATIONS))
     knn_k: int = 20  # neighbours of the k-NN probe; capped below the number of downstream train images
     probe_steps: int = 300  # full-batch steps of the logistic-regression probes
     probe_learning_rate: float = 0.05
@@ -331,6 +339,12 @@ def validate(config: Config) -> None:
         raise JobError(f"data.sha256 = {config.data.sha256!r} is not a sha256: pass its 64 hex digits "
                        "(e.g. from `sha256sum FILE`), or \"\" to check none.")
     _validate_weights(config.model.weights)
+    evaluations = config.evaluate.evaluations
+    unknown = [name for name in evaluations if name not in EVALUATIONS]
+    if unknown or len(set(evaluations)) != len(evaluations):
+        problem = f"has no evaluation {', '.join(map(repr, unknown))}" if unknown else "names one twice"
+        raise JobError(f"evaluate.evaluations = {evaluations} {problem}: list each at most once, from "
+                       f"{list(EVALUATIONS)}.")
     named = {"evaluate.depth_probe_layers": config.evaluate.depth_probe_layers,
              "finetune.transfer_layers": [name for name in layers if name != "auto"]}
     for key, names in named.items():

@@ -137,11 +137,11 @@ def pretrained_backbone(ctx: Context) -> keras.Model:
 
 
 def probe_settings(ctx: Context) -> dict:
-    """The logistic-regression probes' settings (evaluate.probe_*), as keywords of job.evaluate.fit_logistic."""
+    """The logistic-regression probes' settings (evaluate.probe_*), as keywords of job.probes.fit_logistic."""
     return probe_keywords(ctx.config.evaluate)
 
 
 def probe_keywords(evaluate: EvaluateConfig) -> dict:
-    """evaluate.probe_*, as keywords of job.evaluate.fit_logistic."""
+    """evaluate.probe_*, as keywords of job.probes.fit_logistic."""
     return {"steps": evaluate.probe_steps, "learning_rate": evaluate.probe_learning_rate,
             "weight_decay": evaluate.probe_weight_decay}

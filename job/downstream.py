@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -15,11 +16,11 @@ from job import console
 from job.config import ModelConfig
 from job.context import Context, pretrained_backbone, probe_settings
 from job.errors import JobError
-from job.evaluate import accuracy, confusion_matrix, cross_entropy, fit_logistic, predict
 from job.files import atomic_path
 from job.losses import correct, sparse_ce, weighted
 from job.pipelines import model_pixels, stratified_subset
 from job.precision import dtype_policy, mixed_precision, use_xla
+from job.probes import accuracy, confusion_matrix, cross_entropy, fit_logistic, predict
 from job.serving import export_classifier
 from job.task import NO_WEIGHTS, Task, build_optimizer, check_batch, configured_backbone, dataset_fn, loop_config
 from job.train import DatasetFn, Evaluator, LoopConfig, ParamGroup, WarmupCosine, loss_scaled
@@ -116,9 +117,7 @@ class Learner:
         """Fresh seeded weights (the pretrained backbone's and rotation head's when init is pretrained),
         optimizers and schedules."""
         keras.utils.set_random_seed(seed)
-        # Plain variables, outside the strategy: only their values are used.
-        fresh = _networks(ctx.config.model, ctx.config.data.image_size, transfer_layers(ctx), mode)
-        self.nets.trained.set_weights(fresh.trained.get_weights())
+        self.nets.trained.set_weights(_initial_weights(ctx, mode, seed))
         if init == PRETRAINED:
             self.nets.backbone.set_weights(pretrained_backbone(ctx).get_weights())
             if self.nets.rotation is not None:
@@ -134,6 +133,17 @@ class Learner:
         features = np.asarray(predict(self.nets.features, images), np.float32)  # float16 under mixed precision
         kernel, bias = fit_logistic(features, labels, 2, seed=seed, **probe_settings(ctx))
         self.nets.head.get_layer("logits").set_weights([kernel, bias])
+
+
+def _initial_weights(ctx: Context, mode: str, seed: int) -> list[np.ndarray]:
+    """The `mode` networks' random initial weights with Keras seeded by `seed`, built once per job, mode and seed:
+    every run of that seed (each label fraction, pretrained or scratch) starts from them. Building a throwaway
+    MobileNetV2 for each run cost seconds, and collecting its garbage more (the gap after each downstream run)."""
+    key = f"initial_weights/{mode}/{seed}"
+    if key not in ctx.built:  # plain variables, outside the strategy: only their values are used
+        nets = _networks(ctx.config.model, ctx.config.data.image_size, transfer_layers(ctx), mode)
+        ctx.built[key] = nets.trained.get_weights()
+    return ctx.built[key]
 
 
 def _pretrained_rotation_head(ctx: Context) -> list[np.ndarray]:
@@ -309,6 +319,7 @@ def train_downstream(ctx: Context, init: str, fraction: float, seed: int, mode: 
     if (done := ctx.completed(directory)) is not None:
         log.info("downstream %s: complete in %s, skipping (use --force to redo)", directory.name, directory)
         return done
+    started = time.perf_counter()  # the run's wall time (timing.downstream_s): tracing, training, exports
     split = downstream_split(ctx)
     subset = stratified_subset(split.train_labels, fraction, seed)
     images, labels = split.train_images[subset], split.train_labels[subset]
@@ -369,6 +380,7 @@ def train_downstream(ctx: Context, init: str, fraction: float, seed: int, mode: 
         "val_predictions": predicted.tolist(),
         "epochs": result.epochs,
         "train_seconds": result.train_seconds,
+        "wall_seconds": time.perf_counter() - started,
         "history": result.history,
     })
 

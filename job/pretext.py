@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import time
 from dataclasses import dataclass
 
 import keras
@@ -16,11 +17,11 @@ from job.config import DataConfig, ModelConfig, PretextConfig, RuntimeConfig
 from job.context import Context
 from job.data import Dataset
 from job.distribute import Cluster
-from job.evaluate import accuracy, cross_entropy, predict
 from job.files import atomic_path
 from job.losses import correct, sparse_ce, weighted
 from job.pipelines import NUM_ROTATIONS, model_pixels, random_subset, rotate_four
 from job.precision import dtype_policy, mixed_precision, use_xla
+from job.probes import accuracy, cross_entropy, predict
 from job.serving import export_rotation_model
 from job.task import Task, build_optimizer, check_batch, configured_backbone, dataset_fn, loop_config
 from job.train import ParamGroup, WarmupCosine
@@ -121,6 +122,7 @@ def pretrain(ctx: Context) -> dict:
     if (done := ctx.completed(layout.pretext)) is not None:
         log.info("pretrain: complete in %s, skipping (use --force to redo)", layout.pretext)
         return done
+    started = time.perf_counter()  # the stage's wall time: timing.pretext_other_s is what training leaves
     task = pretext_task(ctx)
     log.info(
         "pretrain: %d images x %d rotations, %d steps/epoch, %s, %s (%s), mixed precision %s",
@@ -147,6 +149,7 @@ def pretrain(ctx: Context) -> dict:
         "epochs": result.epochs,
         "steps": result.steps,
         "train_seconds": result.train_seconds,
+        "wall_seconds": time.perf_counter() - started,
         "samples_per_sec": result.samples_per_sec,
         "train_images": int(len(task.train_indices)),
         "stopped_early": result.stopped_early,

@@ -6,8 +6,10 @@ metrics.json keys are documented in the README; `METRIC_KEYS` lists the dotted k
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -19,6 +21,8 @@ from job.console import count, share  # noqa: E402
 from job.files import atomic_path, write_json, write_text  # noqa: E402
 
 log = logging.getLogger(__name__)
+
+DOWNSTREAM_KINDS = ("pretrained", "scratch", "s4l")  # timing.downstream_<kind>_s (job/evaluations.py)
 
 METRIC_KEYS = (
     "pretext.val_rotation_accuracy",
@@ -54,6 +58,15 @@ METRIC_KEYS = (
     "timing.frozen_probes_s",
     "timing.downstream_s",
     "timing.colour_baseline_s",
+    "timing.pretext_other_s",
+    "timing.downstream_pretrained_s",
+    "timing.downstream_scratch_s",
+    "timing.downstream_s4l_s",
+    "timing.evaluate_setup_s",
+    "timing.evaluations",
+    "timing.report_s",
+    "timing.total_s",
+    "timing.outside_pretext_fraction",
     "data.train_images",
     "data.val_images",
     "data.skipped_images",
@@ -80,20 +93,17 @@ def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
     return float(np.mean(values)), float(np.std(values))
 
 
-def build_metrics(pretext: dict, evaluations: dict, data: dict) -> dict:
-    """Assemble metrics.json from the stages' results."""
-    finetunes, scratch = evaluations["finetune"], evaluations["scratch"]
+def build_metrics(pretext: dict, evaluations: dict, data: dict, entries: dict[str, Any]) -> dict:
+    """Assemble metrics.json from the stages' results: pretext's done.json, evaluate's (`evaluations`), the data
+    and the evaluations' own entries by dotted key (job/evaluations.py `metrics`)."""
+    finetunes = evaluations["finetune"]
     accuracies = [r["val_accuracy"] for r in finetunes]
     mean, std = _mean_std(accuracies)
-    scratch_mean, scratch_std = _mean_std([r["val_accuracy"] for r in scratch])
-    colour_mean, colour_std = _mean_std(evaluations.get("colour_histogram", []))
     first = finetunes[0]
-    return {
+    metrics = {
         "pretext": {
             "val_rotation_accuracy": pretext["val_rotation_accuracy"],
             "online_probe_val_accuracy": pretext.get("online_probe_val_accuracy"),
-            "linear_probe_200_top1": evaluations.get("linear_probe_200_top1"),
-            "random_linear_probe_200_top1": evaluations.get("random_linear_probe_200_top1"),
             "epochs": pretext["epochs"],
             "train_seconds": pretext["train_seconds"],
             "samples_per_sec": pretext["samples_per_sec"],
@@ -110,30 +120,15 @@ def build_metrics(pretext: dict, evaluations: dict, data: dict) -> dict:
             "transfer_layers": evaluations.get("transfer_layers", ["out_relu"]),
             "transfer_selection": evaluations.get("transfer_selection"),
             "head_init": first.get("head_init", "random"),
-            "linear_probe_val_accuracy": evaluations["linear_probe_val_accuracy"],
-            "random_linear_probe_val_accuracy": evaluations.get("random_linear_probe_val_accuracy"),
-            "knn_val_accuracy": evaluations["knn_val_accuracy"],
-            "knn_k": evaluations.get("knn_k"),  # None in results from before it was recorded
-            "knn_k_configured": evaluations.get("knn_k_configured"),
-            "depth_probe": evaluations.get("depth_probe"),
             "confusion_matrix": first["confusion_matrix"],
             "train_images": first["train_images"],
             "val_images": first["val_images"],
             "seeds": [r["seed"] for r in finetunes],
             "history": first["history"],
         },
-        "baseline": {
-            "scratch_val_accuracy": scratch_mean,
-            "scratch_val_accuracy_std": scratch_std,
-            "colour_histogram_val_accuracy": colour_mean,
-            "colour_histogram_val_accuracy_std": colour_std,
-        },
+        "baseline": {},
         "label_efficiency": evaluations["label_efficiency"],
-        "timing": {
-            "decode_s": data.get("decode_seconds"),
-            "pretext_train_s": pretext["train_seconds"],
-            **evaluations.get("timing", {"frozen_probes_s": None, "downstream_s": None, "colour_baseline_s": None}),
-        },
+        "timing": _timing(pretext, evaluations.get("timing", {}), data),
         "data": {
             "train_images": data["train_images"],
             "val_images": data["val_images"],
@@ -142,6 +137,46 @@ def build_metrics(pretext: dict, evaluations: dict, data: dict) -> dict:
             "decode_images_per_sec": data.get("decode_images_per_sec"),
         },
     }
+    for dotted, value in entries.items():
+        *sections, key = dotted.split(".")
+        place = metrics
+        for section in sections:
+            place = place.setdefault(section, {})
+        place[key] = value
+    return metrics
+
+
+def _timing(pretext: dict, evaluate: dict, data: dict) -> dict:
+    """timing.*: where the job's wall time went (README: metrics.json). report_s and the totals are added
+    when the report is written (`write_report`)."""
+    wall = pretext.get("wall_seconds")
+    return {
+        "decode_s": data.get("decode_seconds"),
+        "pretext_train_s": pretext["train_seconds"],
+        "pretext_other_s": None if wall is None else max(0.0, wall - pretext["train_seconds"]),
+        "frozen_probes_s": evaluate.get("frozen_probes_s"),
+        "downstream_s": evaluate.get("downstream_s"),
+        **{f"downstream_{kind}_s": evaluate.get(f"downstream_{kind}_s") for kind in DOWNSTREAM_KINDS},
+        "colour_baseline_s": evaluate.get("colour_baseline_s"),
+        "evaluate_setup_s": evaluate.get("evaluate_setup_s"),
+        "evaluations": evaluate.get("evaluations", {}),
+        "report_s": evaluate.get("report_s"),  # recorded when the evaluate stage completed
+        "total_s": None,
+        "outside_pretext_fraction": None,
+    }
+
+
+def add_report_time(metrics: dict, seconds: float | None) -> None:
+    """Set timing.report_s, and timing.total_s (the sum of the parts, unknown ones as 0) with the share of it
+    spent outside pretext training."""
+    timing = metrics["timing"]
+    timing["report_s"] = seconds
+    evaluations = sum(timing["evaluations"].values())  # their downstream runs are in downstream_s
+    parts = (timing["decode_s"], timing["pretext_train_s"], timing["pretext_other_s"], timing["downstream_s"],
+             timing["evaluate_setup_s"], evaluations, seconds)
+    total = sum(part or 0.0 for part in parts)
+    timing["total_s"] = total
+    timing["outside_pretext_fraction"] = 1.0 - (timing["pretext_train_s"] or 0.0) / total if total else None
 
 
 def lookup(metrics: dict, dotted: str):
@@ -152,8 +187,10 @@ def lookup(metrics: dict, dotted: str):
     return value
 
 
-def write_report(directory: Path, metrics: dict, examples: Examples) -> Path:
-    """Write metrics.json, the figures and report.md into `directory`; returns the report's path."""
+def write_report(directory: Path, metrics: dict, examples: Examples, started: float | None = None) -> Path:
+    """Write the figures, metrics.json and report.md into `directory`; returns the report's path. `started`: when
+    the report's work began (time.perf_counter()), measured into timing.report_s; without it the report_s
+    recorded with the results is kept (a rewritten report of a completed stage: the same metrics.json)."""
     directory.mkdir(parents=True, exist_ok=True)
     figures = {
         "curves.png": _plot_curves(metrics),
@@ -166,6 +203,7 @@ def write_report(directory: Path, metrics: dict, examples: Examples) -> Path:
         with atomic_path(directory / name) as tmp:
             figure.savefig(tmp, dpi=100, bbox_inches="tight")
         plt.close(figure)
+    add_report_time(metrics, metrics["timing"]["report_s"] if started is None else time.perf_counter() - started)
     write_json(directory / "metrics.json", metrics)
     path = directory / "report.md"
     write_text(path, _markdown(metrics, list(figures)))

@@ -67,7 +67,7 @@ def test_lp_ft_starts_from_the_probe_and_keeps_frozen_batchnorm(synth_zip, tmp_p
     import keras
 
     from job.downstream import _learner, downstream_split
-    from job.evaluate import fit_logistic, predict
+    from job.probes import fit_logistic, predict
 
     config = load_config("demo", [*TINY, f"data.cache_dir={tmp_path / 'cache'}", "finetune.head_init='probe'",
                                   "finetune.freeze_batchnorm=true", "finetune.transfer_layers=['block_5_add']"])
@@ -101,7 +101,7 @@ def test_s4l_trains_the_classifier_and_the_rotation_task_together(synth_zip, tmp
     import keras
 
     from job.downstream import S4L, _learner, _s4l_dataset_fn, downstream_split
-    from job.evaluate import predict
+    from job.probes import predict
     from job.task import dataset_fn
 
     config = load_config("demo", [*TINY, f"data.cache_dir={tmp_path / 'cache'}", "finetune.mode='s4l'",

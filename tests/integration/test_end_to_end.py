@@ -79,11 +79,32 @@ def test_every_metrics_key_is_present_and_sane(finished_run):
     assert 0.0 <= metrics["downstream"]["random_linear_probe_val_accuracy"] <= 1.0
     timing = metrics["timing"]
     assert timing["pretext_train_s"] > 0 and timing["downstream_s"] > 0 and timing["frozen_probes_s"] > 0
+    assert timing["pretext_other_s"] > 0 and timing["report_s"] > 0
+    assert timing["downstream_s"] == pytest.approx(
+        timing["downstream_pretrained_s"] + timing["downstream_scratch_s"] + timing["downstream_s4l_s"])
+    assert timing["downstream_s4l_s"] > 0  # evaluate.s4l
+    assert set(timing["evaluations"]) == {"linear_probe", "knn", "depth_probe", "colour_baseline", "scratch_baseline",
+                                          "label_efficiency", "s4l"}
+    assert timing["total_s"] > timing["pretext_train_s"] + timing["downstream_s"]
+    assert timing["outside_pretext_fraction"] == pytest.approx(1 - timing["pretext_train_s"] / timing["total_s"])
     report = (RunLayout(output).report / "report.md").read_text()
     assert f"{metrics['pretext']['val_rotation_accuracy']:.4f}" in report
     assert "| out_relu |" in report
     assert "S4L (pretrained)" in report
     assert report.index("## Verdict") < report.index("## Details")
+
+
+def test_metrics_json_keeps_every_key_main_wrote_for_the_demo_config(finished_run):
+    """Every key of main's demo-config metrics.json (before the evaluations were plug-ins) is in a run's, and
+    only the documented timing keys are new; this run adds rows that the demo's switches leave off."""
+    from tests.unit.test_report import MAIN_DEMO, NEW_TIMING, metric_paths
+
+    _, output, _, _ = finished_run
+    main = metric_paths(json.loads((MAIN_DEMO / "metrics.json").read_text()))
+    paths = metric_paths(json.loads(RunLayout(output).metrics.read_text()))
+    assert main <= paths
+    assert paths - main == NEW_TIMING | {"label_efficiency[].s4l", "downstream.depth_probe[].layer",
+                                         "downstream.depth_probe[].pretrained", "downstream.depth_probe[].random"}
 
 
 def test_exported_models_load_and_predict(finished_run):

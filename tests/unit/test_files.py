@@ -183,15 +183,17 @@ def test_evaluate_writes_the_report_before_done_json(tmp_path, monkeypatch):
     _torn(layout.backbone, b"a backbone")
     ctx = Context(load_config("demo"), layout, tmp_path, types.SimpleNamespace(is_chief=True))
     seen: list[bool] = []
-    monkeypatch.setattr(stages, "_evaluations", lambda ctx: {"linear_probe_val_accuracy": 0.9})
+    monkeypatch.setattr(stages.evaluations, "run_protocol", lambda ctx: {"linear_probe_val_accuracy": 0.9})
     monkeypatch.setattr(stages, "_examples", lambda ctx, done: None)
     monkeypatch.setattr(Context, "dataset_summary", lambda self: {})
-    monkeypatch.setattr(stages.report, "build_metrics", lambda pretext, done, data: {"done": done})
+    monkeypatch.setattr(stages.report, "build_metrics",
+                        lambda pretext, done, data, entries: {"done": done, "timing": {}})
     monkeypatch.setattr(stages.report, "verdict_markdown", lambda values: "")
     monkeypatch.setattr(stages.summaries, "write_run_summary", lambda *args: None)
     monkeypatch.setattr(stages.report, "write_report",
-                        lambda directory, values, examples: seen.append(RunLayout.done(layout.evaluate).exists()))
-    assert stages.evaluate(ctx) == {"done": {"linear_probe_val_accuracy": 0.9}}
+                        lambda directory, values, examples, started: seen.append(
+                            RunLayout.done(layout.evaluate).exists()))
+    assert stages.evaluate(ctx) == {"done": {"linear_probe_val_accuracy": 0.9}, "timing": {}}
     assert seen == [False] and RunLayout.done(layout.evaluate).is_file()
 
 

@@ -3,11 +3,35 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from job.report import METRIC_KEYS, Examples, _markdown, build_metrics, lookup, write_report
+from job import evaluations as registry
+from job.report import METRIC_KEYS, Examples, _markdown, add_report_time, build_metrics, lookup, write_report
+
+# A `make demo`-config run of main before the evaluations became plug-ins (runtime.deterministic): its pretext
+# and evaluate done.json and its metrics.json (fingerprints left out).
+MAIN_DEMO = Path(__file__).resolve().parents[1] / "data" / "main_demo"
+OPAQUE = ("downstream.transfer_selection", "timing.evaluations")  # their keys are names (layers, evaluations)
+NEW_TIMING = {f"timing.{key}" for key in (
+    "pretext_other_s", "downstream_pretrained_s", "downstream_scratch_s", "downstream_s4l_s", "evaluate_setup_s",
+    "evaluations", "report_s", "total_s", "outside_pretext_fraction")}
+
+
+def metric_paths(value, prefix: str = "") -> set[str]:
+    """Every dotted key of a metrics.json object; a list's dict rows as `key[].field`."""
+    paths: set[str] = set()
+    rows = value if isinstance(value, list) else [value]
+    for row in rows:
+        if not isinstance(row, dict) or prefix.rstrip(".") in OPAQUE:
+            continue
+        for key, item in row.items():
+            path = f"{prefix}{key}"
+            paths.add(path)
+            paths |= metric_paths(item, f"{path}[]." if isinstance(item, list) else f"{path}.")
+    return paths
 
 
 def _run(seed: int, accuracy: float) -> dict:
@@ -33,7 +57,7 @@ def metrics() -> dict:
         ],
     }
     data = {"train_images": 100, "val_images": 20, "skipped_images": 0, "skipped_files": []}
-    return build_metrics(pretext, evaluations, data)
+    return build_metrics(pretext, evaluations, data, registry.metrics(evaluations))
 
 
 def test_every_documented_key_is_assembled(metrics):
@@ -97,8 +121,8 @@ def test_knn_k_is_the_configured_one_with_a_note_when_capped(metrics):
 
 
 def _evaluations_switched_off() -> dict:
-    """What the evaluate stage returns with evaluate.linear_probe_200, depth_probe, scratch_baseline and
-    colour_baseline off (job/stages.py: None, an empty list or no colour scores)."""
+    """What the evaluate stage returned (before the evaluations were plug-ins) with evaluate.linear_probe_200,
+    depth_probe, scratch_baseline and colour_baseline off: None, an empty list or no colour scores."""
     return {
         "transfer_layers": ["out_relu"], "transfer_selection": None, "linear_probe_val_accuracy": 0.9,
         "random_linear_probe_val_accuracy": 0.7, "knn_val_accuracy": 0.8, "knn_k": 20, "knn_k_configured": 20,
@@ -113,7 +137,8 @@ def test_switched_off_evaluations_keep_every_key_and_the_report_renders(tmp_path
     pretext = {"val_rotation_accuracy": 0.6, "online_probe_val_accuracy": None, "epochs": 1, "train_seconds": 1.0,
                "samples_per_sec": 5.0, "train_images": 10, "history": []}
     data = {"train_images": 10, "val_images": 2, "skipped_images": 0, "skipped_files": []}
-    metrics = build_metrics(pretext, _evaluations_switched_off(), data)
+    done = _evaluations_switched_off()
+    metrics = build_metrics(pretext, done, data, registry.metrics(done))
     for key in METRIC_KEYS:
         lookup(metrics, key)
     off = ("pretext.linear_probe_200_top1", "pretext.random_linear_probe_200_top1", "downstream.depth_probe",
@@ -136,3 +161,26 @@ def test_switched_off_evaluations_keep_every_key_and_the_report_renders(tmp_path
     assert "| all-class (200-way) on the transferred features | n/a | n/a | n/a |" in lines
     assert "Linear probe by depth" not in text and "random's best depth" not in text
     assert (tmp_path / "label_efficiency.png").stat().st_size > 0
+
+
+def test_mains_demo_results_give_its_metrics_json_with_timing_added():
+    """The done.json files main wrote, read by the evaluations' own mappings: every metrics.json key and value
+    main wrote, and only the new timing keys besides (a run's key set is unchanged: tests/integration)."""
+    old = json.loads((MAIN_DEMO / "metrics.json").read_text())
+    pretext = json.loads((MAIN_DEMO / "pretext_done.json").read_text())
+    done = json.loads((MAIN_DEMO / "evaluate_done.json").read_text())
+    data = {**old["data"], "decode_seconds": old["timing"]["decode_s"]}
+    metrics = build_metrics(pretext, done, data, registry.metrics(done))
+    assert metric_paths(metrics) == metric_paths(old) | NEW_TIMING
+    for section, values in old.items():
+        expected = values if not isinstance(values, dict) else {**metrics[section], **values}
+        assert metrics[section] == expected, section
+
+
+def test_timing_totals_the_parts_and_the_share_outside_pretext_training(metrics):
+    metrics["timing"].update(decode_s=None, pretext_train_s=60.0, pretext_other_s=10.0, downstream_s=20.0,
+                             evaluate_setup_s=2.0, evaluations={"linear_probe": 3.0, "knn": 1.0})
+    add_report_time(metrics, 4.0)
+    assert metrics["timing"]["report_s"] == 4.0
+    assert metrics["timing"]["total_s"] == pytest.approx(100.0)
+    assert metrics["timing"]["outside_pretext_fraction"] == pytest.approx(0.4)

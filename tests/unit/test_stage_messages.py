@@ -22,12 +22,14 @@ def test_a_completed_downstream_run_says_it_is_skipped(tmp_path, caplog):
 
 
 def test_evaluations_switched_off_are_named_with_their_keys(caplog):
-    from job.stages import _log_switched_off
+    from job.evaluations import log_switched_off
 
-    config = load_config("demo", ["evaluate.colour_baseline=false", "evaluate.s4l=true"])
-    caplog.set_level(logging.INFO, logger="job.stages")
-    _log_switched_off(types.SimpleNamespace(config=config))
-    assert ("evaluate: skipping colour-histogram baseline (evaluate.colour_baseline = false), linear probe by "
-            "depth (evaluate.depth_probe = false), all-class linear probe (evaluate.linear_probe_200 = false)"
-            in caplog.text)
+    config = load_config("demo", ["evaluate.colour_baseline=false", "evaluate.s4l=true",
+                                  "evaluate.evaluations=['linear_probe', 'linear_probe_200', 'depth_probe', "
+                                  "'colour_baseline', 'scratch_baseline', 'label_efficiency', 's4l']"])
+    caplog.set_level(logging.INFO, logger="job.evaluations")
+    log_switched_off(config)
+    assert ("evaluate: skipping k-NN (not in evaluate.evaluations), all-class linear probe "
+            "(evaluate.linear_probe_200 = false), linear probe by depth (evaluate.depth_probe = false), "
+            "colour-histogram baseline (evaluate.colour_baseline = false)" in caplog.text)
     assert "scratch" not in caplog.text and "S4L" not in caplog.text

@@ -326,7 +326,7 @@ def test_orientation_is_in_the_shape_only(mechanism_data: dict[str, bytes]) -> N
 
 def test_fish_and_duck_differ_in_shape_not_colour(mechanism_data: dict[str, bytes]) -> None:
     """The evaluate stage's colour-histogram features do not separate the pair; the objects' outline does."""
-    from job.evaluate import colour_histograms
+    from job.probes import colour_histograms
 
     fish, fish_boxes = class_images(mechanism_data, FISH)
     duck, duck_boxes = class_images(mechanism_data, DUCK)

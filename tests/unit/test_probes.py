@@ -1,10 +1,10 @@
-"""Tests for job.evaluate's small evaluators: colour histograms, the linear probe, k-NN, confusion matrix."""
+"""Tests for job.probes's small evaluators: colour histograms, the linear probe, k-NN, confusion matrix."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from job.evaluate import (
+from job.probes import (
     colour_histograms,
     confusion_matrix,
     cross_entropy,
@@ -75,7 +75,7 @@ def test_predict_traces_each_model_once_and_never_warns_of_retracing(caplog):
 
     import keras
 
-    from job.evaluate import _compiled, predict
+    from job.probes import _compiled, predict
 
     models = [keras.Sequential([keras.Input((4, 4, 3)), keras.layers.Flatten(), keras.layers.Dense(2)])
               for _ in range(6)]
@@ -91,7 +91,7 @@ def test_predict_traces_each_model_once_and_never_warns_of_retracing(caplog):
 
 
 def test_knn_k_is_capped_below_the_number_of_training_images():
-    from job.evaluate import capped_knn_k
+    from job.probes import capped_knn_k
 
     assert capped_knn_k(20, 200) == 20
     assert capped_knn_k(20, 20) == 19  # k not below the train images: every val image would see them all

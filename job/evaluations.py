@@ -1,0 +1,416 @@
+"""The evaluate stage's protocol: evaluations of the pretrained backbone as plug-ins, registered by name.
+
+An evaluation (big_vision's evaluators) is one small unit: built from the config, it names the downstream
+runs it reads (`runs`), computes its results from the inputs the protocol shares (`run`: its keys of
+evaluate/done.json) and reads them back as metrics.json entries (`metrics`: dotted keys, null where it did
+not run). `evaluate.evaluations` lists those to run; the boolean switches of [evaluate] still turn theirs off.
+
+The protocol: the shared inputs (the downstream split, the pretrained backbone and a random one seeded with
+runtime.seed, the transfer layers); the evaluations that read no downstream run; every downstream run any of
+them asked for, in one order whatever the list (the finetune stage's, the scratch baseline's at
+finetune.label_fraction, then per label fraction: pretrained, scratch, S4L; seeds ascending); the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, ClassVar
+
+import keras
+import numpy as np
+
+from job import console
+from job.config import EVALUATIONS, Config
+from job.context import Context, build_configured_backbone, pretrained_backbone, probe_settings
+from job.downstream import (
+    PRETRAINED,
+    S4L,
+    SCRATCH,
+    downstream_split,
+    train_downstream,
+    transfer_layers,
+    transfer_selection,
+)
+from job.pipelines import stratified_subset
+from job.probes import capped_knn_k, colour_histograms, knn_accuracy, linear_probe, predict
+from models.backbone import pooled_block_features, transfer_features
+
+log = logging.getLogger(__name__)
+
+REGISTRY: dict[str, type[Evaluation]] = {}
+BY_FRACTION = "by_fraction"  # an evaluation's column of the label-efficiency table: {fraction: [one per seed]}
+ROW_COLUMNS = ("pretrained", "scratch", "colour_histogram")  # every row has these ([] when not run)
+FROZEN = ("pretrained", "random")  # the backbones the frozen-feature probes compare
+DOWNSTREAM_KINDS = (PRETRAINED, SCRATCH, S4L)  # timing.downstream_<kind>_s
+
+
+def register(cls: type[Evaluation]) -> type[Evaluation]:
+    """Class decorator: make an evaluation available under its name (one of job.config.EVALUATIONS)."""
+    assert cls.name in EVALUATIONS, cls.name
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One downstream training (job.downstream.train_downstream's arguments, the mode resolved)."""
+
+    init: str
+    fraction: float
+    seed: int
+    mode: str
+
+    @property
+    def kind(self) -> str:
+        """pretrained, scratch or s4l: the downstream time's split in metrics.json."""
+        return S4L if self.mode == S4L else self.init
+
+
+class Inputs:
+    """What the evaluations share: the split, both backbones and their transfer features, the downstream runs.
+
+    Built in the same order as before the evaluations were plug-ins: the random backbone right after
+    seeding Keras with runtime.seed, so that it is the same network whatever runs.
+    """
+
+    def __init__(self, ctx: Context):
+        self.ctx, self.config = ctx, ctx.config
+        self.split = downstream_split(ctx)
+        self.backbone = pretrained_backbone(ctx)
+        keras.utils.set_random_seed(ctx.config.runtime.seed)
+        self.random_backbone = build_configured_backbone(ctx, weights="none")
+        self.layers = transfer_layers(ctx)
+        self.seeds = [ctx.config.runtime.seed + i for i in range(ctx.config.finetune.seeds)]
+        self.fractions = sorted(set(ctx.config.evaluate.label_fractions))
+        self.probe = probe_settings(ctx)
+        self.runs: dict[RunSpec, dict] = {}
+
+    def spec(self, init: str, fraction: float, seed: int, mode: str | None = None) -> RunSpec:
+        return RunSpec(init, fraction, seed, mode or self.config.finetune.mode)
+
+    def accuracies(self, init: str, fraction: float, mode: str | None = None) -> list[float]:
+        """Val accuracy of each seed's downstream run (trained by the protocol before `run`)."""
+        return [self.runs[self.spec(init, fraction, s, mode)]["val_accuracy"] for s in self.seeds]
+
+    @cached_property
+    def networks(self) -> dict[str, keras.Model]:
+        return {"pretrained": self.backbone, "random": self.random_backbone}
+
+    @cached_property
+    def features(self) -> dict[str, keras.Model]:
+        """The frozen features the downstream head sees (finetune.transfer_layers), pretrained and random."""
+        return {name: transfer_features(net, self.layers) for name, net in self.networks.items()}
+
+    @cached_property
+    def downstream_features(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Train and val downstream images through `features`, for each backbone."""
+        return {name: (predict(model, self.split.train_images), predict(model, self.split.val_images))
+                for name, model in self.features.items()}
+
+    def probe_accuracy(self, name: str) -> float:
+        """Val accuracy of the fish/duck linear probe on backbone `name`'s transfer features."""
+        train, val = self.downstream_features[name]
+        return linear_probe(train, self.split.train_labels, val, self.split.val_labels, 2,
+                            seed=self.config.runtime.seed, **self.probe)
+
+
+class Evaluation(ABC):
+    """One evaluation: built from the config, it runs on the shared `Inputs` and returns its results."""
+
+    name: ClassVar[str]  # its name in evaluate.evaluations
+    title: ClassVar[str]  # how the log names it
+    switch: ClassVar[str | None] = None  # its boolean key in [evaluate], if it has one
+    column: ClassVar[str | None] = None  # its column of the label-efficiency rows, if any
+
+    def __init__(self, config: Config):
+        self.config = config
+
+    def runs(self, inputs: Inputs) -> list[RunSpec]:
+        """The downstream runs it reads (trained, or reused, by the protocol before `run`)."""
+        return []
+
+    @abstractmethod
+    def run(self, inputs: Inputs) -> dict[str, Any]:
+        """Its results: keys of evaluate/done.json (and BY_FRACTION, its label-efficiency column)."""
+
+    @staticmethod
+    def metrics(done: dict) -> dict[str, Any]:
+        """Its metrics.json entries by dotted key, read from evaluate/done.json (None where it did not run)."""
+        return {}
+
+
+def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    return (float(np.mean(values)), float(np.std(values))) if values else (None, None)
+
+
+@register
+class LinearProbe(Evaluation):
+    """Logistic regression on the frozen transfer features, pretrained and from random init."""
+
+    name, title = "linear_probe", "linear probe"
+
+    def run(self, inputs: Inputs) -> dict[str, Any]:
+        result = {"linear_probe_val_accuracy": inputs.probe_accuracy("pretrained"),
+                  "random_linear_probe_val_accuracy": inputs.probe_accuracy("random")}
+        log.info("evaluate: linear probe on %s %.4f (random init %.4f)", "+".join(inputs.layers),
+                 result["linear_probe_val_accuracy"], result["random_linear_probe_val_accuracy"])
+        return result
+
+    @staticmethod
+    def metrics(done: dict) -> dict[str, Any]:
+        return {"downstream.linear_probe_val_accuracy": done.get("linear_probe_val_accuracy"),
+                "downstream.random_linear_probe_val_accuracy": done.get("random_linear_probe_val_accuracy")}
+
+
+@register
+class Knn(Evaluation):
+    """Cosine k-NN on the frozen pretrained transfer features."""
+
+    name, title = "knn", "k-NN"
+
+    def run(self, inputs: Inputs) -> dict[str, Any]:
+        configured, labels = self.config.evaluate.knn_k, inputs.split.train_labels
+        k = capped_knn_k(configured, len(labels))
+        if k != configured:
+            log.info("evaluate: evaluate.knn_k = %d is not below the %d downstream train images: k-NN uses k = %d",
+                     configured, len(labels), k)
+        train, val = inputs.downstream_features["pretrained"]
+        accuracy = knn_accuracy(train, labels, val, inputs.split.val_labels, k)
+        log.info("evaluate: k-NN (k = %d) on %s %.4f", k, "+".join(inputs.layers), accuracy)
+        return {"knn_val_accuracy": accuracy, "knn_k": k, "knn_k_configured": configured}
+
+    @staticmethod
+    def metrics(done: dict) -> dict[str, Any]:
+        return {"downstream.knn_val_accuracy": done.get("knn_val_accuracy"), "downstream.knn_k": done.get("knn_k"),
+                "downstream.knn_k_configured": done.get("knn_k_configured")}
+
+
+@register
+class LinearProbeAllClasses(Evaluation):
+    """The all-class (200-way) linear probe on Tiny ImageNet val, pretrained and from random init."""
+
+    name, title, switch = "linear_probe_200", "all-class linear probe", "linear_probe_200"
+
+    def run(self, inputs: Inputs) -> dict[str, Any]:
+        data, result = inputs.ctx.dataset, {}
+        for name, model in inputs.features.items():
+            key = "linear_probe_200_top1" if name == "pretrained" else "random_linear_probe_200_top1"
+            result[key] = linear_probe(
+                predict(model, data.train.images), data.train.labels, predict(model, data.val.images),
+                data.val.labels, len(data.wnids), seed=self.config.runtime.seed, **inputs.probe,
+            )
+        log.info("evaluate: %d-way linear probe top-1 %.4f (random init %.4f)", len(data.wnids),
+                 result["linear_probe_200_top1"], result["random_linear_probe_200_top1"])
+        return result
+
+    @staticmethod
+    def metrics(done: dict) -> dict[str, Any]:
+        return {"pretext.linear_probe_200_top1": done.get("linear_probe_200_top1"),
+                "pretext.random_linear_probe_200_top1": done.get("random_linear_probe_200_top1")}
+
+
+@register
+class DepthProbe(Evaluation):
+    """The fish/duck linear probe on features pooled at each of evaluate.depth_probe_layers, pretrained vs
+    random init: where the transferable information sits."""
+
+    name, title, switch = "depth_probe", "linear probe by depth", "depth_probe"
+
+    def run(self, inputs: Inputs) -> dict[str, Any]:
+        layers, split = self.config.evaluate.depth_probe_layers, inputs.split
+        scores = {}
+        for name, net in inputs.networks.items():
+            model = pooled_block_features(net, layers)
+            train, val = predict(model, split.train_images), predict(model, split.val_images)
+            scores[name] = [
+                linear_probe(t, split.train_labels, v, split.val_labels, 2, seed=self.config.runtime.seed,
+                             **inputs.probe)
+                for t, v in zip(train, val, strict=True)
+            ]
+        rows = [{"layer": layer, "pretrained": scores["pretrained"][i], "random": scores["random"][i]}
+                for i, layer in enumerate(layers)]
+        log.info("evaluate: probe by depth (pretrained / random init): %s",
+                 ", ".join(f"{r['layer']} {r['pretrained']:.3f}/{r['random']:.3f}" for r in rows))
+        return {"depth_probe": rows}
+
+    @staticmethod
+    def metrics(done: dict) -> dict[str, Any]:
+        return {"downstream.depth_probe": done.get("depth_probe")}
+
+
+@register
+class ColourBaseline(Evaluation):
+    """Logistic regression on RGB colour histograms (no network), on each downstream run's labelled subset."""
+
+    name, title, switch, column = "colour_baseline", "colour-histogram baseline", "colour_baseline", "colour_histogram"
+
+    def run(self, inputs: Inputs) -> dict[str, Any]:
+        e, split, base = self.config.evaluate, inputs.split, self.config.finetune.label_fraction
+        log.info("evaluate: colour-histogram baseline (%d³ bins, no network)...", e.colour_bins)
+        train, val = colour_histograms(split.train_images, e.colour_bins), colour_histograms(split.val_images,
+                                                                                                e.colour_bins)
+        scores: dict[float, list[float]] = {}
+        for fraction in sorted({*inputs.fractions, base}):
+            scores[fraction] = []
+            for seed in inputs.seeds:
+                subset = stratified_subset(split.train_labels, fraction, seed)
+                scores[fraction].append(linear_probe(train[subset], split.train_labels[subset], val,
+                                                     split.val_labels, 2, seed=seed, **inputs.probe))
+        log.info("evaluate: colour-histogram baseline %s",
+                 ", ".join(f"{console.share(f)} of the labels {np.mean(v):.3f}" for f, v in scores.items()))
+        return {"colour_histogram": scores[base], BY_FRACTION: scores}
+
+    @staticmethod
+    def metrics(done: dict) -> dict[str, Any]:
+        mean, std = _mean_std(done.get("colour_histogram", []))
+        return {"baseline.colour_histogram_val_accuracy": mean, "baseline.colour_histogram_val_accuracy_std": std}
+
+
+@register
+class ScratchBaseline(Evaluation):
+    """The downstream recipe from random init, at finetune.label_fraction and at each label fraction."""
+
+    name, title, switch, column = "scratch_baseline", "scratch baseline", "scratch_baseline", "scratch"
+
+    def runs(self, inputs: Inputs) -> list[RunSpec]:
+        fractions = [self.config.finetune.label_fraction, *inputs.fractions]
+        return [inputs.spec(SCRATCH, f, s) for f in fractions for s in inputs.seeds]
+
+    def run(self, inputs: Inputs) -> dict[str, Any]:
+        base = self.config.finetune.label_fraction
+        return {"scratch": [inputs.runs[inputs.spec(SCRATCH, base, s)] for s in inputs.seeds],
+                BY_FRACTION: {f: inputs.accuracies(SCRATCH, f) for f in inputs.fractions}}
+
+    @staticmethod
+    def metrics(done: dict) -> dict[str, Any]:
+        mean, std = _mean_std([r["val_accuracy"] for r in done.get("scratch", [])])
+        return {"baseline.scratch_val_accuracy": mean, "baseline.scratch_val_accuracy_std": std}
+
+
+@register
+class LabelEfficiency(Evaluation):
+    """The pretrained downstream recipe at each of evaluate.label_fractions (the table's first column)."""
+
+    name, title, column = "label_efficiency", "label efficiency", "pretrained"
+
+    def runs(self, inputs: Inputs) -> list[RunSpec]:
+        return [inputs.spec(PRETRAINED, f, s) for f in inputs.fractions for s in inputs.seeds]
+
+    def run(self, inputs: Inputs) -> dict[str, Any]:
+        return {BY_FRACTION: {f: inputs.accuracies(PRETRAINED, f) for f in inputs.fractions}}
+
+
+@register
+class S4LRows(Evaluation):
+    """S4L (finetune.mode = "s4l") from the pretrained backbone at each label fraction, a row of its own
+    (none when finetune.mode is "s4l" already: the pretrained rows are S4L)."""
+
+    name, title, switch, column = "s4l", "S4L rows", "s4l", "s4l"
+
+    def runs(self, inputs: Inputs) -> list[RunSpec]:
+        if self.config.finetune.mode == S4L:
+            return []
+        return [inputs.spec(PRETRAINED, f, s, S4L) for f in inputs.fractions for s in inputs.seeds]
+
+    def run(self, inputs: Inputs) -> dict[str, Any]:
+        if self.config.finetune.mode == S4L:
+            return {}
+        return {BY_FRACTION: {f: inputs.accuracies(PRETRAINED, f, S4L) for f in inputs.fractions}}
+
+
+def enabled(config: Config) -> list[Evaluation]:
+    """The evaluations this config runs: listed in evaluate.evaluations and not switched off."""
+    e = config.evaluate
+    return [REGISTRY[name](config) for name in e.evaluations
+            if REGISTRY[name].switch is None or getattr(e, REGISTRY[name].switch)]
+
+
+def log_switched_off(config: Config) -> None:
+    """Say which evaluations the config leaves out, and by which key."""
+    e, skipped = config.evaluate, []
+    for name, cls in REGISTRY.items():
+        if name not in e.evaluations:
+            skipped.append(f"{cls.title} (not in evaluate.evaluations)")
+        elif cls.switch is not None and not getattr(e, cls.switch):
+            skipped.append(f"{cls.title} (evaluate.{cls.switch} = false)")
+    if skipped:
+        log.info("evaluate: skipping %s", ", ".join(skipped))
+
+
+def training_order(specs: list[RunSpec], config: Config) -> list[RunSpec]:
+    """The downstream runs, each once, in the protocol's one order: the finetune stage's (pretrained at
+    finetune.label_fraction), the scratch baseline's there, then per label fraction pretrained, scratch, S4L."""
+    base, mode = config.finetune.label_fraction, config.finetune.mode
+    kinds = {PRETRAINED: 0, SCRATCH: 1, S4L: 2}
+
+    def key(spec: RunSpec) -> tuple:
+        if spec.fraction == base and spec.mode == mode and spec.init in (PRETRAINED, SCRATCH):
+            return 0, kinds[spec.init], 0.0, spec.seed
+        return 1, spec.fraction, kinds[spec.kind], spec.seed
+
+    return sorted(set(specs), key=key)
+
+
+def _timed(timing: dict[str, float], name: str, work: Callable[[], Any]) -> Any:
+    clock = time.perf_counter()
+    try:
+        return work()
+    finally:
+        timing[name] = time.perf_counter() - clock
+
+
+def run_protocol(ctx: Context) -> dict:
+    """Every enabled evaluation and the downstream runs they read; returns evaluate/done.json's results."""
+    config = ctx.config
+    log_switched_off(config)
+    timing: dict[str, float] = {}
+    inputs = _timed(timing, "setup", lambda: Inputs(ctx))
+    evaluations = enabled(config)
+    finetune = [inputs.spec(PRETRAINED, config.finetune.label_fraction, s) for s in inputs.seeds]
+    wanted = finetune + [spec for evaluation in evaluations for spec in evaluation.runs(inputs)]
+    results: dict[str, Any] = {"transfer_layers": list(inputs.layers), "transfer_selection": transfer_selection(ctx)}
+    columns: dict[str, dict[float, list[float]]] = {}
+
+    def run(evaluation: Evaluation) -> None:
+        result = _timed(timing, evaluation.name, lambda: evaluation.run(inputs))
+        if BY_FRACTION in result:
+            columns[evaluation.column] = result.pop(BY_FRACTION)
+        results.update(result)
+
+    for evaluation in evaluations:  # those of frozen features first, as the protocol always did
+        if not evaluation.runs(inputs):
+            run(evaluation)
+    downstream = dict.fromkeys(DOWNSTREAM_KINDS, 0.0)
+    for spec in training_order(wanted, config):
+        inputs.runs[spec] = run_result = train_downstream(ctx, spec.init, spec.fraction, spec.seed, mode=spec.mode)
+        # Runs completed before this invocation keep their own wall time (train time when they predate it).
+        downstream[spec.kind] += run_result.get("wall_seconds", run_result.get("train_seconds", 0.0))
+    results["finetune"] = [inputs.runs[spec] for spec in finetune]
+    for evaluation in evaluations:
+        if evaluation.runs(inputs):
+            run(evaluation)
+    results["label_efficiency"] = [
+        {"fraction": f, **{c: [] for c in ROW_COLUMNS}, **{c: values[f] for c, values in columns.items()}}
+        for f in inputs.fractions
+    ]
+    setup = timing.pop("setup")
+    frozen = ("linear_probe", "knn", "linear_probe_200", "depth_probe")
+    results["timing"] = {
+        "evaluate_setup_s": setup,
+        "frozen_probes_s": setup + sum(timing.get(name, 0.0) for name in frozen),
+        "colour_baseline_s": timing.get("colour_baseline", 0.0),
+        "downstream_s": sum(downstream.values()),
+        **{f"downstream_{kind}_s": seconds for kind, seconds in downstream.items()},
+        "evaluations": timing,
+    }
+    return results
+
+
+def metrics(done: dict) -> dict[str, Any]:
+    """Every registered evaluation's metrics.json entries, by dotted key (null for those that did not run)."""
+    return {key: value for cls in REGISTRY.values() for key, value in cls.metrics(done).items()}

@@ -1,0 +1,101 @@
+"""Tests for job.evaluations: the registry, what a config enables, the protocol's order and its assembly."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+
+from job import evaluations
+from job.config import EVALUATIONS, load_config
+from job.downstream import PRETRAINED, S4L, SCRATCH
+from job.errors import JobError
+from job.evaluations import BY_FRACTION, REGISTRY, RunSpec, enabled, training_order
+
+
+def test_every_configurable_evaluation_is_registered_in_order():
+    assert list(REGISTRY) == list(EVALUATIONS)
+    assert load_config("demo").evaluate.evaluations == list(EVALUATIONS)
+
+
+def test_the_list_and_the_boolean_switches_both_apply():
+    names = [e.name for e in enabled(load_config("demo"))]
+    assert names == ["linear_probe", "knn", "colour_baseline", "scratch_baseline", "label_efficiency"]
+    config = load_config("cpu-real", ["evaluate.scratch_baseline=false",
+                                      "evaluate.evaluations=['knn', 'depth_probe', 'scratch_baseline']"])
+    assert [e.name for e in enabled(config)] == ["knn", "depth_probe"]
+
+
+@pytest.mark.parametrize("listed, words", [("['knn', 'nope']", "has no evaluation 'nope'"),
+                                            ("['knn', 'knn']", "names one twice")])
+def test_a_bad_evaluation_list_is_one_error_naming_the_key(listed, words):
+    with pytest.raises(JobError, match=rf"evaluate\.evaluations = .* {words}: list each at most once"):
+        load_config("demo", [f"evaluate.evaluations={listed}"])
+
+
+def _inputs(seeds=(0, 1), fractions=(0.1, 1.0), mode="finetune"):
+    return types.SimpleNamespace(seeds=list(seeds), fractions=list(fractions),
+                                 spec=lambda init, f, s, m=None: RunSpec(init, f, s, m or mode))
+
+
+def test_downstream_runs_train_in_the_order_the_protocol_always_used():
+    """The finetune stage's runs, scratch at finetune.label_fraction, then per fraction pretrained, scratch, S4L:
+    each once, whatever order evaluate.evaluations lists them in."""
+    config = load_config("demo", ["evaluate.s4l=true", "finetune.label_fraction=1.0",
+                                  "evaluate.evaluations=['s4l', 'label_efficiency', 'scratch_baseline']"])
+    inputs = _inputs()
+    finetune = [RunSpec(PRETRAINED, 1.0, s, "finetune") for s in (0, 1)]
+    wanted = finetune + [spec for e in enabled(config) for spec in e.runs(inputs)]
+    order = [(s.init if s.mode != S4L else S4L, s.fraction, s.seed) for s in training_order(wanted, config)]
+    assert order == [
+        (PRETRAINED, 1.0, 0), (PRETRAINED, 1.0, 1), (SCRATCH, 1.0, 0), (SCRATCH, 1.0, 1),
+        (PRETRAINED, 0.1, 0), (PRETRAINED, 0.1, 1), (SCRATCH, 0.1, 0), (SCRATCH, 0.1, 1), (S4L, 0.1, 0), (S4L, 0.1, 1),
+        (S4L, 1.0, 0), (S4L, 1.0, 1),
+    ]
+
+
+class _FakeInputs:
+    """The shared inputs without networks: the protocol's assembly and timing alone."""
+
+    def __init__(self, ctx):
+        self.ctx, self.config, self.layers = ctx, ctx.config, ["out_relu"]
+        self.seeds, self.fractions, self.runs = [0, 1], [0.1, 1.0], {}
+
+    spec = evaluations.Inputs.spec
+    accuracies = evaluations.Inputs.accuracies
+
+
+def test_the_protocol_assembles_rows_results_and_timing_from_the_evaluations(monkeypatch):
+    config = load_config("demo", ["evaluate.s4l=true", "finetune.label_fraction=1.0", "evaluate.evaluations="
+                                  "['s4l', 'label_efficiency', 'scratch_baseline', 'colour_baseline']"])
+    trained = []
+
+    def train(ctx, init, fraction, seed, mode=None):
+        trained.append((init, fraction, seed, mode))
+        accuracy = {PRETRAINED: 0.9, SCRATCH: 0.7}[init] - (0.1 if mode == S4L else 0.0) - (fraction < 1) * 0.2
+        return {"val_accuracy": accuracy, "seed": seed, "wall_seconds": 2.0 if init == SCRATCH else 1.0}
+
+    monkeypatch.setattr(evaluations, "Inputs", _FakeInputs)
+    monkeypatch.setattr(evaluations, "train_downstream", train)
+    monkeypatch.setattr(evaluations, "transfer_selection", lambda ctx: None)
+    monkeypatch.setattr(evaluations.ColourBaseline, "run",
+                        lambda self, inputs: {"colour_histogram": [0.5, 0.5], BY_FRACTION: {0.1: [0.4], 1.0: [0.5]}})
+    done = evaluations.run_protocol(types.SimpleNamespace(config=config))
+
+    assert len(trained) == len(set(trained)) == 12  # 2 seeds x (finetune, scratch, 2 fractions x 3 kinds) - reused
+    assert [list(row) for row in done["label_efficiency"]] == [
+        ["fraction", "pretrained", "scratch", "colour_histogram", "s4l"]] * 2
+    assert done["label_efficiency"][0] == {"fraction": 0.1, "pretrained": pytest.approx([0.7, 0.7]),
+                                           "scratch": pytest.approx([0.5, 0.5]), "colour_histogram": [0.4],
+                                           "s4l": pytest.approx([0.6, 0.6])}
+    assert [r["seed"] for r in done["finetune"]] == [0, 1] and [r["val_accuracy"] for r in done["scratch"]] == [0.7] * 2
+    assert done["colour_histogram"] == [0.5, 0.5]
+    timing = done["timing"]
+    assert (timing["downstream_pretrained_s"], timing["downstream_scratch_s"], timing["downstream_s4l_s"]) == (
+        4.0, 8.0, 4.0)
+    assert timing["downstream_s"] == 16.0
+    assert set(timing["evaluations"]) == {"s4l", "label_efficiency", "scratch_baseline", "colour_baseline"}
+    entries = evaluations.metrics(done)
+    assert entries["baseline.scratch_val_accuracy"] == pytest.approx(0.7)
+    assert entries["baseline.colour_histogram_val_accuracy"] == 0.5
+    assert entries["downstream.knn_val_accuracy"] is None and entries["pretext.linear_probe_200_top1"] is None
