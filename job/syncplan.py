@@ -28,10 +28,9 @@ from job.units import INDEX_NAME, CheckpointIndex, is_complete, parse_index, uni
 
 # Written last in their directory: TF CheckpointManager's index file (it names the data files beside it).
 INDEX_MARKER_NAMES = frozenset({INDEX_NAME})
-# Written last of all: a stage's completion marker vouches for files anywhere in the run (its exported
-# model, its checkpoints), so it goes up only after everything else in the push went up.
-COMPLETION_MARKER_NAMES = frozenset({"DONE", "_SUCCESS", DONE})
-COMPLETION_MARKER_SUFFIXES = (".done", ".complete.json")
+# Written last of all: a stage's completion marker (done.json, the only one the job writes) vouches for files
+# anywhere in the run (its exported model, its checkpoints), so it goes up only after everything else went up.
+COMPLETION_MARKER_NAMES = frozenset({DONE})
 
 # Being written right now: never uploaded (they get renamed to their final name when complete).
 TEMP_SUFFIXES = (".tmp", ".partial")
@@ -43,7 +42,7 @@ TF_SHARDED_TEMP_DIR_SUFFIX = "_temp"  # sharded saves write to <prefix>_temp/par
 def is_completion_marker(rel: str) -> bool:
     """True for files that must be uploaded after every other file of the run."""
     name = PurePosixPath(rel).name
-    return name in COMPLETION_MARKER_NAMES or name.endswith(COMPLETION_MARKER_SUFFIXES)
+    return name in COMPLETION_MARKER_NAMES
 
 
 def is_index(rel: str) -> bool:

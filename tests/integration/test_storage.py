@@ -98,8 +98,7 @@ def _make_run_dir(root: Path) -> dict[str, bytes]:
         "ckpt/checkpoint": b'model_checkpoint_path: "ckpt-1"\n',
         "logs/train/events.out.tfevents.1700000000.host.1.v2": rng.randbytes(2_000),
         "metrics.json": b'{"loss": 1.0}',
-        "pretext.complete.json": b"{}",
-        "DONE": b"",
+        "checkpoints/pretext/done.json": b"{}",
         "stage/done.json": b'{"steps": 1}',
     }
     in_progress = {
@@ -457,10 +456,11 @@ def test_fetch_http_short_body_fails_after_retries(http_site: tuple[str, Path, l
 
 
 def test_temp_and_marker_rules() -> None:
-    assert is_marker("ckpt/checkpoint") and is_marker("DONE") and is_marker("a/_SUCCESS")
-    assert is_marker("stage.done") and is_marker("pretext.complete.json")
+    assert is_marker("ckpt/checkpoint") and is_marker("stage/done.json")
     assert not is_marker("ckpt/ckpt-1.index") and not is_marker("checkpoints/x")
-    assert is_completion_marker("checkpoints/pretext/done.json") and is_completion_marker("DONE")
+    # done.json is the one completion marker the job writes; names it never writes are plain files.
+    assert is_completion_marker("checkpoints/pretext/done.json") and is_completion_marker("done.json")
+    assert not is_marker("DONE") and not is_marker("a/_SUCCESS") and not is_marker("pretext.complete.json")
     assert not is_completion_marker("ckpt/checkpoint") and not is_completion_marker("done.json.tmp")
     assert is_in_progress(f"ckpt/{ATOMIC_TMP}") and is_in_progress("ckpt/ckpt-3_temp/part-0.index")
     assert is_in_progress("a.tmp") and is_in_progress("b.partial") and is_in_progress("tmpxyz")
@@ -501,7 +501,7 @@ def test_push_uploads_once_in_order(
 
     pos = {name.removeprefix("runs/r1/"): i for i, name in enumerate(upload_order)}
     assert pos["ckpt/checkpoint"] > max(pos["ckpt/ckpt-1.index"], pos["ckpt/ckpt-1.data-00000-of-00001"])
-    completions = {"DONE", "pretext.complete.json", "stage/done.json"}
+    completions = {"checkpoints/pretext/done.json", "stage/done.json"}
     # A completion marker vouches for the whole run: it goes up after every other file, in any directory.
     assert min(pos[rel] for rel in completions) > max(pos[rel] for rel in files if rel not in completions)
 
@@ -534,12 +534,12 @@ def test_push_failure_holds_back_markers(gcs_emulator: Emulator, flaky_proxy, tm
     objects = _remote(gcs_emulator.client(), gcs_emulator.bucket, "runs/r2/")
     assert "ckpt/checkpoint" not in objects and "ckpt/ckpt-1.data-00000-of-00001" not in objects
     assert {"ckpt/ckpt-1.index", "metrics.json"} <= set(objects)  # other files go ahead...
-    assert not {"DONE", "pretext.complete.json", "stage/done.json"} & set(objects)  # ...but nothing claims completion
+    assert not {"checkpoints/pretext/done.json", "stage/done.json"} & set(objects)  # ...but nothing claims completion
     assert all(p.is_file() for p in (run / rel for rel in files))  # nothing deleted locally
 
     proxy.fail_pattern = None
     stats = sync.push()  # the failed file, its held-back index and the completion markers now go up
-    assert stats.files_uploaded == 5
+    assert stats.files_uploaded == 4  # ckpt-1.data, ckpt/checkpoint, two done.json
     assert set(_remote(gcs_emulator.client(), gcs_emulator.bucket, "runs/r2/")) == set(files)
 
 
