@@ -71,12 +71,12 @@ def test_torn_done_json_is_one_line_naming_the_fix(tmp_path, content):
 
 
 def test_torn_history_json_is_one_line_naming_the_fix(tmp_path):
-    """Before: JSONDecodeError from Trainer._load_history."""
-    from job.train import HISTORY_FILE, Trainer
+    """Before: JSONDecodeError from the trainer's history read (TrainState.load_history)."""
+    from job.trainstate import HISTORY_FILE, TrainState
 
     history = _torn(tmp_path / HISTORY_FILE, b'[{"epoch": 1, "loss"')
     with pytest.raises(JobError, match="history.json is empty or torn") as info:
-        Trainer._load_history(types.SimpleNamespace(directory=tmp_path, _restored=None), 1)
+        TrainState.load_history(types.SimpleNamespace(directory=tmp_path, _restored=None), 1)
     assert str(history) in str(info.value) and "delete it" in str(info.value)
 
 

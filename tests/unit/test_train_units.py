@@ -73,3 +73,16 @@ def test_resume_takes_history_and_best_weights_from_the_restored_checkpoint(tmp_
     assert sorted(p.name for p in (mirror / "ckpt").iterdir() if p.name.endswith(".history.json")) == [
         "ckpt-4.history.json", "ckpt-6.history.json"]  # the dropped checkpoint's companions went with it
     resumed.close()
+
+
+def test_early_stopping_alone_counts_epochs_without_improvement_and_keeps_the_best():
+    """job.trainstate.EarlyStopping without a trainer: the best value, the patience, a save per improvement."""
+    from job.trainstate import EarlyStopping
+
+    saved = []
+    stopping = EarlyStopping(patience=2, save_best=lambda: saved.append(float(stopping.best.numpy())))
+    assert not stopping.update(None) and not stopping.spent  # an epoch without the metric changes nothing
+    assert [stopping.update(v) for v in (0.5, 0.7, 0.6, 0.7)] == [False, False, False, True]
+    assert saved == [0.5, 0.7] and float(stopping.best.numpy()) == 0.7 and stopping.spent
+    unlimited = EarlyStopping(patience=0, save_best=lambda: None)
+    assert not any(unlimited.update(v) for v in (0.5, 0.4, 0.3, 0.2)) and not unlimited.spent
