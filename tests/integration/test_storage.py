@@ -593,8 +593,7 @@ def test_background_thread_and_close(gcs_emulator: Emulator, tmp_path: Path) -> 
             time.sleep(0.05)
         assert "a.txt" in _remote(client, gcs_emulator.bucket, "runs/r4/")
         (run / "b.txt").write_text("b")
-        sync._stop.set()  # stop periodic pushes; close() must still push b.txt
-        sync._thread.join()
+        sync._runner.stop()  # stop periodic pushes; close() must still push b.txt
     assert set(_remote(client, gcs_emulator.bucket, "runs/r4/")) == {"a.txt", "b.txt"}
     assert sync.close() is sync.close()  # idempotent
 
