@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from job.cli import _stage_boundary, main
 from job.config import load_config
 from job.layout import RunLayout
+from tests.fakesync import FakeSync, use_fake_sync
 
 
 @pytest.fixture(autouse=True)
@@ -44,35 +45,6 @@ class FakeCluster:
         self.calls.append("leave")
 
 
-class FakeSync:
-    remote = "gs://bucket/run/"
-
-    def __init__(self, calls: list[str]):
-        self.calls = calls
-
-    def acquire(self, job: str | None, take_over: bool = False) -> None:
-        pass
-
-    def release(self) -> None:
-        pass
-
-    def clear(self, rel_dir: str) -> int:
-        return 0
-
-    def push(self) -> None:
-        self.calls.append("push")
-
-    def pull(self) -> int:
-        self.calls.append("pull")
-        return 0
-
-    def start(self) -> None:
-        pass
-
-    def close(self) -> None:
-        self.calls.append("final push")
-
-
 @pytest.mark.parametrize("is_chief, expected", [
     (True, ["push", "barrier pretrain done"]),  # the chief publishes, then waits
     (False, ["barrier pretrain done", "pull"]),  # the others wait, then read what it published
@@ -97,12 +69,10 @@ def test_after_a_stop_no_worker_exits_before_the_chiefs_final_push(tmp_path, syn
                                                                      expected):
     """Before: the workers exited 143 right after saving, while the chief still pushed (a launcher that kills
     the rest at the first exit cut the push short)."""
-    from job import distribute, stages, sync, train
+    from job import distribute, stages, train
 
     calls: list[str] = []
-    mirror = tmp_path / "mirror"
-    mirror.mkdir()
-    monkeypatch.setattr(sync, "open_output", lambda output, root, interval, **_: (mirror, FakeSync(calls)))
+    use_fake_sync(monkeypatch, tmp_path / "mirror", FakeSync(calls))
     monkeypatch.setattr(distribute, "make_cluster", lambda runtime: FakeCluster(calls, is_chief))
 
     def preempted(ctx) -> None:

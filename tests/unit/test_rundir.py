@@ -23,6 +23,7 @@ from job.cli import main
 from job.config import load_config
 from job.errors import DiskFullError, JobError, StorageError, from_os_error
 from job.layout import RunLayout
+from tests.fakesync import FakeSync, use_fake_sync
 from tests.jobproc import job_args, run_job
 
 DEMO = "demo"
@@ -382,35 +383,12 @@ def test_force_discards_results_of_other_settings_it_would_leave_behind(tmp_path
 
 
 # -- a failed final push does not replace the job's own error ------------------------------------------
-class _FailingSync:
-    """An output syncer whose final push fails."""
-
-    def acquire(self, job: str | None, take_over: bool) -> None:
-        pass
-
-    def release(self) -> None:
-        pass
-
-    def clear(self, rel_dir: str) -> int:
-        return 0
-
-    def pull(self) -> int:
-        return 0
-
-    def start(self) -> None:
-        pass
-
-    def close(self) -> None:
-        raise StorageError("Could not upload 1 of 1 file(s) to gs://bucket/run/ (first: done.json: HTTP 503)")
-
-
 def test_failed_final_sync_does_not_replace_the_preemption(tmp_path, synth_zip, monkeypatch, caplog):
     """Before: exit 3 with the sync's error; the preemption (exit 143) and its message were lost."""
-    from job import stages, sync, train
+    from job import stages, train
 
-    mirror = tmp_path / "mirror"
-    mirror.mkdir()
-    monkeypatch.setattr(sync, "open_output", lambda output, root, interval, **_: (mirror, _FailingSync()))
+    failing = StorageError("Could not upload 1 of 1 file(s) to gs://bucket/run/ (first: done.json: HTTP 503)")
+    use_fake_sync(monkeypatch, tmp_path / "mirror", FakeSync(close_error=failing))
 
     def preempted(ctx) -> None:
         raise train.Preempted(7)
