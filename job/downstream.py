@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -11,6 +12,9 @@ from dataclasses import dataclass
 import keras
 import numpy as np
 import tensorflow as tf
+from keras.src.backend.common import global_state  # keras.utils.set_random_seed's state, set without TF's seed
+from keras.src.random import seed_generator
+from keras.src.utils import rng_utils
 
 from job import console
 from job.config import ModelConfig
@@ -116,8 +120,7 @@ class Learner:
     def reset(self, ctx: Context, init: str, mode: str, seed: int, warmup_steps: int, total_steps: int) -> None:
         """Fresh seeded weights (the pretrained backbone's and rotation head's when init is pretrained),
         optimizers and schedules."""
-        keras.utils.set_random_seed(seed)
-        self.nets.trained.set_weights(_initial_weights(ctx, mode, seed))
+        self.nets.trained.set_weights(_initial_weights(ctx, mode, seed))  # and the random generators seeded
         if init == PRETRAINED:
             self.nets.backbone.set_weights(pretrained_backbone(ctx).get_weights())
             if self.nets.rotation is not None:
@@ -138,12 +141,39 @@ class Learner:
 def _initial_weights(ctx: Context, mode: str, seed: int) -> list[np.ndarray]:
     """The `mode` networks' random initial weights with Keras seeded by `seed`, built once per job, mode and seed:
     every run of that seed (each label fraction, pretrained or scratch) starts from them. Building a throwaway
-    MobileNetV2 for each run cost seconds, and collecting its garbage more (the gap after each downstream run)."""
-    key = f"initial_weights/{mode}/{seed}"
-    if key not in ctx.built:  # plain variables, outside the strategy: only their values are used
+    MobileNetV2 for each run cost seconds, and collecting its garbage more (the gap after each downstream run).
+
+    Leaves the random generators as `keras.utils.set_random_seed(seed)` and that build leave them, as every run
+    always started. TensorFlow's seed is set only to build: setting it clears TensorFlow's kernel cache, and every
+    traced function (the train step, the evaluation's inference) was then optimised again on its next call,
+    3-5 s a run on a CPU. So the first call builds every configured seed's weights (the requested one last).
+    """
+    key = _initial_weights_key(mode, seed)
+    if key in ctx.built:
+        _seed_host_generators(seed)
+        return ctx.built[key]
+    runtime = ctx.config.runtime
+    configured = [runtime.seed + i for i in range(ctx.config.finetune.seeds)]
+    for each in [s for s in configured if s != seed and _initial_weights_key(mode, s) not in ctx.built] + [seed]:
+        keras.utils.set_random_seed(each)
+        # Plain variables, outside the strategy: only their values are used.
         nets = _networks(ctx.config.model, ctx.config.data.image_size, transfer_layers(ctx), mode)
-        ctx.built[key] = nets.trained.get_weights()
+        ctx.built[_initial_weights_key(mode, each)] = nets.trained.get_weights()
     return ctx.built[key]
+
+
+def _initial_weights_key(mode: str, seed: int) -> str:
+    return f"initial_weights/{mode}/{seed}"
+
+
+def _seed_host_generators(seed: int) -> None:
+    """`keras.utils.set_random_seed(seed)` without TensorFlow's seed (whose setting clears TensorFlow's kernel
+    cache): Python's, NumPy's and Keras' global generators. A run's TensorFlow randomness is stateless or
+    explicitly seeded (the input pipeline, dropout through Keras' seed generators, the probe's initializer)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    global_state.set_global_attribute(rng_utils.GLOBAL_RANDOM_SEED, seed)
+    global_state.set_global_attribute(seed_generator.GLOBAL_SEED_GENERATOR, None)
 
 
 def _pretrained_rotation_head(ctx: Context) -> list[np.ndarray]:

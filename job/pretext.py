@@ -134,7 +134,8 @@ def pretrain(ctx: Context) -> dict:
     result = trainer.fit(task.dataset_fn, task.evaluator)
     log.info("pretrain: exporting the backbone and the rotation model (.keras files and a SavedModel)...")
     trainer.finalize(use_best=True)
-    final = task.evaluator(result.epochs, tf.summary.create_noop_writer())  # the last epoch's step is logged already
+    # The best epoch's validation, already measured on these weights; evaluated again only when it is not known.
+    final = trainer.best_record() or task.evaluator(result.epochs, tf.summary.create_noop_writer())
     trainer.close()
     testhooks.chief_delay(ctx.cluster, "the pretrain exports")
     if ctx.cluster.is_chief:

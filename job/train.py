@@ -277,6 +277,16 @@ class Trainer:
         elif self.config.fresh_batchnorm:
             debias_batchnorm(self.model, self.state.global_step)
 
+    def best_record(self) -> dict[str, float] | None:
+        """The history record of the epoch whose weights `finalize(use_best=True)` loads (the first that reached
+        the best monitored value), or None when that is not known (no best weights saved; several workers
+        agreed on a mean). Its validation metrics are what evaluating the finalized model gives: the same
+        weights, saved as that epoch evaluated them."""
+        if not self.state.best_path.is_file() or self.cluster.num_workers > 1:
+            return None
+        best = float(self.state.early_stopping.best.numpy())
+        return next((r for r in self.state.history if r.get(self.config.monitor) == best), None)
+
     def close(self) -> None:
         self.writer.close()
         self.state.close()

@@ -15,7 +15,7 @@ from job.config import load_config
 def test_initial_weights_are_a_fresh_seeded_build_made_once_per_seed(monkeypatch):
     """Before, every run's reset built a throwaway MobileNetV2 for them (seconds, and its garbage collection
     more: the gap after each downstream run)."""
-    ctx = types.SimpleNamespace(config=load_config("demo"), built={})
+    ctx = types.SimpleNamespace(config=load_config("demo", ["runtime.seed=3", "finetune.seeds=1"]), built={})
     keras.utils.set_random_seed(3)
     first = downstream._initial_weights(ctx, "finetune", 3)
     keras.utils.set_random_seed(3)

@@ -108,3 +108,37 @@ def test_cross_entropy_is_the_training_loss_on_held_out_logits():
     expected = tf.keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True).numpy().mean()
     np.testing.assert_allclose(cross_entropy(logits, labels), expected, atol=1e-5)
     assert cross_entropy(logits[:0], labels[:0]) == 0.0
+
+
+def test_fit_logistic_in_one_traced_call_is_the_step_by_step_fit_bit_for_bit():
+    """All the steps now run in one call of a traced loop; the fit must not change (the probes' and the
+    transfer-layer choice's numbers). The reference is the former implementation, one call per step."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(1)
+    features = rng.normal(size=(120, 12)).astype(np.float32)
+    labels = rng.integers(0, 3, 120)
+    steps, learning_rate, weight_decay, seed = 50, 0.05, 1e-3, 4
+
+    mean, std = features.mean(0), features.std(0) + 1e-6
+    x_train, y_train = tf.constant((features - mean) / std, tf.float32), tf.constant(labels, tf.int32)
+    weights = tf.Variable(tf.keras.initializers.GlorotUniform(seed=seed)((12, 3)))
+    bias = tf.Variable(tf.zeros(3))
+    optimizer = tf.keras.optimizers.Adam(learning_rate)
+
+    @tf.function
+    def step():
+        with tf.GradientTape() as tape:
+            logits = x_train @ weights + bias
+            loss = tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(y_train, logits))
+            loss += weight_decay * tf.reduce_sum(weights**2)
+        optimizer.apply_gradients(zip(tape.gradient(loss, [weights, bias]), [weights, bias]))
+
+    for _ in range(steps):
+        step()
+    kernel = weights.numpy() / std[:, None]
+    expected = kernel.astype(np.float32), (bias.numpy() - mean @ kernel).astype(np.float32)
+
+    actual = fit_logistic(features, labels, 3, steps, learning_rate, weight_decay, seed)
+    np.testing.assert_array_equal(actual[0], expected[0])
+    np.testing.assert_array_equal(actual[1], expected[1])
