@@ -26,3 +26,12 @@ def test_every_exit_code_is_documented():
     assert {2, 3, 4} <= job_errors  # bad input, storage, full disk (and any added since)
     used = {0, UNCAUGHT_EXCEPTION, CLICK_USAGE_ERROR, EXIT_PREEMPTED, *job_errors}
     assert _documented_codes() == used
+
+
+def test_every_module_is_in_the_readme_module_table():
+    """A new module gets its row in the README's table of what each module holds."""
+    text = README.read_text()
+    modules = sorted(p for p in (README.parent / "job").glob("*.py") if not p.name.startswith("__"))
+    assert modules
+    missing = [f"job/{p.name}" for p in modules if f"`job/{p.name}`" not in text]
+    assert not missing, f"not in README's module table: {missing}"
