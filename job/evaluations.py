@@ -126,6 +126,7 @@ class Evaluation(ABC):
     title: ClassVar[str]  # how the log names it
     switch: ClassVar[str | None] = None  # its boolean key in [evaluate], if it has one
     column: ClassVar[str | None] = None  # its column of the label-efficiency rows, if any
+    keys: ClassVar[dict[str, str]] = {}  # its metrics.json entries: dotted key → its key in evaluate/done.json
 
     def __init__(self, config: Config):
         self.config = config
@@ -138,10 +139,10 @@ class Evaluation(ABC):
     def run(self, inputs: Inputs) -> dict[str, Any]:
         """Its results: keys of evaluate/done.json (and BY_FRACTION, its label-efficiency column)."""
 
-    @staticmethod
-    def metrics(done: dict) -> dict[str, Any]:
+    @classmethod
+    def metrics(cls, done: dict) -> dict[str, Any]:
         """Its metrics.json entries by dotted key, read from evaluate/done.json (None where it did not run)."""
-        return {}
+        return {dotted: done.get(key) for dotted, key in cls.keys.items()}
 
 
 def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
@@ -153,6 +154,8 @@ class LinearProbe(Evaluation):
     """Logistic regression on the frozen transfer features, pretrained and from random init."""
 
     name, title = "linear_probe", "linear probe"
+    keys = {"downstream.linear_probe_val_accuracy": "linear_probe_val_accuracy",
+            "downstream.random_linear_probe_val_accuracy": "random_linear_probe_val_accuracy"}
 
     def run(self, inputs: Inputs) -> dict[str, Any]:
         result = {"linear_probe_val_accuracy": inputs.probe_accuracy("pretrained"),
@@ -161,10 +164,6 @@ class LinearProbe(Evaluation):
                  result["linear_probe_val_accuracy"], result["random_linear_probe_val_accuracy"])
         return result
 
-    @staticmethod
-    def metrics(done: dict) -> dict[str, Any]:
-        return {"downstream.linear_probe_val_accuracy": done.get("linear_probe_val_accuracy"),
-                "downstream.random_linear_probe_val_accuracy": done.get("random_linear_probe_val_accuracy")}
 
 
 @register
@@ -172,6 +171,8 @@ class Knn(Evaluation):
     """Cosine k-NN on the frozen pretrained transfer features."""
 
     name, title = "knn", "k-NN"
+    keys = {"downstream.knn_val_accuracy": "knn_val_accuracy", "downstream.knn_k": "knn_k",
+            "downstream.knn_k_configured": "knn_k_configured"}
 
     def run(self, inputs: Inputs) -> dict[str, Any]:
         configured, labels = self.config.evaluate.knn_k, inputs.split.train_labels
@@ -184,10 +185,6 @@ class Knn(Evaluation):
         log.info("evaluate: k-NN (k = %d) on %s %.4f", k, "+".join(inputs.layers), accuracy)
         return {"knn_val_accuracy": accuracy, "knn_k": k, "knn_k_configured": configured}
 
-    @staticmethod
-    def metrics(done: dict) -> dict[str, Any]:
-        return {"downstream.knn_val_accuracy": done.get("knn_val_accuracy"), "downstream.knn_k": done.get("knn_k"),
-                "downstream.knn_k_configured": done.get("knn_k_configured")}
 
 
 @register
@@ -195,6 +192,8 @@ class LinearProbeAllClasses(Evaluation):
     """The all-class (200-way) linear probe on Tiny ImageNet val, pretrained and from random init."""
 
     name, title, switch = "linear_probe_200", "all-class linear probe", "linear_probe_200"
+    keys = {"pretext.linear_probe_200_top1": "linear_probe_200_top1",
+            "pretext.random_linear_probe_200_top1": "random_linear_probe_200_top1"}
 
     def run(self, inputs: Inputs) -> dict[str, Any]:
         data, result = inputs.ctx.dataset, {}
@@ -208,10 +207,6 @@ class LinearProbeAllClasses(Evaluation):
                  result["linear_probe_200_top1"], result["random_linear_probe_200_top1"])
         return result
 
-    @staticmethod
-    def metrics(done: dict) -> dict[str, Any]:
-        return {"pretext.linear_probe_200_top1": done.get("linear_probe_200_top1"),
-                "pretext.random_linear_probe_200_top1": done.get("random_linear_probe_200_top1")}
 
 
 @register
@@ -220,6 +215,7 @@ class DepthProbe(Evaluation):
     random init: where the transferable information sits."""
 
     name, title, switch = "depth_probe", "linear probe by depth", "depth_probe"
+    keys = {"downstream.depth_probe": "depth_probe"}
 
     def run(self, inputs: Inputs) -> dict[str, Any]:
         layers, split = self.config.evaluate.depth_probe_layers, inputs.split
@@ -238,9 +234,6 @@ class DepthProbe(Evaluation):
                  ", ".join(f"{r['layer']} {r['pretrained']:.3f}/{r['random']:.3f}" for r in rows))
         return {"depth_probe": rows}
 
-    @staticmethod
-    def metrics(done: dict) -> dict[str, Any]:
-        return {"downstream.depth_probe": done.get("depth_probe")}
 
 
 @register
@@ -265,8 +258,8 @@ class ColourBaseline(Evaluation):
                  ", ".join(f"{console.share(f)} of the labels {np.mean(v):.3f}" for f, v in scores.items()))
         return {"colour_histogram": scores[base], BY_FRACTION: scores}
 
-    @staticmethod
-    def metrics(done: dict) -> dict[str, Any]:
+    @classmethod
+    def metrics(cls, done: dict) -> dict[str, Any]:
         mean, std = _mean_std(done.get("colour_histogram", []))
         return {"baseline.colour_histogram_val_accuracy": mean, "baseline.colour_histogram_val_accuracy_std": std}
 
@@ -286,8 +279,8 @@ class ScratchBaseline(Evaluation):
         return {"scratch": [inputs.runs[inputs.spec(SCRATCH, base, s)] for s in inputs.seeds],
                 BY_FRACTION: {f: inputs.accuracies(SCRATCH, f) for f in inputs.fractions}}
 
-    @staticmethod
-    def metrics(done: dict) -> dict[str, Any]:
+    @classmethod
+    def metrics(cls, done: dict) -> dict[str, Any]:
         mean, std = _mean_std([r["val_accuracy"] for r in done.get("scratch", [])])
         return {"baseline.scratch_val_accuracy": mean, "baseline.scratch_val_accuracy_std": std}
 
