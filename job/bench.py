@@ -175,6 +175,7 @@ def run_bench(ctx, batches: int, repeats: int) -> dict:
     results["peak_rss_mb"] = _peak_rss_mb()
     results["train_images"] = int(len(ctx.dataset.train))
     results["image_size"] = ctx.config.data.image_size
+    results["data_store"] = ctx.config.data.store
     results["batch_images"] = ctx.config.pretext.batch_images
     return results
 
