@@ -2,9 +2,9 @@
 
 What makes them fast and resumable:
 - a sample never costs a JPEG decode: images are decoded once, held in host memory and gathered a whole
-  batch at a time, in-graph (no Python, no GIL), so the pipeline can be torn down at any step;
-- the images are held once, as decoded (uint8 RGB, `ImageStore`) or, for a small host, encoded (their JPEG
-  bytes, `EncodedStore`: the same pixels, decoded a batch at a time in-graph); a gathered batch is packed into 32-bit
+  batch at a time, in-graph (no Python, no GIL), so the pipeline can be torn down at any step (for a small
+  host, `EncodedStore` holds the JPEG bytes instead and decodes each gathered batch in-graph: the same pixels);
+- the images are held once, as decoded (uint8 RGB, `ImageStore`); a gathered batch is packed into 32-bit
   RGBX words, so a flip, crop or rotation then moves one int32 per pixel instead of three separate bytes,
   which makes TF's CPU kernels ~4x faster; they stay uint8 until the model, and the train step drops the
   fourth byte on its device (`model_pixels`);
