@@ -12,7 +12,8 @@
    longest loop the run's logging allows), and loop_speedup = n / 1;
 6. pipeline_speedup = 2 / 1, input_efficiency = 4 / 3, peak RSS (after the decode, after both pipelines, at
    the end), the decoded payload (uint8 train + val) it compares with, and the first epoch's decode rate (a
-   fresh decode into a scratch cache, which the rest of the benchmark then reads memory-mapped as runs do).
+   fresh decode into a scratch cache, which the rest of the benchmark then reads memory-mapped as runs do);
+7. data_store: how the pretext held its train images (`data.store`: "encoded" also encodes them on first use).
 Each measurement excludes warm-up, is repeated, and the median is reported.
 """
 
@@ -175,6 +176,7 @@ def run_bench(ctx, batches: int, repeats: int) -> dict:
     results["peak_rss_mb"] = _peak_rss_mb()
     results["train_images"] = int(len(ctx.dataset.train))
     results["image_size"] = ctx.config.data.image_size
+    results["data_store"] = ctx.config.data.store
     results["batch_images"] = ctx.config.pretext.batch_images
     return results
 

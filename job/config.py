@@ -43,6 +43,10 @@ class DataConfig:
     decode_threads: int = 0  # 0 = one per CPU core
     crop_padding: int = 4  # random crop after padding this many pixels (reflect) on each side
     prefetch_batches: int = 4
+    # How the pretext's train images are held in host memory: "decoded" (uint8 pixels, 3 bytes a pixel: the
+    # fastest pipeline) or "encoded" (the JPEG bytes, ~1/5 of that at 64 px, decoded a batch at a time in-graph:
+    # for a small host). The same pixels either way (README "Throughput").
+    store: str = "decoded"
     # The expected sha256 (64 hex digits) of an https:// --data file: a download that differs is deleted and the
     # run fails (exit 3); a cached copy recorded with this sha256 is reused without a request. "" = not checked.
     sha256: str = ""
@@ -178,6 +182,7 @@ class Config:
 
 
 _CHOICES = {
+    ("data", "store"): ("decoded", "encoded"),
     ("pretext", "optimizer"): ("adamw", "sgd"),
     ("finetune", "optimizer"): ("adamw", "sgd"),
     ("finetune", "mode"): ("finetune", "linear", "s4l"),

@@ -1,7 +1,8 @@
 """Tiny ImageNet in its original layout (zip or directory) → decoded uint8 arrays, wnids and labels.
 
 Knows nothing of models or training. Decoding happens once; the arrays are cached as `.npy` files keyed
-by the source's identity and image size, and later runs memory-map them.
+by the source's identity and image size, and later runs memory-map them. The train split's encoded images
+(`EncodedImages`, for `data.store = "encoded"`) are cached beside them on first use.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import stat
 import tempfile
 import threading
 import time
+import typing
 import zipfile
 import zlib
 from collections.abc import Iterator
@@ -54,6 +56,12 @@ CORRUPT_MEMBER_ERRORS = (KeyError, zipfile.BadZipFile, zlib.error, EOFError)
 READ_ATTEMPTS = 4
 READ_RETRY_DELAY_S = 0.5  # doubled after each failed attempt
 META_FILE = "meta.json"
+# The encoded train images, beside the decoded arrays of the same cache (same source, same size): one file of
+# concatenated bytes and the offsets of each image in it (written last: it vouches for the bytes).
+ENCODED_FORMAT_VERSION = 1
+ENCODED_BYTES = f"{{split}}_encoded-{ENCODED_FORMAT_VERSION}.bin"
+ENCODED_OFFSETS = f"{{split}}_encoded-{ENCODED_FORMAT_VERSION}_offsets.npy"
+ENCODE_CHUNK = 2048  # images read, checked and written at once (~25 MB of decoded pixels at 64 px)
 PARTIAL_MARKER = ".partial-"
 # A decode in progress: <key>.partial-<host>-<pid>-<random>. Another host's partial (a shared cache) is only
 # removed once nothing in it changed for this long.
@@ -91,6 +99,7 @@ class Dataset:
     source: str = ""
     from_cache: bool = False
     wnids_file: str = ""  # where the class list was read: a path, or ZIP:tiny-imagenet-200/wnids.txt
+    cache: Path | None = None  # the decode cache it was read from (None: decoded without one)
 
     def class_index(self, wnid: str) -> int:
         """Index of a wnid, or a JobError naming it and the data."""
@@ -570,4 +579,115 @@ def _load_cache(cache: Path, source: str) -> Dataset:
     return Dataset(
         meta["wnids"], meta["names"], split("train"), split("val"), meta["skipped"], meta["decode_seconds"], source,
         from_cache=True, wnids_file=meta.get("wnids_file", ""),  # caches from before it was recorded: ""
+        cache=cache,
     )
+
+
+@dataclass
+class EncodedImages:
+    """Encoded images of one split: image i is `data[offsets[i]:offsets[i + 1]]`, a JPEG or a lossless PNG."""
+
+    data: np.ndarray  # uint8 [total bytes], memory-mapped from the cache when there is one
+    offsets: np.ndarray  # int64 [N + 1]
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, index: int) -> bytes:
+        return self.data[self.offsets[index] : self.offsets[index + 1]].tobytes()
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.offsets[-1])
+
+
+def encoded_train_images(dataset: Dataset, threads: int = 0) -> EncodedImages:
+    """The train split as encoded bytes that decode to exactly its pixels (`dataset.train.images`).
+
+    Each image is its source file when it is a JPEG that `job.decode` decodes to the cached pixels bit for bit,
+    else a lossless PNG of those pixels (PNG, CMYK, resized or otherwise PIL-decoded sources). Built once from
+    `--data` (`dataset.source`) and cached beside the decoded arrays (`dataset.cache`), memory-mapped after.
+    """
+    split = dataset.train
+    if dataset.cache is None:
+        buffer = io.BytesIO()
+        offsets = _encode_split(dataset, split, buffer, threads)
+        return EncodedImages(np.frombuffer(buffer.getvalue(), np.uint8), offsets)
+    target, index = dataset.cache / ENCODED_BYTES.format(split="train"), dataset.cache / ENCODED_OFFSETS.format(
+        split="train")
+    if index.is_file():
+        encoded = _load_encoded(target, index, len(split))
+        if encoded is not None:
+            return encoded
+        log.warning("The encoded images cached in %s do not match its decoded ones: encoding them again",
+                    dataset.cache)
+    _remove_stale_partials(dataset.cache)
+    partial = _partial_cache(dataset.cache / "encoded")
+    try:
+        with open(partial / target.name, "wb") as out:
+            offsets = _encode_split(dataset, split, out, threads)
+        np.save(partial / index.name, offsets)
+        for path in (partial / target.name, partial / index.name):
+            fsync_path(path)
+        os.replace(partial / target.name, target)  # the bytes first: the offsets vouch for them
+        os.replace(partial / index.name, index)
+        fsync_path(dataset.cache)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    log.info("Cached the encoded train images in %s", dataset.cache)
+    encoded = _load_encoded(target, index, len(split))
+    assert encoded is not None, "just written"
+    return encoded
+
+
+def _load_encoded(target: Path, index: Path, count: int) -> EncodedImages | None:
+    """The cached encoded images, memory-mapped; None when the files do not hold `count` images."""
+    offsets = np.load(index)
+    size = target.stat().st_size if target.is_file() else -1
+    if offsets.shape != (count + 1,) or offsets[0] != 0 or offsets[-1] != size or size == 0:
+        return None
+    return EncodedImages(np.memmap(target, np.uint8, "r"), offsets)
+
+
+def _encode_split(dataset: Dataset, split: ImageSet, out: typing.BinaryIO, threads: int) -> np.ndarray:
+    """Write each image of `split` to `out` (its source JPEG when exact, else a PNG of its pixels); the offsets."""
+    from job.decode import exact_jpegs  # TensorFlow: only for the encoded store
+
+    start = time.perf_counter()
+    tree = _Tree(Path(dataset.source))
+    offsets = np.zeros(len(split) + 1, np.int64)
+    progress = _Progress("train (encoding)", len(split))
+    pngs = 0
+    try:
+        for begin in range(0, len(split), ENCODE_CHUNK):
+            names = split.files[begin : begin + ENCODE_CHUNK]
+            pixels = np.asarray(split.images[begin : begin + len(names)])
+            data = [_read_or_empty(tree, name) for name in names]
+            exact = exact_jpegs(data, pixels, threads)
+            for i, blob in enumerate(data):
+                if not exact[i]:
+                    blob, pngs = lossless_png(pixels[i]), pngs + 1
+                out.write(blob)
+                offsets[begin + i + 1] = offsets[begin + i] + len(blob)
+            release_pages(split.images)
+            progress.add(len(names))
+    finally:
+        tree.close()
+    log.info("Encoded %d train images (%d as PNGs of their pixels: not a JPEG decoded exactly), %.0f MB, in %.1f s",
+             len(split), pngs, offsets[-1] / 2**20, time.perf_counter() - start)
+    return offsets
+
+
+def _read_or_empty(tree: _Tree, name: str) -> bytes:
+    """A source file's bytes; b"" (stored as a PNG of its pixels) when its zip member no longer reads."""
+    try:
+        return read_with_retries(tree, name)
+    except CORRUPT_MEMBER_ERRORS:
+        return b""
+
+
+def lossless_png(pixels: np.ndarray) -> bytes:
+    """RGB uint8 [H, W, 3] → PNG bytes that decode to exactly these pixels."""
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, "PNG")
+    return out.getvalue()

@@ -2,7 +2,8 @@
 
 What makes them fast and resumable:
 - a sample never costs a JPEG decode: images are decoded once, held in host memory and gathered a whole
-  batch at a time, in-graph (no Python, no GIL), so the pipeline can be torn down at any step;
+  batch at a time, in-graph (no Python, no GIL), so the pipeline can be torn down at any step (for a small
+  host, `EncodedStore` holds the JPEG bytes instead and decodes each gathered batch in-graph: the same pixels);
 - the images are held once, as decoded (uint8 RGB, `ImageStore`); a gathered batch is packed into 32-bit
   RGBX words, so a flip, crop or rotation then moves one int32 per pixel instead of three separate bytes,
   which makes TF's CPU kernels ~4x faster; they stay uint8 until the model, and the train step drops the
@@ -20,12 +21,15 @@ from dataclasses import dataclass
 import numpy as np
 import tensorflow as tf
 
-from job.data import release_pages
+from job.data import EncodedImages, release_pages
+from job.decode import decode_stored
 from models.heads import NUM_ROTATIONS
 
 SEED_STRIDE = 1_000_003  # (seed, epoch) → one stateless-RNG key component
 RGBX = 4  # bytes per pixel in the training batches: R, G, B and one zero byte
 STORE_CHUNK = 512  # images copied into the ImageStore at once (6 MB at 64 px: 4,096 cost 128 MB more peak RSS)
+ENCODED_STORE_CHUNK = 4096  # encoded images copied into the EncodedStore at once (~10 MB of JPEGs at 64 px)
+PARALLEL_DECODES = 64  # images of a gathered batch the EncodedStore decodes at once (tf.map_fn)
 
 
 @dataclass(frozen=True)
@@ -191,8 +195,47 @@ class ImageStore:
 
     def gather(self, index: tf.Tensor) -> tf.Tensor:
         """The images at `index`, packed: int32 [B, H, W], one RGBX word a pixel (see `pack_rgbx`)."""
-        pixels = tf.gather(self.variable, index)
-        return tf.bitcast(tf.pad(pixels, [[0, 0], [0, 0], [0, 0], [0, RGBX - 3]]), tf.int32)
+        return _pack(tf.gather(self.variable, index))
+
+
+class EncodedStore:
+    """The training images held once in host memory as encoded bytes (a string TF resource), decoded in-graph.
+
+    The small-host alternative to `ImageStore` (`data.store = "encoded"`): a 64 px Tiny ImageNet JPEG is ~2-3 KB
+    where its pixels are 12 KB. `gather` decodes the batch's images (`job.decode.decode_stored`: JPEGs as
+    PIL decodes them, PNGs losslessly) and packs them as `ImageStore.gather` does: the same pixels, so the same
+    batches, at the cost of a decode per image and step.
+    """
+
+    def __init__(self, encoded: EncodedImages, size: int, chunk: int = ENCODED_STORE_CHUNK):
+        self.size = size
+        count = len(encoded)
+        with tf.device("/cpu:0"):
+            self.variable = tf.Variable(lambda: tf.fill([count], ""), trainable=False, name="encoded_images")
+            for begin in range(0, count, chunk):
+                end = min(begin + chunk, count)
+                data = np.array([encoded[i] for i in range(begin, end)], object)
+                self.variable.scatter_update(tf.IndexedSlices(tf.constant(data), tf.range(begin, end)))
+                release_pages(encoded.data)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """(N, H, W): images, rows, columns."""
+        return (int(self.variable.shape[0]), self.size, self.size)
+
+    def gather(self, index: tf.Tensor) -> tf.Tensor:
+        """The images at `index`, decoded and packed: int32 [B, H, W], as `ImageStore.gather` gives them."""
+        pixels = tf.map_fn(
+            lambda data: decode_stored(data, self.size), tf.gather(self.variable, index),
+            fn_output_signature=tf.TensorSpec([self.size, self.size, 3], tf.uint8),
+            parallel_iterations=PARALLEL_DECODES,
+        )
+        return _pack(pixels)
+
+
+def _pack(pixels: tf.Tensor) -> tf.Tensor:
+    """uint8 [B, H, W, 3] → int32 [B, H, W], one RGBX word a pixel (the in-graph `pack_rgbx`)."""
+    return tf.bitcast(tf.pad(pixels, [[0, 0], [0, 0], [0, 0], [0, RGBX - 3]]), tf.int32)
 
 
 @dataclass(frozen=True)
@@ -216,7 +259,7 @@ class Sharding:
 
 
 def train_dataset(
-    images: ImageStore | np.ndarray,
+    images: ImageStore | EncodedStore | np.ndarray,
     labels: np.ndarray,
     plan: BatchPlan,
     *,
@@ -235,7 +278,7 @@ def train_dataset(
     the class label, for an online probe only. Augmentation draws are made for the whole global batch,
     so they do not depend on how it is sharded.
     """
-    store = images if isinstance(images, ImageStore) else ImageStore(images)
+    store = images if isinstance(images, (ImageStore, EncodedStore)) else ImageStore(images)
     global_batch = plan.indices.shape[1]
     replicas = sharding.replicas_per_pipeline
     if global_batch % (sharding.num_pipelines * replicas):

@@ -23,7 +23,7 @@ from job.pipelines import NUM_ROTATIONS, model_pixels, random_subset, rotate_fou
 from job.precision import dtype_policy, mixed_precision, use_xla
 from job.probes import accuracy, cross_entropy, predict
 from job.serving import export_rotation_model
-from job.task import Task, build_optimizer, check_batch, configured_backbone, dataset_fn, loop_config
+from job.task import Task, build_optimizer, check_batch, configured_backbone, dataset_fn, loop_config, train_store
 from job.train import ParamGroup, WarmupCosine
 from models.heads import classifier_head, rotation_head
 
@@ -94,8 +94,8 @@ def build_pretext_task(p: PretextConfig, model_cfg: ModelConfig, data_cfg: DataC
         runtime, epochs=p.epochs, steps_per_epoch=steps, samples_per_step=NUM_ROTATIONS * p.batch_images,
         patience=p.early_stopping_patience, monitor="rotation_accuracy", xla=use_xla(runtime, cluster),
     )
-    make_dataset = dataset_fn(data.train.images, data.train.labels, train_indices, p.batch_images, p.steps_per_epoch,
-                              data=data_cfg, seed=runtime.seed, rotations=True)
+    make_dataset = dataset_fn(train_store(data, data_cfg), data.train.labels, train_indices, p.batch_images,
+                              p.steps_per_epoch, data=data_cfg, seed=runtime.seed, rotations=True)
     rotation_model = keras.Model(pixels, rotation_logits, name="rotation_model")
     val_indices = random_subset(len(data.val), p.val_max_images, runtime.seed)
 

@@ -29,13 +29,15 @@ log = logging.getLogger(__name__)
 
 FINGERPRINT_KEY = "fingerprint"
 
-# Settings that cannot change any stage's result: caching, input-pipeline parallelism, logging, checkpoint
+# Settings that cannot change any stage's result: caching, how the train images are held (data.store: the same
+# pixels, decoded or encoded), input-pipeline parallelism, logging, checkpoint
 # cadence (resume is exact at any step), steps per traced call (the same steps), syncing, ports, the report's
 # figures, the class names (labels of the report), the download's expected checksum (the data's identity
 # records the file's own), and XLA (it compiles the same computation). Mixed precision changes the
 # arithmetic: it counts.
 NO_EFFECT = frozenset({
     "data.cache_dir", "data.decode_threads", "data.prefetch_batches", "data.downstream_names", "data.sha256",
+    "data.store",
     "runtime.checkpoint_every_steps", "runtime.keep_checkpoints", "runtime.log_every_steps", "runtime.steps_per_loop",
     "runtime.sync_interval_s", "runtime.slurm_port_base", "runtime.slurm_port_count", "runtime.barrier_timeout_s",
     "runtime.xla", "evaluate.report_examples",

@@ -15,13 +15,15 @@ import numpy as np
 import tensorflow as tf
 
 from job.config import DataConfig, FinetuneConfig, ModelConfig, PretextConfig, RuntimeConfig
+from job.data import Dataset, encoded_train_images
 from job.distribute import Cluster
 from job.errors import JobError
-from job.pipelines import BatchPlan, ImageStore, Sharding, plan_epoch, train_dataset
+from job.pipelines import BatchPlan, EncodedStore, ImageStore, Sharding, plan_epoch, train_dataset
 from job.train import DatasetFn, Evaluator, LoopConfig, Objective, ParamGroup, Trainer, WarmupCosine, make_optimizer
 from models.backbone import WeightsUnavailable, build_backbone
 
 NO_WEIGHTS = "none"  # model.weights: random init
+ENCODED_STORE = "encoded"  # data.store: the train images held as encoded bytes (job.pipelines.EncodedStore)
 
 
 @dataclass
@@ -53,11 +55,21 @@ def loop_config(runtime: RuntimeConfig, *, epochs: int, steps_per_epoch: int, sa
     )
 
 
-def dataset_fn(images: np.ndarray, labels: np.ndarray, indices: np.ndarray, batch: int, steps: int, *,
-               data: DataConfig, seed: int, rotations: bool) -> DatasetFn:
+def train_store(dataset: Dataset, data: DataConfig) -> ImageStore | EncodedStore:
+    """The dataset's train images in host memory as `data.store` says: decoded pixels, or encoded bytes decoded a
+    batch at a time (the same pixels)."""
+    if data.store == ENCODED_STORE:
+        return EncodedStore(encoded_train_images(dataset, data.decode_threads), data.image_size)
+    return ImageStore(dataset.train.images)
+
+
+def dataset_fn(images: np.ndarray | ImageStore | EncodedStore, labels: np.ndarray, indices: np.ndarray, batch: int,
+               steps: int, *, data: DataConfig, seed: int, rotations: bool) -> DatasetFn:
     """(epoch, start_step, input_context) → this pipeline's tf.data.Dataset for that epoch, over `indices` of
-    `images` in batches of `batch` (`steps` a epoch; 0: one pass), augmented as `data` says, drawn from `seed`."""
-    store = ImageStore(images)  # once per task, shared by every epoch's dataset
+    `images` (an array, or a store from `train_store`) in batches of `batch` (`steps` a epoch; 0: one pass),
+    augmented as `data` says, drawn from `seed`."""
+    # once per task, shared by every epoch's dataset
+    store = images if isinstance(images, (ImageStore, EncodedStore)) else ImageStore(images)
 
     def make(epoch: int, start_step: int, context: tf.distribute.InputContext | None) -> tf.data.Dataset:
         plan = plan_epoch(len(indices), batch, seed, epoch, steps)

@@ -129,6 +129,12 @@ def test_unknown_override_key(tmp_path, synth_zip):
     assert not (tmp_path / "out").exists()
 
 
+def test_unknown_data_store(tmp_path, synth_zip):
+    """data.store takes "decoded" or "encoded": another value is one line naming the key and both (exit 2)."""
+    result = invoke("bench", "--data", str(synth_zip), "--set", "data.store=jpeg")
+    assert one_line_error(result) == ("error: data.store = 'jpeg' is not allowed: use one of ['decoded', 'encoded'].")
+
+
 def test_malformed_override(tmp_path, synth_zip):
     result = invoke("pretrain", "--data", str(synth_zip), "--output", str(tmp_path / "out"),
                     "--set", "pretext.epochs")

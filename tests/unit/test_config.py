@@ -164,6 +164,7 @@ def test_malformed_override(override):
         ("runtime.xla=yes", "runtime.xla"),
         ("runtime.mixed_precision=maybe", "runtime.mixed_precision"),
         ("model.stem_stride=4", "model.stem_stride"),
+        ("data.store=jpeg", "data.store"),
     ],
 )
 def test_bad_choice(override, key):

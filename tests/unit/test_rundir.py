@@ -129,7 +129,7 @@ def test_same_settings_reuse_and_settings_without_effect_too(tmp_path, synth_zip
     out = tmp_path / "out"
     completed_pretext(out, synth_zip)
     result = invoke("pretrain", *job_options(synth_zip, out, tmp_path, "runtime.log_every_steps=3",
-                                             "data.decode_threads=1", "runtime.xla=on",
+                                             "data.decode_threads=1", "runtime.xla=on", "data.store=encoded",
                                              'data.downstream_wnids=["n01855672", "n01443537"]'))
     assert result.exit_code == 0, result.output
     assert "skipping (use --force to redo)" in caplog.text
@@ -163,7 +163,8 @@ def test_finish_writes_the_fingerprint_and_read_done_hides_it(tmp_path, synth_zi
 def test_pretrain_fingerprint_leaves_out_downstream_and_no_effect_keys():
     keys = rundir.settings(load_config(DEMO), rundir.PRETRAIN)
     assert {"model.alpha", "pretext.epochs", "runtime.seed", "data.image_size"} <= keys.keys()
-    assert not {"finetune.epochs", "data.cache_dir", "runtime.log_every_steps", "data.downstream_wnids"} & keys.keys()
+    assert not {"finetune.epochs", "data.cache_dir", "runtime.log_every_steps", "data.downstream_wnids",
+                "data.store"} & keys.keys()
 
 
 # -- 2. every check before anything is deleted or rewritten ----------------------------------------
