@@ -327,7 +327,7 @@ def _decode_split(
     target = cache / f"{split}_images.npy" if cache is not None else None
     images = np.lib.format.open_memmap(target, "w+", np.uint8, shape) if target else np.zeros(shape, np.uint8)
     ok = np.zeros(len(files), bool)
-    progress = _Progress(split, len(files))
+    progress = _Progress(split, len(files), written=images)
     if len(files) >= IN_GRAPH_MIN_IMAGES:
         _decode_in_graph(tree, files, size, images, ok, threads, progress)
     rest = np.flatnonzero(~ok)
@@ -352,23 +352,30 @@ def _decode_split(
 
 
 class _Progress:
-    """Logs how far a split's decode is, at most every PROGRESS_EVERY_S."""
+    """Logs how far a split's decode is, at most every PROGRESS_EVERY_S; with `written`, the array decoded into,
+    also hands its written pages to the page cache every RELEASE_EVERY_IMAGES images."""
 
-    def __init__(self, split: str, total: int):
-        self.split, self.total, self.done = split, total, 0
+    def __init__(self, split: str, total: int, written: np.ndarray | None = None):
+        self.split, self.total, self.done, self.written = split, total, 0, written
         self.last = time.perf_counter()
+        self.since_release = 0
 
     def add(self, count: int) -> None:
         self.done += count
         if time.perf_counter() - self.last > PROGRESS_EVERY_S:
             self.last = time.perf_counter()
             log.info("Decoding %s: %d/%d images", self.split, self.done, self.total)
+        self.since_release += count
+        if self.written is not None and self.since_release >= RELEASE_EVERY_IMAGES:
+            release_pages(self.written)  # written pages go to the page cache, not this process
+            self.since_release = 0
 
 
 def _decode_in_graph(tree: _Tree, files: list[str], size: int, images: np.ndarray, ok: np.ndarray, threads: int,
                      progress: _Progress) -> None:
     """Decode the JPEGs of `files` in-graph on every core (`job.decode`), written into `images` a batch at a time
-    and marked in `ok`; the others are left. A file that cannot be read is a JobError, as on the PIL path."""
+    (`progress` releasing the written pages) and marked in `ok`; the others are left. A file that cannot be read
+    is a JobError, as on the PIL path."""
     from job.decode import decoded_batches  # TensorFlow: only for a large decode
 
     failures: list[JobError] = []
@@ -387,15 +394,10 @@ def _decode_in_graph(tree: _Tree, files: list[str], size: int, images: np.ndarra
                 positions.append(i)
             yield positions, data
 
-    since_release = 0
     for positions, batch in decoded_batches(chunks(), size, threads):
         images[positions] = batch
         ok[positions] = True
         progress.add(len(positions))
-        since_release += len(positions)
-        if since_release >= RELEASE_EVERY_IMAGES:  # written pages go to the page cache, not this process
-            release_pages(images)
-            since_release = 0
     release_pages(images)
     if failures:
         raise failures[0]
@@ -403,8 +405,8 @@ def _decode_in_graph(tree: _Tree, files: list[str], size: int, images: np.ndarra
 
 def _decode_in_threads(tree: _Tree, files: list[str], indices: np.ndarray, size: int, images: np.ndarray,
                        ok: np.ndarray, workers: int, progress: _Progress) -> None:
-    """Decode `files[indices]` into `images` with PIL on a thread pool, a chunk at a time, releasing written
-    pages as it goes; unreadable images are logged and left out of `ok`."""
+    """Decode `files[indices]` into `images` with PIL on a thread pool, a chunk at a time, its `progress` releasing
+    written pages as it goes; unreadable images are logged and left out of `ok`."""
     failed = threading.Event()  # one file could not be read: the others stop, the run fails
 
     def decode(i: int) -> None:
@@ -421,16 +423,11 @@ def _decode_in_threads(tree: _Tree, files: list[str], indices: np.ndarray, size:
             images[i] = pixels
             ok[i] = True
 
-    since_release = 0
     with ThreadPoolExecutor(workers) as threads:
         for begin in range(0, len(indices), DECODE_CHUNK):
             chunk = indices[begin : begin + DECODE_CHUNK]
             list(threads.map(decode, chunk))
             progress.add(len(chunk))
-            since_release += len(chunk)
-            if since_release >= RELEASE_EVERY_IMAGES:  # written pages go to the page cache, not this process
-                release_pages(images)
-                since_release = 0
 
 
 def _read_and_decode(tree: _Tree, name: str, size: int) -> tuple[np.ndarray | None, str]:
