@@ -9,7 +9,8 @@
    as training runs them;
 5. train_samples_per_sec_steps_per_loop_1 / _n: 4 at one step per call (a host sync after every step) and at
    steps_per_loop_n steps per call (runtime.steps_per_loop, or runtime.log_every_steps when that is 1: the
-   longest loop the run's logging allows), and loop_speedup = n / 1;
+   longest loop the run's logging allows), and loop_speedup = n / 1. All three run the one traced loop of
+   steps_per_loop_n steps at most (a call's length is a tensor), so they differ only in host syncs;
 6. pipeline_speedup = 2 / 1, input_efficiency = 4 / 3, peak RSS (after the decode, after both pipelines, at
    the end), the decoded payload (uint8 train + val) it compares with, and the first epoch's decode rate (a
    fresh decode into a scratch cache, which the rest of the benchmark then reads memory-mapped as runs do);
@@ -19,7 +20,9 @@ Each measurement excludes warm-up, is repeated, and the median is reported.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import logging
 import resource
@@ -78,9 +81,13 @@ def seed_pipeline(train_dir: Path, image_size: int = SEED_IMAGE_SIZE) -> tf.data
     """The reference notebook's input path, for comparison only."""
     import keras
 
-    images = keras.utils.image_dataset_from_directory(
-        str(train_dir), image_size=(image_size, image_size), batch_size=None, label_mode=None, shuffle=True, seed=0
-    )
+    # Keras prints "Found N files." to stdout, which would corrupt `bench --json`: it goes to the log instead.
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        images = keras.utils.image_dataset_from_directory(
+            str(train_dir), image_size=(image_size, image_size), batch_size=None, label_mode=None, shuffle=True,
+            seed=0,
+        )
+    log.debug("Reference pipeline: %s", printed.getvalue().strip())
 
     def rotate(image):
         image = tf.image.resize(image, (image_size, image_size)) / 255.0
@@ -135,25 +142,24 @@ def run_bench(ctx, batches: int, repeats: int) -> dict:
         strategy, runtime = ctx.cluster.strategy, ctx.config.runtime
         per_step, configured = task.loop.samples_per_step, runtime.steps_per_loop
         looped = configured if configured > 1 else runtime.log_every_steps
-        # One trainer per number of steps per call: one step (no loop in the graph) and `looped` (a tf.range loop).
-        trainers = {
-            steps: dataclasses.replace(task, loop=dataclasses.replace(task.loop, steps_per_loop=steps)).trainer(
-                ctx.cluster, scratch_dir / f"bench-{steps}", scratch_dir / f"tb-{steps}"
-            )
-            for steps in dict.fromkeys((1, looped))
-        }
+        # One trainer, its loop traced once: a call of `steps` steps runs `steps` steps of the same graph, so one
+        # step per call and `looped` per call differ only in the host syncs between calls (one traced model, one
+        # set of weights and optimizer slots in memory, as in a run).
+        trainer = dataclasses.replace(task, loop=dataclasses.replace(task.loop, steps_per_loop=looped)).trainer(
+            ctx.cluster, scratch_dir / "bench", scratch_dir / "tb"
+        )
 
         def rates(iterator, settings: tuple[int, ...]) -> dict[int, float]:
             """Median samples/s at each number of steps per call, the settings' repeats interleaved (a shared
             machine's load then weighs on all of them alike); one warm-up each (the first traces the step)."""
             settings = tuple(dict.fromkeys(settings))
             for steps_per_loop in settings:
-                _train_steps(trainers[steps_per_loop], iterator, batches, steps_per_loop)
+                _train_steps(trainer, iterator, batches, steps_per_loop)
             measured: dict[int, list[float]] = {steps_per_loop: [] for steps_per_loop in settings}
             for _ in range(repeats):
                 for steps_per_loop in settings:
                     start = time.perf_counter()
-                    _train_steps(trainers[steps_per_loop], iterator, batches, steps_per_loop)
+                    _train_steps(trainer, iterator, batches, steps_per_loop)
                     measured[steps_per_loop].append(batches * per_step / (time.perf_counter() - start))
             return {steps_per_loop: statistics.median(r) for steps_per_loop, r in measured.items()}
 
@@ -168,8 +174,7 @@ def run_bench(ctx, batches: int, repeats: int) -> dict:
         results["train_samples_per_sec_steps_per_loop_1"] = fed[1]
         results["train_samples_per_sec_steps_per_loop_n"] = fed[looped]
         results["loop_speedup"] = fed[looped] / fed[1]
-        for trainer in trainers.values():
-            trainer.close()
+        trainer.close()
 
     results["pipeline_speedup"] = results["pipeline_samples_per_sec"] / results["seed_pipeline_samples_per_sec"]
     results["input_efficiency"] = results["train_samples_per_sec"] / results["train_samples_per_sec_synthetic"]
