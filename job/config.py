@@ -78,6 +78,11 @@ class PretextConfig:
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
     early_stopping_patience: int = 0  # epochs without val improvement before stopping (0 = off)
+    # A MobileNetV2 layer (e.g. block_2_add): the backbone's layers up to and including it keep their initial
+    # weights (model.weights) in the pretext, their BatchNorm statistics still following the data; "" = train
+    # every layer. Rotation needs no colour, and on a short CPU pretext it trains the shallow layers away from
+    # the colour a random network's keep (README: results).
+    frozen_through: str = ""
     online_probe: bool = True  # stop-gradient linear classifier on train labels, for monitoring only
     val_max_images: int = 0  # cap on val images for the per-epoch rotation eval (0 = all)
 
@@ -351,7 +356,8 @@ def validate(config: Config) -> None:
         raise JobError(f"evaluate.evaluations = {evaluations} {problem}: list each at most once, from "
                        f"{list(EVALUATIONS)}.")
     named = {"evaluate.depth_probe_layers": config.evaluate.depth_probe_layers,
-             "finetune.transfer_layers": [name for name in layers if name != "auto"]}
+             "finetune.transfer_layers": [name for name in layers if name != "auto"],
+             "pretext.frozen_through": [config.pretext.frozen_through] if config.pretext.frozen_through else []}
     for key, names in named.items():
         if unknown := [name for name in names if name not in mobilenet_v2_layer_names()]:
             raise JobError(f"{key}: MobileNetV2 has no layer {', '.join(map(repr, unknown))}: "

@@ -25,6 +25,7 @@ from job.probes import accuracy, cross_entropy, predict
 from job.serving import export_rotation_model
 from job.task import Task, build_optimizer, check_batch, configured_backbone, dataset_fn, loop_config, train_store
 from job.train import ParamGroup, WarmupCosine
+from models.backbone import variables_through
 from models.heads import classifier_head, rotation_head
 
 log = logging.getLogger(__name__)
@@ -112,8 +113,11 @@ def build_pretext_task(p: PretextConfig, model_cfg: ModelConfig, data_cfg: DataC
         _rotation_summary(writer, model, val_images[:ROTATION_EXAMPLES])
         return metrics
 
-    return PretextTask(model, objective, [ParamGroup(model.trainable_variables, optimizer)], make_dataset, evaluator,
-                       loop, backbone, rotation_model, train_indices)
+    # pretext.frozen_through: the layers up to it keep their initial weights (their BN statistics still update).
+    frozen = {id(v) for v in variables_through(backbone, p.frozen_through)} if p.frozen_through else set()
+    trained = [v for v in model.trainable_variables if id(v) not in frozen]
+    return PretextTask(model, objective, [ParamGroup(trained, optimizer)], make_dataset, evaluator, loop, backbone,
+                       rotation_model, train_indices)
 
 
 def pretrain(ctx: Context) -> dict:

@@ -82,6 +82,15 @@ def _body(backbone: keras.Model) -> keras.Model:
     return next(layer for layer in backbone.layers if isinstance(layer, keras.Model))
 
 
+def variables_through(backbone: keras.Model, layer_name: str) -> list:
+    """The trainable variables of the MobileNetV2 layers from the input up to and including `layer_name`."""
+    body = _body(backbone)
+    names = [layer.name for layer in body.layers]
+    if layer_name not in names:
+        raise ValueError(f"MobileNetV2 has no layer named {layer_name}")
+    return [v for layer in body.layers[: names.index(layer_name) + 1] for v in layer.trainable_weights]
+
+
 def pooled_block_features(backbone: keras.Model, layer_names: list[str]) -> keras.Model:
     """pixels → [globally average-pooled output of each named MobileNetV2 layer], for probing by depth.
 

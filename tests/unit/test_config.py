@@ -323,3 +323,10 @@ def test_transfer_layers_accept_names_and_auto():
     assert load_config("demo", ['finetune.transfer_layers=["block_2_add", "block_9_add"]']).finetune.transfer_layers \
         == ["block_2_add", "block_9_add"]
     assert load_config("demo", ['finetune.transfer_layers=["auto"]']).finetune.transfer_layers == ["auto"]
+
+
+def test_pretext_frozen_through_names_a_mobilenet_layer():
+    assert load_config("demo", ["pretext.frozen_through=block_2_add"]).pretext.frozen_through == "block_2_add"
+    assert load_config("demo", []).pretext.frozen_through == ""
+    message = expect_error("pretext.frozen_through=block_2")
+    assert "pretext.frozen_through" in message and "'block_2'" in message

@@ -116,3 +116,34 @@ def test_the_pretext_task_is_built_from_its_sections_the_dataset_and_the_cluster
     batch = next(iter(task.dataset_fn(0, 0, None)))
     per_example, metrics = task.objective(batch, False)
     assert per_example.shape[0] == NUM_ROTATIONS * BATCH and set(metrics) >= {"loss", "rotation_accuracy"}
+
+
+def test_pretext_frozen_through_keeps_the_shallow_layers_initial_and_trains_the_rest(tmp_path):
+    """pretext.frozen_through = block_2_add: after training, every weight of the layers up to it is its initial
+    value while the deeper layers and the head moved; the frozen layers' BN statistics still follow the data."""
+    from job.pretext import build_pretext_task
+    from models.backbone import variables_through
+
+    labels = np.arange(IMAGES, dtype=np.int32) % 3
+    split = ImageSet(_images(), labels, [f"{i}.JPEG" for i in range(IMAGES)])
+    data = Dataset(["n0", "n1", "n2"], {}, split, ImageSet(_images(1), labels, list(split.files)))
+    pretext = PretextConfig(epochs=1, batch_images=BATCH, warmup_epochs=0.0, frozen_through="block_2_add",
+                            optimizer="sgd", learning_rate=0.5, online_probe=False)
+    cluster = _cluster()
+    task = build_pretext_task(pretext, ModelConfig(alpha=0.35), DataConfig(image_size=IMAGE_SIZE),
+                              RuntimeConfig(**CADENCE), data, cluster)
+    frozen = variables_through(task.backbone, "block_2_add")
+    frozen_ids = {id(v) for v in frozen}
+    assert frozen and all(id(v) not in frozen_ids for v in task.groups[0].variables)
+    assert len(task.groups[0].variables) == len(task.model.trainable_variables) - len(frozen)
+    statistics = [v for v in task.backbone.non_trainable_variables if "bn_Conv1" in v.path]
+    before = {v.path: v.numpy().copy() for v in task.model.variables}
+
+    trainer = task.trainer(cluster, tmp_path / "stage", tmp_path / "logs")
+    trainer.fit(task.dataset_fn, lambda epoch, writer: {"rotation_accuracy": 0.0})
+    trainer.close()
+    for v in frozen:
+        np.testing.assert_array_equal(v.numpy(), before[v.path], err_msg=v.path)
+    trained = [v for v in task.backbone.trainable_variables if "kernel" in v.path and id(v) not in frozen_ids]
+    assert all(not np.array_equal(v.numpy(), before[v.path]) for v in trained)
+    assert statistics and all(not np.array_equal(v.numpy(), before[v.path]) for v in statistics)
