@@ -48,6 +48,13 @@ def _images(seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (IMAGES, IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
 
 
+def _three_class_dataset() -> Dataset:
+    """IMAGES random train images and as many val ones, in three classes."""
+    labels = np.arange(IMAGES, dtype=np.int32) % 3
+    split = ImageSet(_images(), labels, [f"{i}.JPEG" for i in range(IMAGES)])
+    return Dataset(["n0", "n1", "n2"], {}, split, ImageSet(_images(1), labels, list(split.files)))
+
+
 def test_dataset_fn_needs_only_the_data_section_and_a_seed():
     images, labels = _images(), np.arange(IMAGES, dtype=np.int32) % 3
     data = DataConfig(image_size=IMAGE_SIZE, crop_padding=2, prefetch_batches=1)
@@ -102,9 +109,7 @@ def test_a_task_is_trained_by_its_own_trainer_with_its_loop(tmp_path):
 def test_the_pretext_task_is_built_from_its_sections_the_dataset_and_the_cluster():
     from job.pretext import PretextTask, build_pretext_task
 
-    labels = np.arange(IMAGES, dtype=np.int32) % 3
-    split = ImageSet(_images(), labels, [f"{i}.JPEG" for i in range(IMAGES)])
-    data = Dataset(["n0", "n1", "n2"], {}, split, ImageSet(_images(1), labels, list(split.files)))
+    data = _three_class_dataset()
     pretext = PretextConfig(epochs=EPOCHS, batch_images=BATCH, max_images=8, warmup_epochs=0.0)
     task = build_pretext_task(pretext, ModelConfig(alpha=0.35, stem_stride=1), DataConfig(image_size=IMAGE_SIZE),
                               RuntimeConfig(**CADENCE), data, _cluster())
@@ -124,9 +129,7 @@ def test_pretext_frozen_through_keeps_the_shallow_layers_initial_and_trains_the_
     from job.pretext import build_pretext_task
     from models.backbone import variables_through
 
-    labels = np.arange(IMAGES, dtype=np.int32) % 3
-    split = ImageSet(_images(), labels, [f"{i}.JPEG" for i in range(IMAGES)])
-    data = Dataset(["n0", "n1", "n2"], {}, split, ImageSet(_images(1), labels, list(split.files)))
+    data = _three_class_dataset()
     pretext = PretextConfig(epochs=1, batch_images=BATCH, warmup_epochs=0.0, frozen_through="block_2_add",
                             optimizer="sgd", learning_rate=0.5, online_probe=False)
     cluster = _cluster()
