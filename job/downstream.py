@@ -28,7 +28,7 @@ from job.probes import accuracy, confusion_matrix, cross_entropy, fit_logistic, 
 from job.serving import export_classifier
 from job.task import NO_WEIGHTS, Task, build_optimizer, check_batch, configured_backbone, dataset_fn, loop_config
 from job.train import DatasetFn, Evaluator, LoopConfig, ParamGroup, WarmupCosine, loss_scaled
-from models.backbone import pooled_block_features, transfer_features
+from models.backbone import load_model, pooled_block_features, transfer_features
 from models.heads import ROTATION_HEAD, classifier_head, rotation_head
 
 log = logging.getLogger(__name__)
@@ -182,7 +182,7 @@ def _pretrained_rotation_head(ctx: Context) -> list[np.ndarray]:
         if not ctx.layout.rotation_model.is_file():
             raise JobError(f"{ctx.layout.rotation_model} is missing (finetune.mode = \"s4l\" starts from the pretext "
                            "task's rotation head): run `python -m job pretrain` with this --output first.")
-        saved = keras.models.load_model(ctx.layout.rotation_model, compile=False)
+        saved = load_model(ctx.layout.rotation_model)
         ctx.built["rotation_head"] = saved.get_layer(ROTATION_HEAD).get_weights()
     return ctx.built["rotation_head"]
 

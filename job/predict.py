@@ -118,13 +118,13 @@ def _run_config(path: Path) -> dict:
 
 def _load_keras(path: Path, config: dict | None, source: str) -> Predictor:
     console.import_tensorflow()
-    import keras
     import tensorflow as tf
 
     from job.serving import float32_model
+    from models.backbone import load_model
 
     try:
-        model = float32_model(keras.models.load_model(path, compile=False))
+        model = float32_model(load_model(path))
     except (OSError, ValueError, zipfile.BadZipFile) as err:
         raise JobError(f"cannot load {source} as a Keras model ({err}): {MODEL_HINT}.") from err
     size, classes = int(model.input_shape[1]), int(model.output_shape[-1])

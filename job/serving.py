@@ -21,6 +21,8 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
+from models.backbone import load_model
+
 log = logging.getLogger(__name__)
 
 SERVING_SIGNATURE = "serving_default"
@@ -130,12 +132,12 @@ def export_savedmodel(model: keras.Model, directory: Path, labels: list[str] | l
 
 def export_classifier(keras_path: Path, directory: Path, class_names: list[str]) -> Path:
     """The fish-vs-duck classifier saved at `keras_path` → SavedModel with `probabilities` and `class_name`."""
-    model = keras.models.load_model(keras_path, compile=False)
+    model = load_model(keras_path)
     return export_savedmodel(model, directory, list(class_names), CLASS_NAME)
 
 
 def export_rotation_model(keras_path: Path, directory: Path) -> Path:
     """The rotation model saved at `keras_path` → SavedModel with `probabilities` [B, 4] and `angle` (degrees)."""
-    model = keras.models.load_model(keras_path, compile=False)
+    model = load_model(keras_path)
     angles = [k * DEGREES_PER_ROTATION for k in range(int(model.output_shape[-1]))]
     return export_savedmodel(model, directory, angles, ANGLE)

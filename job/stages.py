@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import time
 
-import keras
 import numpy as np
 
 from job import evaluations, report, summaries
@@ -20,6 +19,7 @@ from job.errors import JobError
 from job.pipelines import rotate_four
 from job.pretext import pretrain
 from job.probes import predict
+from models.backbone import load_model
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def evaluate(ctx: Context) -> dict:
 def _examples(ctx: Context, done: dict) -> report.Examples:
     """Images and predictions for the report's figures."""
     split, count = downstream_split(ctx), ctx.config.evaluate.report_examples
-    rotation_model = keras.models.load_model(ctx.layout.rotation_model, compile=False)
+    rotation_model = load_model(ctx.layout.rotation_model)
     upright = np.asarray(ctx.dataset.val.images[: max(1, count // 4)])
     rotation_logits, angles = predict(rotation_model, upright, rotations=True)
     rotated, _ = rotate_four(upright)

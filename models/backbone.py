@@ -8,6 +8,8 @@ from urllib.error import URLError
 
 import keras
 
+from models.fused_batchnorm import FusedBatchNormalization
+
 log = logging.getLogger(__name__)
 
 STEM_LAYER = "Conv1"  # the first strided convolution of keras.applications.MobileNetV2
@@ -50,6 +52,9 @@ def build_backbone(
     for layer in config["layers"]:
         if layer["class_name"] == "BatchNormalization":
             layer["config"]["momentum"] = bn_momentum
+            # the same layer, its training step fused (models/fused_batchnorm.py)
+            layer.update(class_name=FusedBatchNormalization.__name__, module=FusedBatchNormalization.__module__,
+                         registered_name=keras.saving.get_registered_name(FusedBatchNormalization))
         if layer["config"].get("name") == STEM_LAYER:
             layer["config"]["strides"] = [stem_stride, stem_stride]
     body = keras.Model.from_config(config)
@@ -67,10 +72,15 @@ def build_backbone(
     return backbone
 
 
+def load_model(path: Path) -> keras.Model:
+    """A `.keras` model this job saved (its MobileNetV2 layers registered for deserialisation)."""
+    return keras.models.load_model(path, compile=False)
+
+
 def load_backbone_weights(backbone: keras.Model, path: Path) -> None:
     """Load weights from a `.weights.h5` file or from the backbone inside a saved `.keras` model."""
     if path.suffix == ".keras":
-        saved = keras.models.load_model(path, compile=False)
+        saved = load_model(path)
         source = saved if saved.name == "backbone" else saved.get_layer("backbone")
         backbone.set_weights(source.get_weights())
     else:

@@ -98,11 +98,11 @@ def test_s4l_trains_the_classifier_and_the_rotation_task_together(synth_zip, tmp
     """finetune.mode = "s4l": the rotation head starts as the pretext task's, every step also sees
     finetune.s4l_images unlabelled images in four rotations, and the rotation loss reaches the layers past the
     transfer cut (which the classifier alone never trains)."""
-    import keras
 
     from job.downstream import S4L, _learner, _s4l_dataset_fn, downstream_split
     from job.probes import predict
     from job.task import dataset_fn
+    from models.backbone import load_model
 
     config = load_config("demo", [*TINY, f"data.cache_dir={tmp_path / 'cache'}", "finetune.mode='s4l'",
                                   "finetune.s4l_images=4", "finetune.transfer_layers=['block_2_add']"])
@@ -119,7 +119,7 @@ def test_s4l_trains_the_classifier_and_the_rotation_task_together(synth_zip, tmp
 
     learner = _learner(ctx, PRETRAINED, S4L)
     learner.reset(ctx, PRETRAINED, S4L, seed=0, warmup_steps=0, total_steps=4)
-    saved = keras.models.load_model(ctx.layout.rotation_model, compile=False)
+    saved = load_model(ctx.layout.rotation_model)
     images = split.val_images[:8]
     np.testing.assert_allclose(predict(learner.nets.rotation, images, rotations=True)[0],
                                predict(saved, images, rotations=True)[0], rtol=1e-4, atol=1e-4)

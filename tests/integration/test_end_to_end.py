@@ -108,23 +108,23 @@ def test_metrics_json_keeps_every_key_main_wrote_for_the_demo_config(finished_ru
 
 
 def test_exported_models_load_and_predict(finished_run):
-    import keras
+    from models.backbone import load_model
 
     _, output, _, _ = finished_run
     layout = RunLayout(output)
     images = np.zeros((2, 32, 32, 3), np.float32)
-    assert keras.models.load_model(layout.classifier, compile=False)(images).shape == (2, 2)
-    assert keras.models.load_model(layout.rotation_model, compile=False)(images).shape == (2, 4)
-    assert keras.models.load_model(layout.backbone, compile=False)(images).shape[0] == 2
+    assert load_model(layout.classifier)(images).shape == (2, 2)
+    assert load_model(layout.rotation_model)(images).shape == (2, 4)
+    assert load_model(layout.backbone)(images).shape[0] == 2
 
 
 def test_servable_exports_serve_encoded_images(finished_run, tmp_path):
     """The SavedModels beside the .keras files, loaded with TensorFlow alone, agree with them on JPEG bytes."""
-    import keras
     import tensorflow as tf
 
     from job.data import decode_image
     from job.serving import ANGLE, INPUT_NAME, PROBABILITIES, SERVING_SIGNATURE
+    from models.backbone import load_model
     from tests.unit.test_serving import encode, serve_in_fresh_process, smooth_images
 
     _, output, _, _ = finished_run
@@ -132,7 +132,7 @@ def test_servable_exports_serve_encoded_images(finished_run, tmp_path):
     encoded = [encode(image, "JPEG") for image in smooth_images(3, 32, 32)]
     pixels = np.stack([decode_image(b, 32) for b in encoded]).astype(np.float32)
     served = serve_in_fresh_process(layout.classifier_savedmodel, encoded, tmp_path)
-    expected = tf.nn.softmax(keras.models.load_model(layout.classifier, compile=False)(pixels)).numpy()
+    expected = tf.nn.softmax(load_model(layout.classifier)(pixels)).numpy()
     np.testing.assert_allclose(served["probabilities"], expected, atol=1e-5)
     assert served["class_name"] == [["fish", "duck"][k] for k in expected.argmax(1)]
     rotation = tf.saved_model.load(str(layout.rotation_savedmodel)).signatures[SERVING_SIGNATURE]

@@ -10,7 +10,6 @@ import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -20,6 +19,7 @@ from PIL import Image
 from job.cli import main
 from job.data import decode_image
 from job.layout import RunLayout
+from models.backbone import load_model
 from tests.conftest import CLASS_NAMES, TINY_MODEL_SIZE
 from tests.unit.test_cli_errors import one_line_error
 from tests.unit.test_serving import encode, smooth_images
@@ -63,7 +63,7 @@ def rows(text: str) -> list[dict[str, str]]:
 
 def expected_probabilities(run: Path, files: list[Path]) -> np.ndarray:
     """The .keras model on the images as training decodes them."""
-    model = keras.models.load_model(RunLayout(run).classifier, compile=False)
+    model = load_model(RunLayout(run).classifier)
     pixels = np.stack([decode_image(f.read_bytes(), TINY_MODEL_SIZE) for f in files]).astype(np.float32)
     return tf.nn.softmax(model(pixels)).numpy()
 

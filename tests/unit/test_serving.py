@@ -28,7 +28,7 @@ from job.serving import (
     export_rotation_model,
     float32_model,
 )
-from models.backbone import build_backbone
+from models.backbone import build_backbone, load_model
 from models.heads import rotation_head
 from tests.conftest import CLASS_NAMES, TINY_MODEL_SIZE
 
@@ -94,7 +94,7 @@ def test_savedmodel_serves_encoded_images_like_the_keras_model(tiny_run, tmp_pat
 
     assert served["inputs"] == {INPUT_NAME: ["string", [None]]}
     assert served["outputs"] == {PROBABILITIES: ["float32", [None, 2]], CLASS_NAME: ["string", [None]]}
-    model = keras.models.load_model(layout.classifier, compile=False)
+    model = load_model(layout.classifier)
     expected = tf.nn.softmax(model(np.stack([decode_image(b, TINY_MODEL_SIZE) for b in encoded]).astype(np.float32)))
     np.testing.assert_allclose(served["probabilities"], expected.numpy(), atol=ATOL)
     assert served["class_name"] == [CLASS_NAMES[k] for k in np.argmax(expected, -1)]
@@ -148,7 +148,7 @@ def test_mixed_precision_model_is_served_in_float32(tmp_path):
     images = smooth_images(2, TINY_MODEL_SIZE, TINY_MODEL_SIZE)
     outputs = tf.saved_model.load(str(tmp_path / "served")).signatures[SERVING_SIGNATURE](
         **{INPUT_NAME: tf.constant([encode(image, "PNG") for image in images])})
-    reference = float32_model(keras.models.load_model(tmp_path / "mixed.keras", compile=False))
+    reference = float32_model(load_model(tmp_path / "mixed.keras"))
     assert reference.get_layer("backbone").get_layer("to_unit_range").compute_dtype == "float32"
     expected = tf.nn.softmax(reference(images.astype(np.float32))).numpy()
     np.testing.assert_allclose(outputs[PROBABILITIES].numpy(), expected, atol=ATOL)
