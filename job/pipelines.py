@@ -313,17 +313,7 @@ def train_dataset(
     dataset = steps.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if replicas > 1:
         dataset = dataset.unbatch()
-    return dataset.prefetch(prefetch).with_options(_without_autotune())
-
-
-def _without_autotune() -> tf.data.Options:
-    """No tf.data autotuning model: the map then runs one call per CPU core, and the trainer's per-epoch iterator
-    is deleted at once. With it, deleting an epoch's iterator waited for the model's optimisation thread, whose
-    sleep grows to a minute: the MobileNetV2 pretext on 2 cores (cpu-real) lost 35-40 s at the start of about
-    half its epochs, sleeping (README: Throughput)."""
-    options = tf.data.Options()
-    options.autotune.enabled = False
-    return options
+    return dataset.prefetch(prefetch)
 
 
 def eval_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, rotations: bool = False):
