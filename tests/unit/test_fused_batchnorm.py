@@ -95,3 +95,17 @@ def test_the_backbone_normalises_with_fused_layers_and_saves_and_loads_them(tmp_
     images = np.random.default_rng(3).integers(0, 256, (2, 32, 32, 3)).astype(np.float32)
     np.testing.assert_array_equal(loaded(images).numpy(), backbone(images).numpy())
     assert sum(isinstance(layer, FusedBatchNormalization) for layer in loaded._flatten_layers()) == len(norms)
+
+
+def test_the_module_imports_no_tensorflow_so_the_backbone_builds_on_other_keras_backends():
+    """infra/gpu_appetite.py builds models.backbone on Keras' JAX backend, on machines without TensorFlow."""
+    import ast
+    import inspect
+
+    import models.fused_batchnorm as module
+
+    tree = ast.parse(inspect.getsource(module))
+    imports = [node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))]
+    top_level = [alias.name for node in imports for alias in node.names]
+    top_level += [node.module or "" for node in imports if isinstance(node, ast.ImportFrom)]
+    assert "keras" in top_level and not any(name.startswith("tensorflow") for name in top_level)
