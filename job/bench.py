@@ -133,7 +133,7 @@ def run_bench(ctx, batches: int, repeats: int) -> dict:
 
         task = pretext_task(ctx)
         samples = lambda b: int(b["images"].shape[0])  # noqa: E731
-        pipeline = iter(task.dataset_fn(0, 0, None).repeat())
+        pipeline = iter(task.dataset_fn(range(1), 0, None).repeat())
         _drain(pipeline, 2, samples)
         results["pipeline_samples_per_sec"] = _median_rate(lambda: _drain(pipeline, batches, samples), repeats)
         results["pipeline_images_per_sec"] = results["pipeline_samples_per_sec"] / NUM_ROTATIONS
@@ -163,10 +163,12 @@ def run_bench(ctx, batches: int, repeats: int) -> dict:
                     measured[steps_per_loop].append(batches * per_step / (time.perf_counter() - start))
             return {steps_per_loop: statistics.median(r) for steps_per_loop, r in measured.items()}
 
-        fixed = strategy.distribute_datasets_from_function(lambda c: task.dataset_fn(0, 0, c).take(1).cache().repeat())
+        fixed = strategy.distribute_datasets_from_function(
+            lambda c: task.dataset_fn(range(1), 0, c).take(1).cache().repeat()
+        )
         results["train_samples_per_sec_synthetic"] = rates(iter(fixed), (configured,))[configured]
         distributed = iter(
-            strategy.distribute_datasets_from_function(lambda c: task.dataset_fn(0, 0, c).repeat())
+            strategy.distribute_datasets_from_function(lambda c: task.dataset_fn(range(1), 0, c).repeat())
         )
         fed = rates(distributed, (configured, 1, looped))
         results["train_samples_per_sec"] = fed[configured]

@@ -329,12 +329,12 @@ def _s4l_dataset_fn(ctx: Context, labelled: Callable, steps: int) -> Callable:
     unlabelled = dataset_fn(images, np.zeros(len(images), np.int32), np.arange(len(images)), cfg.finetune.s4l_images,
                             steps, data=cfg.data, seed=cfg.runtime.seed + UNLABELLED_SEED_OFFSET, rotations=True)
 
-    def make(epoch: int, start_step: int, context) -> tf.data.Dataset:
+    def make(epochs: range, start_step: int, context) -> tf.data.Dataset:
         def merge(batch, extra):
             return {**batch, "unlabelled_images": extra["images"], "unlabelled_rotations": extra["rotations"],
                     "unlabelled_weights": extra["weights"]}
 
-        pair = (labelled(epoch, start_step, context), unlabelled(epoch, start_step, context))
+        pair = (labelled(epochs, start_step, context), unlabelled(epochs, start_step, context))
         return tf.data.Dataset.zip(pair).map(merge)
 
     return make

@@ -16,6 +16,7 @@ What makes them fast and resumable:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -143,7 +144,7 @@ def _reflect(index: tf.Tensor, size: int) -> tf.Tensor:
     return (size - 1) - tf.abs((size - 1) - tf.abs(index))
 
 
-def draw_augmentation(seed: int, epoch: int, step: tf.Tensor, count: int, padding: int):
+def draw_augmentation(seed: int, epoch: int | tf.Tensor, step: tf.Tensor, count: int, padding: int):
     """Flips and crop offsets for one global batch, a pure function of (seed, epoch, step)."""
     base = tf.cast(seed * SEED_STRIDE + epoch, tf.int64)
     step = tf.cast(step, tf.int64)
@@ -266,12 +267,33 @@ def train_dataset(
     seed: int,
     epoch: int,
     start_step: int = 0,
+    **options,
+) -> tf.data.Dataset:
+    """One epoch of `train_epochs`, planned by `plan`: its steps start_step..end."""
+    return train_epochs(images, labels, lambda _: plan, range(epoch, epoch + 1), seed=seed, start_step=start_step,
+                        **options)
+
+
+def train_epochs(
+    images: ImageStore | EncodedStore | np.ndarray,
+    labels: np.ndarray,
+    plans: Callable[[int], BatchPlan],
+    epochs: range,
+    *,
+    seed: int,
+    start_step: int = 0,
     padding: int = 0,
     rotations: bool = False,
     sharding: Sharding = Sharding(),
     prefetch: int = 4,
 ) -> tf.data.Dataset:
-    """Per-replica training batches {images uint8 RGBX, labels, weights, rotations} for steps start_step..end.
+    """Per-replica training batches {images uint8 RGBX, labels, weights, rotations} of `epochs`, one after the
+    other, the first from its step `start_step`; epoch e's batches are planned by `plans(e)`.
+
+    One dataset for a whole fit, so one iterator: the pipeline prefetches the next epoch while the loop evaluates,
+    and no iterator is torn down at each epoch's end (that waited for tf.data's autotuning thread, up to a minute).
+    Each epoch's plan is drawn on the host (`plans`, through `tf.numpy_function`) when the pipeline reaches it:
+    the only Python in the pipeline, once an epoch.
 
     With `rotations=True` (the pretext task), every image of a replica batch appears in all four
     rotations in that batch (block k rotated by k*90°), `rotations` holds the angle index and `labels`
@@ -279,15 +301,29 @@ def train_dataset(
     so they do not depend on how it is sharded.
     """
     store = images if isinstance(images, (ImageStore, EncodedStore)) else ImageStore(images)
-    global_batch = plan.indices.shape[1]
+    steps, global_batch = plans(epochs.start).indices.shape if epochs else (0, 0)
     replicas = sharding.replicas_per_pipeline
     if global_batch % (sharding.num_pipelines * replicas):
         raise ValueError(f"global batch {global_batch} does not split over {sharding} replicas")
     part = sharding.slice(global_batch)
-    indices = tf.constant(plan.indices[:, part])
-    weights = tf.constant(plan.weights[:, part])
     label_table = tf.constant(np.asarray(labels, np.int32))
     size = store.shape[1]
+
+    def planned(epoch: np.int64) -> tuple[np.ndarray, np.ndarray]:
+        plan = plans(int(epoch))
+        if plan.indices.shape != (steps, global_batch):
+            raise ValueError(f"epoch {int(epoch)} is planned as {plan.indices.shape} batches, the first as "
+                             f"{(steps, global_batch)}")
+        return plan.indices[:, part].astype(np.int64), plan.weights[:, part].astype(np.float32)
+
+    def epoch_rows(epoch: tf.Tensor) -> tf.data.Dataset:
+        """(epoch, step, this pipeline's indices and weights) for each remaining step of `epoch`."""
+        indices, weights = tf.numpy_function(planned, [epoch], (tf.int64, tf.float32), stateful=False)
+        begin = tf.where(epoch == epochs.start, tf.constant(start_step, tf.int64), tf.constant(0, tf.int64))
+        step = tf.range(begin, steps, dtype=tf.int64)
+        return tf.data.Dataset.from_tensor_slices(
+            (tf.fill(tf.shape(step), epoch), step, tf.gather(indices, step), tf.gather(weights, step))
+        )
 
     def replica_batch(images, labels, weights, flips, offsets) -> dict[str, tf.Tensor]:
         if rotations:
@@ -299,18 +335,17 @@ def train_dataset(
         images = tf.ensure_shape(tf.bitcast(images, tf.uint8), (None, size, size, RGBX))
         return {"images": images, "labels": labels, "weights": weights, "rotations": angles}
 
-    def load(step):
+    def load(epoch, step, index, weights):
         flips, offsets = draw_augmentation(seed, epoch, step, global_batch, padding)
-        index = indices[step]
-        mine = (store.gather(index), tf.gather(label_table, index), weights[step], flips[part],
-                offsets[part])
+        index = tf.ensure_shape(index, (part.stop - part.start,))
+        mine = (store.gather(index), tf.gather(label_table, index), weights, flips[part], offsets[part])
         if replicas == 1:
             return replica_batch(*mine)
         parts = [replica_batch(*batch) for batch in zip(*(tf.split(t, replicas) for t in mine), strict=True)]
         return tf.nest.map_structure(lambda *t: tf.stack(t), *parts)
 
-    steps = tf.data.Dataset.range(start_step, plan.steps)
-    dataset = steps.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    rows = tf.data.Dataset.range(epochs.start, epochs.stop).flat_map(epoch_rows)
+    dataset = rows.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if replicas > 1:
         dataset = dataset.unbatch()
     return dataset.prefetch(prefetch)

@@ -18,7 +18,7 @@ from job.config import DataConfig, FinetuneConfig, ModelConfig, PretextConfig, R
 from job.data import Dataset, encoded_train_images
 from job.distribute import Cluster
 from job.errors import JobError
-from job.pipelines import BatchPlan, EncodedStore, ImageStore, Sharding, plan_epoch, train_dataset
+from job.pipelines import BatchPlan, EncodedStore, ImageStore, Sharding, plan_epoch, train_epochs
 from job.train import DatasetFn, Evaluator, LoopConfig, Objective, ParamGroup, Trainer, WarmupCosine, make_optimizer
 from models.backbone import WeightsUnavailable, build_backbone
 
@@ -33,7 +33,7 @@ class Task:
     model: keras.Model  # trained and checkpointed
     objective: Objective  # (batch, training) → (per-example loss, {metric: (sum, count)})
     groups: list[ParamGroup]  # the model's trainable variables and their optimizers
-    dataset_fn: DatasetFn  # (epoch, start_step, input_context) → this input pipeline's dataset for the epoch
+    dataset_fn: DatasetFn  # (epochs, start_step, input_context) → this input pipeline's dataset for those epochs
     evaluator: Evaluator  # (epoch, writer) → validation metrics
     loop: LoopConfig
 
@@ -65,17 +65,19 @@ def train_store(dataset: Dataset, data: DataConfig) -> ImageStore | EncodedStore
 
 def dataset_fn(images: np.ndarray | ImageStore | EncodedStore, labels: np.ndarray, indices: np.ndarray, batch: int,
                steps: int, *, data: DataConfig, seed: int, rotations: bool) -> DatasetFn:
-    """(epoch, start_step, input_context) → this pipeline's tf.data.Dataset for that epoch, over `indices` of
-    `images` (an array, or a store from `train_store`) in batches of `batch` (`steps` a epoch; 0: one pass),
-    augmented as `data` says, drawn from `seed`."""
-    # once per task, shared by every epoch's dataset
+    """(epochs, start_step, input_context) → this pipeline's tf.data.Dataset for those epochs (the first from
+    start_step), over `indices` of `images` (an array, or a store from `train_store`) in batches of `batch`
+    (`steps` a epoch; 0: one pass), augmented as `data` says, drawn from `seed`."""
+    # once per task, shared by every fit's dataset
     store = images if isinstance(images, (ImageStore, EncodedStore)) else ImageStore(images)
 
-    def make(epoch: int, start_step: int, context: tf.distribute.InputContext | None) -> tf.data.Dataset:
-        plan = plan_epoch(len(indices), batch, seed, epoch, steps)
-        plan = BatchPlan(indices[plan.indices], plan.weights)
-        return train_dataset(
-            store, labels, plan, seed=seed, epoch=epoch, start_step=start_step, padding=data.crop_padding,
+    def plan(epoch: int) -> BatchPlan:
+        planned = plan_epoch(len(indices), batch, seed, epoch, steps)
+        return BatchPlan(indices[planned.indices], planned.weights)
+
+    def make(epochs: range, start_step: int, context: tf.distribute.InputContext | None) -> tf.data.Dataset:
+        return train_epochs(
+            store, labels, plan, epochs, seed=seed, start_step=start_step, padding=data.crop_padding,
             rotations=rotations, sharding=Sharding.from_input_context(context), prefetch=data.prefetch_batches,
         )
 

@@ -37,7 +37,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DatasetFn = Callable[[int, int, tf.distribute.InputContext], tf.data.Dataset]  # (epoch, start_step, ctx)
+DatasetFn = Callable[[range, int, tf.distribute.InputContext], tf.data.Dataset]  # (epochs, start_step, ctx)
 Evaluator = Callable[[int, tf.summary.SummaryWriter], dict[str, float]]  # (epoch, writer) -> val metrics
 
 
@@ -155,13 +155,18 @@ class Trainer:
         first_epoch = start // cfg.steps_per_epoch
         train_seconds = sum(h.get("epoch_seconds", 0.0) for h in state.history)
         stopped = state.early_stopping.spent
-        for epoch in range(first_epoch, 0 if stopped else cfg.epochs):
-            begin = state.global_step - epoch * cfg.steps_per_epoch
-            dataset = strategy.distribute_datasets_from_function(
-                lambda ctx, e=epoch, b=begin: dataset_fn(e, b, ctx)
-            )
+        epochs = range(first_epoch, first_epoch if stopped else cfg.epochs)
+        if epochs:
+            # One dataset and one iterator for the whole fit (the epochs follow each other in it). Held by the
+            # trainer, not only by this frame: when a stop unwinds this loop, tearing down a multi-worker
+            # iterator mid-epoch can block; the process exits right after a stop instead.
+            begin = state.global_step - first_epoch * cfg.steps_per_epoch
+            self._iterator = iter(strategy.distribute_datasets_from_function(
+                lambda ctx: dataset_fn(epochs, begin, ctx)
+            ))
+        for epoch in epochs:
             epoch_start = time.perf_counter()
-            train_metrics = self._run_epoch(dataset, epoch)
+            train_metrics = self._run_epoch(epoch)
             epoch_seconds = time.perf_counter() - epoch_start
             train_seconds += epoch_seconds
             with self.evaluation_statistics(), self.writer.as_default(step=state.global_step):
@@ -180,6 +185,9 @@ class Trainer:
             if stopped:
                 log.info("Early stopping: %s did not improve for %d epochs", cfg.monitor, cfg.patience)
                 break
+        else:
+            for _ in self._iterator if epochs else ():  # the fit's dataset ends here, as each epoch's did
+                raise RuntimeError(f"the dataset has more than {cfg.steps_per_epoch} batches an epoch")
         self.writer.flush()
         steps = state.global_step
         done_samples = steps * cfg.samples_per_step
@@ -193,15 +201,12 @@ class Trainer:
             history=state.history,
         )
 
-    def _run_epoch(self, dataset, epoch: int) -> dict[str, float]:
+    def _run_epoch(self, epoch: int) -> dict[str, float]:
         cfg = self.config
         epoch_end = (epoch + 1) * cfg.steps_per_epoch
         epoch_sums: dict[str, list[float]] = {}
         window_sums: dict[str, list[float]] = {}
         window_start, window_steps = time.perf_counter(), 0
-        # Held by the trainer, not only by this frame: when a stop unwinds this loop, tearing down a
-        # multi-worker iterator mid-epoch can block; the process exits right after a stop instead.
-        self._iterator = iter(dataset)
         # On a terminal, a bar for the epoch replaces the step log lines (TensorBoard gets the same scalars).
         step = self.state.global_step
         bar = console.progress_bar(f"epoch {epoch + 1}/{cfg.epochs}", cfg.steps_per_epoch,
@@ -238,8 +243,6 @@ class Trainer:
                 self._save_and_stop()
             if step % cfg.checkpoint_every_steps == 0 and not at_epoch_end:
                 self.state.save()
-        for _ in self._iterator:  # the epoch's dataset ends here, as each iterator did when a loop drained it
-            raise RuntimeError(f"the dataset of epoch {epoch + 1} has more than {cfg.steps_per_epoch} batches")
         console.close_progress()
         return {f"train_{k}": s / max(c, 1.0) for k, (s, c) in epoch_sums.items()}
 

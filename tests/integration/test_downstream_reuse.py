@@ -112,7 +112,7 @@ def test_s4l_trains_the_classifier_and_the_rotation_task_together(synth_zip, tmp
 
     labelled = dataset_fn(split.train_images, split.train_labels, np.arange(len(split.train_labels)), 8, 2,
                           data=config.data, seed=config.runtime.seed, rotations=False)
-    batches = list(_s4l_dataset_fn(ctx, labelled, steps=2)(0, 0, None))
+    batches = list(_s4l_dataset_fn(ctx, labelled, steps=2)(range(1), 0, None))
     assert len(batches) == 2 and batches[0]["images"].shape[0] == 8
     assert batches[0]["unlabelled_images"].shape[0] == 4 * 4
     np.testing.assert_array_equal(batches[0]["unlabelled_rotations"], np.repeat(np.arange(4), 4))

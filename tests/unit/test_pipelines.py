@@ -27,6 +27,7 @@ from job.pipelines import (
     rotate_four,
     stratified_subset,
     train_dataset,
+    train_epochs,
 )
 
 N, SIZE = 22, 8
@@ -334,6 +335,41 @@ def test_train_dataset_resume_matches_tail(images, start):
 def test_train_dataset_start_at_end_is_empty(images):
     plan = plan_epoch(N, 4, seed=0, epoch=0)
     assert collect(train_dataset(images, np.arange(N), plan, seed=0, epoch=0, start_step=plan.steps)) == []
+
+
+@pytest.mark.parametrize("start", [0, 2])
+def test_train_epochs_are_the_epochs_one_after_the_other(images, start):
+    """A fit's one dataset: epoch 3 from step `start`, then epochs 4 and 5 whole, each as its own would be."""
+    def plans(epoch: int) -> BatchPlan:
+        return plan_epoch(N, 4, seed=5, epoch=epoch)
+
+    kwargs = dict(seed=5, padding=2, rotations=True)
+    fit = collect(train_epochs(images, np.arange(N), plans, range(3, 6), start_step=start, **kwargs))
+    epochs = [collect(train_dataset(images, np.arange(N), plans(e), epoch=e, start_step=start if e == 3 else 0,
+                                    **kwargs)) for e in range(3, 6)]
+    assert [len(e) for e in epochs] == [plans(3).steps - start, plans(4).steps, plans(5).steps]
+    expected = [batch for epoch in epochs for batch in epoch]
+    assert len(fit) == len(expected)
+    for x, y in zip(fit, expected, strict=True):
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key])
+
+
+def test_train_epochs_draw_each_plan_when_the_pipeline_reaches_its_epoch(images):
+    """Plans are drawn lazily (a fit of many epochs holds one at a time) and must keep the first's shape."""
+    drawn = []
+
+    def plans(epoch: int) -> BatchPlan:
+        drawn.append(epoch)
+        return plan_epoch(N, 4 if epoch < 2 else 8, seed=0, epoch=epoch)
+
+    iterator = iter(train_epochs(images, np.arange(N), plans, range(0, 3), seed=0, prefetch=1))
+    next(iterator)
+    assert 2 not in drawn
+    with pytest.raises(tf.errors.InvalidArgumentError, match="epoch 2 is planned as"):
+        for _ in iterator:
+            pass
+    assert collect(train_epochs(images, np.arange(N), plans, range(4, 4), seed=0)) == []
 
 
 @pytest.mark.parametrize("rotations", [False, True])

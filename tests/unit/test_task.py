@@ -61,7 +61,7 @@ def test_dataset_fn_needs_only_the_data_section_and_a_seed():
 
     def first_batch(seed: int, rotations: bool) -> dict:
         make = dataset_fn(images, labels, np.arange(IMAGES), BATCH, STEPS, data=data, seed=seed, rotations=rotations)
-        batches = list(make(0, 0, None))
+        batches = list(make(range(1), 0, None))
         assert len(batches) == STEPS
         return {k: np.asarray(v) for k, v in batches[0].items()}
 
@@ -89,9 +89,9 @@ def test_a_task_is_trained_by_its_own_trainer_with_its_loop(tmp_path):
                                                             from_logits=True)
         return loss, {"loss": (tf.reduce_sum(loss), tf.cast(tf.size(loss), tf.float32))}
 
-    def inputs(epoch: int, start_step: int, context) -> tf.data.Dataset:
+    def inputs(epochs: range, start_step: int, context) -> tf.data.Dataset:
         batch = {"x": np.ones((BATCH, 2), np.float32), "y": np.zeros(BATCH, np.int32)}
-        return tf.data.Dataset.from_tensors(batch).repeat(STEPS - start_step)
+        return tf.data.Dataset.from_tensors(batch).repeat(len(epochs) * STEPS - start_step)
 
     evaluated = []
     loop = loop_config(RuntimeConfig(**CADENCE), epochs=EPOCHS, steps_per_epoch=STEPS, samples_per_step=BATCH,
@@ -118,7 +118,7 @@ def test_the_pretext_task_is_built_from_its_sections_the_dataset_and_the_cluster
     assert task.loop.samples_per_step == NUM_ROTATIONS * BATCH and task.loop.monitor == "rotation_accuracy"
     assert {key: getattr(task.loop, key) for key in CADENCE} == CADENCE
     assert task.groups[0].variables == task.model.trainable_variables and task.optimizer is task.groups[0].optimizer
-    batch = next(iter(task.dataset_fn(0, 0, None)))
+    batch = next(iter(task.dataset_fn(range(1), 0, None)))
     per_example, metrics = task.objective(batch, False)
     assert per_example.shape[0] == NUM_ROTATIONS * BATCH and set(metrics) >= {"loss", "rotation_accuracy"}
 

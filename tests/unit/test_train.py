@@ -175,10 +175,10 @@ class Recorder:
     def __init__(self, model: keras.Model):
         self.model, self.datasets, self.evaluated, self.weights, self.bn_means = model, [], [], [], []
 
-    def dataset_fn(self, epoch: int, start_step: int, context) -> tf.data.Dataset:
-        self.datasets.append((epoch, start_step))
+    def dataset_fn(self, epochs: range, start_step: int, context) -> tf.data.Dataset:
+        self.datasets.append((epochs, start_step))
         batch = {"x": BATCH_X, "y": np.array([0, 1, 0, 1], np.int32)}
-        return tf.data.Dataset.from_tensors(batch).repeat(STEPS_PER_EPOCH - start_step)
+        return tf.data.Dataset.from_tensors(batch).repeat(len(epochs) * STEPS_PER_EPOCH - start_step)
 
     def evaluator(self, epoch: int, writer) -> dict[str, float]:
         self.evaluated.append(epoch)

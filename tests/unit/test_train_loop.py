@@ -32,11 +32,19 @@ def test_loop_length_ends_on_the_next_boundary(step, expected):
     assert loop_length(step, STEPS_PER_LOOP, epoch_end=22 if step >= 11 else 11, periods=(5, 20)) == expected
 
 
-def _data(epoch: int, start: int, _context) -> tf.data.Dataset:
+def _epoch(epoch: int) -> tf.data.Dataset:
     rng = np.random.default_rng(epoch)
     x = rng.normal(size=(STEPS_PER_EPOCH * BATCH, FEATURES)).astype(np.float32)
     y = rng.integers(0, 2, STEPS_PER_EPOCH * BATCH).astype(np.int32)
-    return tf.data.Dataset.from_tensor_slices({"x": x, "y": y}).batch(BATCH).skip(start)
+    return tf.data.Dataset.from_tensor_slices({"x": x, "y": y}).batch(BATCH)
+
+
+def _data(epochs: range, start: int, _context) -> tf.data.Dataset:
+    """The batches of `epochs`, one after the other, the first from its step `start` (a Trainer's DatasetFn)."""
+    dataset = _epoch(epochs.start).skip(start)
+    for epoch in epochs[1:]:
+        dataset = dataset.concatenate(_epoch(epoch))
+    return dataset
 
 
 def _evaluator(epoch: int, _writer) -> dict[str, float]:
@@ -132,3 +140,39 @@ def test_a_stop_is_taken_at_the_loop_boundary_and_a_shared_loop_counts_each_trai
     assert int(second.step.numpy()) == EPOCHS * STEPS_PER_EPOCH
     assert int(first.step.numpy()) == STEPS_PER_LOOP
     assert first.step_fn.experimental_get_tracing_count() == 1
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_a_fit_reads_one_dataset_and_a_resumed_fit_the_rest_of_it(tmp_path: Path) -> None:
+    """One dataset (one iterator) for all of a fit's epochs: no iterator is torn down at an epoch's end. Stopped at
+    step 4 and resumed, the fit asks for the epochs left from that step and ends where an uninterrupted one does."""
+    STOP_REQUESTED.clear()
+    whole, _, _ = _fit(tmp_path / "whole", STEPS_PER_LOOP)
+    parts = Parts()
+    asked = []
+
+    def data(epochs: range, start: int, context) -> tf.data.Dataset:
+        asked.append((epochs, start))
+        return _data(epochs, start, context)
+
+    STOP_REQUESTED.set()
+    try:
+        with pytest.raises(Preempted):
+            parts.trainer(tmp_path / "resumed", STEPS_PER_LOOP).fit(data, _evaluator)
+    finally:
+        STOP_REQUESTED.clear()
+    resumed = Parts()
+    trainer = resumed.trainer(tmp_path / "resumed", STEPS_PER_LOOP)
+    trainer.fit(data, _evaluator)
+    trainer.close()
+    assert asked == [(range(0, EPOCHS), 0), (range(0, EPOCHS), STEPS_PER_LOOP)]
+    for expected, actual in zip(whole.model.get_weights(), resumed.model.get_weights(), strict=True):
+        np.testing.assert_array_equal(actual, expected)
+
+
+def test_a_dataset_longer_than_the_fit_is_an_error(tmp_path: Path) -> None:
+    STOP_REQUESTED.clear()
+    trainer = Parts().trainer(tmp_path / "long", STEPS_PER_LOOP)
+    with pytest.raises(RuntimeError, match="more than 11 batches an epoch"):
+        trainer.fit(lambda epochs, start, context: _data(range(epochs.start, epochs.stop + 1), start, context),
+                    _evaluator)
