@@ -28,8 +28,8 @@ WEIGHTS_SIGNATURES = {".weights.h5": b"\x89HDF\r\n\x1a\n", ".h5": b"\x89HDF\r\n\
 MAX_PORT = 65535
 # The evaluate stage's evaluations, by the names job/evaluations.py registers them under (evaluate.evaluations
 # lists those to run; each boolean switch of [evaluate] still turns its own off).
-EVALUATIONS = ("linear_probe", "knn", "linear_probe_200", "depth_probe", "colour_baseline", "scratch_baseline",
-               "label_efficiency", "s4l")
+EVALUATIONS = ("linear_probe", "knn", "linear_probe_200", "depth_probe", "depth_probe_200", "colour_baseline",
+               "scratch_baseline", "label_efficiency", "s4l")
 
 
 @dataclass
@@ -125,7 +125,7 @@ class EvaluateConfig:
 
     # The evaluations to run, by name (job/evaluations.py); one left out is not run and its metrics.json keys
     # read null. Those with a boolean key below (scratch_baseline, colour_baseline, s4l, linear_probe_200,
-    # depth_probe) run only when it is true too.
+    # depth_probe, depth_probe_200) run only when it is true too.
     evaluations: list[str] = field(default_factory=lambda: list(EVALUATIONS))
     knn_k: int = 20  # neighbours of the k-NN probe; capped below the number of downstream train images
     probe_steps: int = 300  # full-batch steps of the logistic-regression probes
@@ -142,6 +142,9 @@ class EvaluateConfig:
     # Downstream linear probe on features pooled at several depths, pretrained vs random init: where the
     # transferable information sits (and whether pretraining added any over a random network).
     depth_probe: bool = False
+    # The 200-way linear probe at each of depth_probe_layers, pretrained vs random init: the same question on every
+    # class and every val image.
+    depth_probe_200: bool = False
     depth_probe_layers: list[str] = field(
         default_factory=lambda: ["block_2_add", "block_5_add", "block_9_add", "block_12_add", "block_15_add",
                                  "out_relu"]

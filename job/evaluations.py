@@ -209,6 +209,26 @@ class LinearProbeAllClasses(Evaluation):
 
 
 
+def _probe_by_depth(inputs: Inputs, layers: list[str], train: tuple[np.ndarray, np.ndarray],
+                    val: tuple[np.ndarray, np.ndarray], classes: int) -> list[dict[str, Any]]:
+    """A linear probe on features pooled at each of `layers`, of the pretrained and the random backbone, trained
+    on `train` (images, labels) and scored on `val`: rows {layer, pretrained, random}."""
+    scores = {}
+    for name, net in inputs.networks.items():
+        model = pooled_block_features(net, layers)
+        train_features, val_features = predict(model, train[0]), predict(model, val[0])
+        scores[name] = [
+            linear_probe(t, train[1], v, val[1], classes, seed=inputs.config.runtime.seed, **inputs.probe)
+            for t, v in zip(train_features, val_features, strict=True)
+        ]
+    return [{"layer": layer, **{name: scores[name][i] for name in FROZEN}} for i, layer in enumerate(layers)]
+
+
+def _log_depth_rows(what: str, rows: list[dict[str, Any]]) -> None:
+    log.info("evaluate: %s by depth (pretrained / random init): %s", what,
+             ", ".join(f"{r['layer']} {r['pretrained']:.3f}/{r['random']:.3f}" for r in rows))
+
+
 @register
 class DepthProbe(Evaluation):
     """The fish/duck linear probe on features pooled at each of evaluate.depth_probe_layers, pretrained vs
@@ -218,22 +238,29 @@ class DepthProbe(Evaluation):
     keys = {"downstream.depth_probe": "depth_probe"}
 
     def run(self, inputs: Inputs) -> dict[str, Any]:
-        layers, split = self.config.evaluate.depth_probe_layers, inputs.split
-        scores = {}
-        for name, net in inputs.networks.items():
-            model = pooled_block_features(net, layers)
-            train, val = predict(model, split.train_images), predict(model, split.val_images)
-            scores[name] = [
-                linear_probe(t, split.train_labels, v, split.val_labels, 2, seed=self.config.runtime.seed,
-                             **inputs.probe)
-                for t, v in zip(train, val, strict=True)
-            ]
-        rows = [{"layer": layer, "pretrained": scores["pretrained"][i], "random": scores["random"][i]}
-                for i, layer in enumerate(layers)]
-        log.info("evaluate: probe by depth (pretrained / random init): %s",
-                 ", ".join(f"{r['layer']} {r['pretrained']:.3f}/{r['random']:.3f}" for r in rows))
+        split = inputs.split
+        rows = _probe_by_depth(inputs, self.config.evaluate.depth_probe_layers,
+                               (split.train_images, split.train_labels), (split.val_images, split.val_labels), 2)
+        _log_depth_rows("probe", rows)
         return {"depth_probe": rows}
 
+
+@register
+class DepthProbeAllClasses(Evaluation):
+    """The all-class (200-way) linear probe at each of evaluate.depth_probe_layers, pretrained vs random init:
+    the depth probe's question asked of every class, on every val image (2,080 on the mini set, against the
+    fish/duck probe's 100)."""
+
+    name, title, switch = "depth_probe_200", "all-class linear probe by depth", "depth_probe_200"
+    keys = {"pretext.linear_probe_200_by_depth": "linear_probe_200_by_depth"}
+
+    def run(self, inputs: Inputs) -> dict[str, Any]:
+        data = inputs.ctx.dataset
+        rows = _probe_by_depth(inputs, self.config.evaluate.depth_probe_layers,
+                               (data.train.images, data.train.labels), (data.val.images, data.val.labels),
+                               len(data.wnids))
+        _log_depth_rows(f"{len(data.wnids)}-way probe", rows)
+        return {"linear_probe_200_by_depth": rows}
 
 
 @register
@@ -392,7 +419,7 @@ def run_protocol(ctx: Context) -> dict:
         for f in inputs.fractions
     ]
     setup = timing.pop("setup")
-    frozen = ("linear_probe", "knn", "linear_probe_200", "depth_probe")
+    frozen = ("linear_probe", "knn", "linear_probe_200", "depth_probe", "depth_probe_200")
     results["timing"] = {
         "evaluate_setup_s": setup,
         "frozen_probes_s": setup + sum(timing.get(name, 0.0) for name in frozen),

@@ -16,9 +16,9 @@ from tests.tbevents import events, steps
 
 pytestmark = pytest.mark.slow
 
-DEPTH_PROBE = ("evaluate.depth_probe=true", "evaluate.depth_probe_layers=['block_2_add', 'out_relu']",
-               "finetune.transfer_layers=['auto']", "finetune.head_init='probe'", "evaluate.s4l=true",
-               "finetune.s4l_images=4")
+DEPTH_PROBE = ("evaluate.depth_probe=true", "evaluate.depth_probe_200=true",
+               "evaluate.depth_probe_layers=['block_2_add', 'out_relu']", "finetune.transfer_layers=['auto']",
+               "finetune.head_init='probe'", "evaluate.s4l=true", "finetune.s4l_images=4")
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +71,9 @@ def test_every_metrics_key_is_present_and_sane(finished_run):
     depth = metrics["downstream"]["depth_probe"]
     assert [row["layer"] for row in depth] == ["block_2_add", "out_relu"]
     assert all(0.0 <= row[init] <= 1.0 for row in depth for init in ("pretrained", "random"))
+    all_classes = metrics["pretext"]["linear_probe_200_by_depth"]  # 4 classes here
+    assert [row["layer"] for row in all_classes] == ["block_2_add", "out_relu"]
+    assert all(0.0 <= row[init] <= 1.0 for row in all_classes for init in ("pretrained", "random"))
     # ["auto"]: probed layers, alone or beside the shallowest, chosen by CV on the train labels and recorded.
     selection = metrics["downstream"]["transfer_selection"]
     assert set(selection) == {"block_2_add", "out_relu", "block_2_add+out_relu"}
@@ -83,8 +86,8 @@ def test_every_metrics_key_is_present_and_sane(finished_run):
     assert timing["downstream_s"] == pytest.approx(
         timing["downstream_pretrained_s"] + timing["downstream_scratch_s"] + timing["downstream_s4l_s"])
     assert timing["downstream_s4l_s"] > 0  # evaluate.s4l
-    assert set(timing["evaluations"]) == {"linear_probe", "knn", "depth_probe", "colour_baseline", "scratch_baseline",
-                                          "label_efficiency", "s4l"}
+    assert set(timing["evaluations"]) == {"linear_probe", "knn", "depth_probe", "depth_probe_200", "colour_baseline",
+                                          "scratch_baseline", "label_efficiency", "s4l"}
     assert timing["total_s"] > timing["pretext_train_s"] + timing["downstream_s"]
     assert timing["outside_pretext_fraction"] == pytest.approx(1 - timing["pretext_train_s"] / timing["total_s"])
     report = (RunLayout(output).report / "report.md").read_text()
@@ -97,14 +100,15 @@ def test_every_metrics_key_is_present_and_sane(finished_run):
 def test_metrics_json_keeps_every_key_main_wrote_for_the_demo_config(finished_run):
     """Every key of main's demo-config metrics.json (before the evaluations were plug-ins) is in a run's, and
     only the documented timing keys are new; this run adds rows that the demo's switches leave off."""
-    from tests.unit.test_report import MAIN_DEMO, NEW_TIMING, metric_paths
+    from tests.unit.test_report import MAIN_DEMO, NEW_KEYS, metric_paths
 
     _, output, _, _ = finished_run
     main = metric_paths(json.loads((MAIN_DEMO / "metrics.json").read_text()))
     paths = metric_paths(json.loads(RunLayout(output).metrics.read_text()))
     assert main <= paths
-    assert paths - main == NEW_TIMING | {"label_efficiency[].s4l", "downstream.depth_probe[].layer",
-                                         "downstream.depth_probe[].pretrained", "downstream.depth_probe[].random"}
+    by_depth = {f"{key}[].{field}" for key in ("downstream.depth_probe", "pretext.linear_probe_200_by_depth")
+                for field in ("layer", "pretrained", "random")}
+    assert paths - main == NEW_KEYS | {"label_efficiency[].s4l"} | by_depth
 
 
 def test_exported_models_load_and_predict(finished_run):

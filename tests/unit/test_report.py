@@ -18,6 +18,7 @@ OPAQUE = ("downstream.transfer_selection", "timing.evaluations")  # their keys a
 NEW_TIMING = {f"timing.{key}" for key in (
     "pretext_other_s", "downstream_pretrained_s", "downstream_scratch_s", "downstream_s4l_s", "evaluate_setup_s",
     "evaluations", "report_s", "total_s", "outside_pretext_fraction")}
+NEW_KEYS = NEW_TIMING | {"pretext.linear_probe_200_by_depth"}  # keys added since, each documented in the README
 
 
 def metric_paths(value, prefix: str = "") -> set[str]:
@@ -49,6 +50,8 @@ def metrics() -> dict:
         "knn_val_accuracy": 0.8, "linear_probe_200_top1": 0.06, "random_linear_probe_200_top1": 0.02,
         "depth_probe": [{"layer": "block_2_add", "pretrained": 0.8, "random": 0.85},
                         {"layer": "block_12_add", "pretrained": 0.9, "random": 0.75}],
+        "linear_probe_200_by_depth": [{"layer": "block_2_add", "pretrained": 0.04, "random": 0.05},
+                                      {"layer": "block_12_add", "pretrained": 0.08, "random": 0.03}],
         "finetune": [_run(0, 0.9), _run(1, 1.0)], "scratch": [_run(0, 0.7), _run(1, 0.8)],
         "colour_histogram": [0.8, 0.8],
         "label_efficiency": [
@@ -80,14 +83,20 @@ def test_the_report_opens_with_the_verdict(metrics):
     assert "| fish/duck on the transferred features (block_12_add) | 0.9000 | 0.7000 | +20.0 |" in lines
     assert "| all-class (200-way) on the transferred features | 0.0600 | 0.0200 | +4.0 |" in lines
     assert "| fish/duck: transferred features vs random's best depth (block_2_add) | 0.9000 | 0.8500 | +5.0 |" in lines
+    # The all-class probe's best depth of each network: pretrained 0.08 (block_12_add) against random 0.05.
+    assert "| all-class (200-way): best depth of each (block_12_add vs block_2_add) | 0.0800 | 0.0500 | +3.0 |" in lines
+    by_depth = lines.index("## All-class linear probe by depth (val top-1, frozen pooled features)")
+    assert lines[by_depth + 4:by_depth + 6] == ["| block_2_add | 0.0400 | 0.0500 |",
+                                                "| block_12_add | 0.0800 | 0.0300 |"]
 
 
 def test_switched_off_evaluations_read_not_available(metrics):
     metrics["pretext"]["linear_probe_200_top1"] = None
     metrics["downstream"]["depth_probe"] = None
+    metrics["pretext"]["linear_probe_200_by_depth"] = None
     text = _markdown(metrics, [])
     assert "| all-class (200-way) on the transferred features | n/a | 0.0200 | n/a |" in text
-    assert "random's best depth" not in text
+    assert "random's best depth" not in text and "best depth of each" not in text and "by depth" not in text
 
 
 def test_s4l_is_a_row_of_its_own_beside_the_transfer_numbers(metrics):
@@ -141,7 +150,8 @@ def test_switched_off_evaluations_keep_every_key_and_the_report_renders(tmp_path
     metrics = build_metrics(pretext, done, data, registry.metrics(done))
     for key in METRIC_KEYS:
         lookup(metrics, key)
-    off = ("pretext.linear_probe_200_top1", "pretext.random_linear_probe_200_top1", "downstream.depth_probe",
+    off = ("pretext.linear_probe_200_top1", "pretext.random_linear_probe_200_top1", "pretext.linear_probe_200_by_depth",
+           "downstream.depth_probe",
            "downstream.transfer_selection", "baseline.scratch_val_accuracy", "baseline.scratch_val_accuracy_std",
            "baseline.colour_histogram_val_accuracy", "baseline.colour_histogram_val_accuracy_std")
     assert {key: lookup(metrics, key) for key in off} == dict.fromkeys(off)
@@ -165,13 +175,13 @@ def test_switched_off_evaluations_keep_every_key_and_the_report_renders(tmp_path
 
 def test_mains_demo_results_give_its_metrics_json_with_timing_added():
     """The done.json files main wrote, read by the evaluations' own mappings: every metrics.json key and value
-    main wrote, and only the new timing keys besides (a run's key set is unchanged: tests/integration)."""
+    main wrote, and only the documented new keys besides (a run's key set: tests/integration)."""
     old = json.loads((MAIN_DEMO / "metrics.json").read_text())
     pretext = json.loads((MAIN_DEMO / "pretext_done.json").read_text())
     done = json.loads((MAIN_DEMO / "evaluate_done.json").read_text())
     data = {**old["data"], "decode_seconds": old["timing"]["decode_s"]}
     metrics = build_metrics(pretext, done, data, registry.metrics(done))
-    assert metric_paths(metrics) == metric_paths(old) | NEW_TIMING
+    assert metric_paths(metrics) == metric_paths(old) | NEW_KEYS
     for section, values in old.items():
         expected = values if not isinstance(values, dict) else {**metrics[section], **values}
         assert metrics[section] == expected, section

@@ -31,5 +31,6 @@ def test_evaluations_switched_off_are_named_with_their_keys(caplog):
     log_switched_off(config)
     assert ("evaluate: skipping k-NN (not in evaluate.evaluations), all-class linear probe "
             "(evaluate.linear_probe_200 = false), linear probe by depth (evaluate.depth_probe = false), "
+            "all-class linear probe by depth (not in evaluate.evaluations), "
             "colour-histogram baseline (evaluate.colour_baseline = false)" in caplog.text)
     assert "scratch" not in caplog.text and "S4L" not in caplog.text
