@@ -2,8 +2,9 @@
 
 What makes them fast and resumable:
 - a sample never costs a JPEG decode: images are decoded once, held in host memory and gathered a whole
-  batch at a time, in-graph (no Python, no GIL), so the pipeline can be torn down at any step (for a small
-  host, `EncodedStore` holds the JPEG bytes instead and decodes each gathered batch in-graph: the same pixels);
+  batch at a time, in-graph (no Python, no GIL, but for each epoch's shuffle, drawn once on the host), so the
+  pipeline can be torn down at any step (for a small host, `EncodedStore` holds the JPEG bytes instead and
+  decodes each gathered batch in-graph: the same pixels);
 - the images are held once, as decoded (uint8 RGB, `ImageStore`); a gathered batch is packed into 32-bit
   RGBX words, so a flip, crop or rotation then moves one int32 per pixel instead of three separate bytes,
   which makes TF's CPU kernels ~4x faster; they stay uint8 until the model, and the train step drops the
@@ -11,6 +12,7 @@ What makes them fast and resumable:
 - the crop, flip and four rotations are batched index operations on the gathered batch;
 - the order of an epoch and every random draw are functions of (seed, epoch, step), so a restarted
   process that skips the steps already done sees exactly the batches it would have seen;
+- one dataset holds all of a fit's epochs (`train_epochs`), so one iterator lives through the fit;
 - each worker takes its own slice of every global batch: with N workers each image is seen once per epoch.
 """
 

@@ -186,8 +186,9 @@ class Trainer:
                 log.info("Early stopping: %s did not improve for %d epochs", cfg.monitor, cfg.patience)
                 break
         else:
-            for _ in self._iterator if epochs else ():  # the fit's dataset ends here, as each epoch's did
-                raise RuntimeError(f"the dataset has more than {cfg.steps_per_epoch} batches an epoch")
+            if epochs:  # every epoch ran: the fit's dataset must end here
+                for _ in self._iterator:
+                    raise RuntimeError(f"the dataset has more than {cfg.steps_per_epoch} batches an epoch")
         self.writer.flush()
         steps = state.global_step
         done_samples = steps * cfg.samples_per_step
