@@ -5,7 +5,7 @@ Needs `sbatch` and an idle node with at least 2 CPUs: `sudo bash slurm/local-clu
 unchanged; the command line only asks for two tasks on one node, no GPU and a log file in tmp_path.
 
 JOB_PYTHON points at a small wrapper around `python -m job` that records, for every input pipeline the
-job builds, which positions of each global batch it reads (job.pipelines.train_dataset's plan and
+job builds, which positions of each global batch it reads (job.pipelines.train_epochs' plans and
 sharding): that is how the test sees each worker's half of every batch without changing the job.
 """
 
@@ -47,29 +47,32 @@ import inspect, json, os, runpy, sys
 
 import job.pipelines as pipelines
 
-_original = pipelines.train_dataset
+_original = pipelines.train_epochs
 _signature = inspect.signature(_original)
 
 
 def _recording(*args, **kwargs):
     bound = _signature.bind(*args, **kwargs)
     bound.apply_defaults()
-    plan, sharding = bound.arguments["plan"], bound.arguments["sharding"]
-    start, part = bound.arguments["start_step"], sharding.slice(plan.indices.shape[1])
-    record = {{
-        "procid": int(os.environ.get("SLURM_PROCID", "-1")), "pid": os.getpid(),
-        "restart": int(os.environ.get("SLURM_RESTART_COUNT", "0")),
-        "pipeline": sharding.pipeline_id, "pipelines": sharding.num_pipelines,
-        "epoch": bound.arguments["epoch"], "start_step": int(start),
-        "global": plan.indices[start:].tolist(), "mine": plan.indices[start:, part].tolist(),
-        "positions": [part.start, part.stop],
-    }}
+    plans, epochs, sharding = bound.arguments["plans"], bound.arguments["epochs"], bound.arguments["sharding"]
     with open(os.path.join(os.environ["SHARD_LOG_DIR"], "shards.jsonl"), "a") as handle:
-        handle.write(json.dumps(record) + "\\n")
+        for epoch in epochs:  # the fit's one pipeline reads these epochs, the first from start_step
+            plan = plans(epoch)
+            start = int(bound.arguments["start_step"]) if epoch == epochs.start else 0
+            part = sharding.slice(plan.indices.shape[1])
+            record = {{
+                "procid": int(os.environ.get("SLURM_PROCID", "-1")), "pid": os.getpid(),
+                "restart": int(os.environ.get("SLURM_RESTART_COUNT", "0")),
+                "pipeline": sharding.pipeline_id, "pipelines": sharding.num_pipelines,
+                "epoch": epoch, "start_step": start,
+                "global": plan.indices[start:].tolist(), "mine": plan.indices[start:, part].tolist(),
+                "positions": [part.start, part.stop],
+            }}
+            handle.write(json.dumps(record) + "\\n")
     return _original(*args, **kwargs)
 
 
-pipelines.train_dataset = _recording
+pipelines.train_epochs = _recording
 os.environ["JOB_ALLOCATOR"] = "recorder"  # no re-exec under tcmalloc (job/allocator.py): it would drop this wrapper
 if sys.argv[1:3] != ["-m", "job"]:
     sys.exit("usage: recorder -m job ARGS")
