@@ -245,12 +245,12 @@ def _markdown(metrics: dict, figures: list[str]) -> str:
     lines = ["# Rotation pretraining report", "", *_verdict(metrics), "## Details", "", "| metric | value |",
              "|---|---|"]
     lines += [f"| {name} | {value} |" for name, value in rows]
-    for rows, title in ((d.get("depth_probe"), "Linear probe by depth (downstream val accuracy, all labels"),
-                        (p.get("linear_probe_200_by_depth"), "All-class linear probe by depth (val top-1")):
-        if rows:
+    for by_depth, title in ((d.get("depth_probe"), "Linear probe by depth (downstream val accuracy, all labels"),
+                            (p.get("linear_probe_200_by_depth"), "All-class linear probe by depth (val top-1")):
+        if by_depth:
             lines += ["", f"## {title}, frozen pooled features)", "", "| layer | pretrained | random init |",
                       "|---|---|---|"]
-            lines += [f"| {r['layer']} | {_fmt(r['pretrained'])} | {_fmt(r['random'])} |" for r in rows]
+            lines += [f"| {r['layer']} | {_fmt(r['pretrained'])} | {_fmt(r['random'])} |" for r in by_depth]
     lines += ["", f"Downstream numbers are the mean ± standard deviation over {count(seeds, 'seed')} of the "
               "downstream stage, on the val images of the two classes.", ""]
     if data["skipped_images"]:
@@ -315,7 +315,7 @@ def _verdict(metrics: dict) -> list[str]:
         pairs.append((f"fish/duck: transferred features vs random's best depth ({best_random['layer']})",
                       d["linear_probe_val_accuracy"], best_random["random"]))
     if by_depth := p.get("linear_probe_200_by_depth"):
-        ours, theirs = (max(by_depth, key=lambda r, n=n: r[n]) for n in ("pretrained", "random"))
+        ours, theirs = max(by_depth, key=lambda r: r["pretrained"]), max(by_depth, key=lambda r: r["random"])
         pairs.append((f"all-class (200-way): best depth of each ({ours['layer']} vs {theirs['layer']})",
                       ours["pretrained"], theirs["random"]))
     for name, ours, theirs in pairs:
