@@ -75,6 +75,8 @@ class PretextConfig:
     steps_per_epoch: int = 0  # 0 = one pass over the images
     optimizer: str = "adamw"  # "adamw" or "sgd" (Nesterov momentum)
     learning_rate: float = 2e-3  # peak learning rate, reached after warmup
+    # Decoupled: the weights shrink by learning rate x weight_decay a step, outside the momentum. PyTorch's SGD
+    # decay d with momentum m is about d / (1 - m) here (RotNet's 5e-4 at momentum 0.9: 5e-3).
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
     early_stopping_patience: int = 0  # epochs without val improvement before stopping (0 = off)
