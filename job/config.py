@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from job.errors import JobError
-from models.mobilenet_layers import mobilenet_v2_layer_names
+from models.mobilenet_layers import mobilenet_v2_layer_names, stage_of
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 DEFAULT_CONFIG = "demo"
@@ -85,6 +85,10 @@ class PretextConfig:
     # every layer. Rotation needs no colour, and on a short CPU pretext it trains the shallow layers away from
     # the colour a random network's keep (README: results).
     frozen_through: str = ""
+    # The MobileNetV2 layer whose pooled output the rotation head reads: "out_relu" is the whole backbone; an
+    # earlier layer (e.g. block_12_add) trains only the layers up to it, and the later ones keep their initial
+    # weights (the downstream transfer reads block_2_add to block_9_add on the mini set).
+    head_layer: str = "out_relu"
     online_probe: bool = True  # stop-gradient linear classifier on train labels, for monitoring only
     val_max_images: int = 0  # cap on val images for the per-epoch rotation eval (0 = all)
 
@@ -362,11 +366,17 @@ def validate(config: Config) -> None:
                        f"{list(EVALUATIONS)}.")
     named = {"evaluate.depth_probe_layers": config.evaluate.depth_probe_layers,
              "finetune.transfer_layers": [name for name in layers if name != "auto"],
-             "pretext.frozen_through": [config.pretext.frozen_through] if config.pretext.frozen_through else []}
+             "pretext.frozen_through": [config.pretext.frozen_through] if config.pretext.frozen_through else [],
+             "pretext.head_layer": [config.pretext.head_layer]}
     for key, names in named.items():
         if unknown := [name for name in names if name not in mobilenet_v2_layer_names()]:
             raise JobError(f"{key}: MobileNetV2 has no layer {', '.join(map(repr, unknown))}: "
                            "use its layer names, e.g. block_5_add or out_relu.")
+    pretext = config.pretext
+    if pretext.frozen_through and stage_of(pretext.head_layer) <= stage_of(pretext.frozen_through):
+        raise JobError(f"pretext.head_layer = {pretext.head_layer!r} is not in a later block than "
+                       f"pretext.frozen_through = {pretext.frozen_through!r}, so the pretext would train no backbone "
+                       "layer: name a deeper head layer or a shallower frozen one.")
 
 
 def _validate_weights(weights: str) -> None:

@@ -28,7 +28,7 @@ from job.probes import accuracy, confusion_matrix, cross_entropy, fit_logistic, 
 from job.serving import export_classifier
 from job.task import NO_WEIGHTS, Task, build_optimizer, check_batch, configured_backbone, dataset_fn, loop_config
 from job.train import DatasetFn, Evaluator, LoopConfig, ParamGroup, WarmupCosine, loss_scaled
-from models.backbone import load_model, pooled_block_features, transfer_features
+from models.backbone import FINAL_LAYER, load_model, pooled_block_features, transfer_features
 from models.heads import ROTATION_HEAD, classifier_head, rotation_head
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ class Networks:
     backbone: keras.Model  # the whole backbone, into which pretrained weights load
     features: keras.Model  # pixels → what the head sees (finetune.transfer_layers), sharing its variables
     head: keras.Model
-    rotation: keras.Model | None  # "s4l": pixels → 4 rotation logits, through the whole backbone
+    rotation: keras.Model | None  # "s4l": pixels → 4 rotation logits, through the backbone up to pretext.head_layer
     trained: keras.Model  # what the trainer updates and checkpoints: the classifier (and the rotation model)
 
 
@@ -157,7 +157,8 @@ def _initial_weights(ctx: Context, mode: str, seed: int) -> list[np.ndarray]:
     for each in [s for s in configured if s != seed and _initial_weights_key(mode, s) not in ctx.built] + [seed]:
         keras.utils.set_random_seed(each)
         # Plain variables, outside the strategy: only their values are used.
-        nets = _networks(ctx.config.model, ctx.config.data.image_size, transfer_layers(ctx), mode)
+        nets = _networks(ctx.config.model, ctx.config.data.image_size, transfer_layers(ctx), mode,
+                         ctx.config.pretext.head_layer)
         ctx.built[_initial_weights_key(mode, each)] = nets.trained.get_weights()
     return ctx.built[key]
 
@@ -233,9 +234,10 @@ def select_transfer_layers(ctx: Context) -> dict[str, float]:
     return scores
 
 
-def _networks(model_cfg: ModelConfig, image_size: int, layers: list[str], mode: str) -> Networks:
-    """pixels → features at `layers` → 2-way head (and, for "s4l", → whole backbone → rotation head), randomly
-    initialised (Keras' global seed)."""
+def _networks(model_cfg: ModelConfig, image_size: int, layers: list[str], mode: str,
+              rotation_layer: str = FINAL_LAYER) -> Networks:
+    """pixels → features at `layers` → 2-way head (and, for "s4l", → the backbone up to `rotation_layer`, the
+    pretext's pretext.head_layer → rotation head), randomly initialised (Keras' global seed)."""
     backbone = configured_backbone(model_cfg, image_size, weights=NO_WEIGHTS)
     features = transfer_features(backbone, layers)  # names checked by job.config.validate
     head = classifier_head(features.output_shape[-1], 2, model_cfg.classifier_dropout)
@@ -243,7 +245,9 @@ def _networks(model_cfg: ModelConfig, image_size: int, layers: list[str], mode: 
     classifier = keras.Model(pixels, head(features(pixels)), name="classifier")
     if mode != S4L:
         return Networks(classifier, backbone, features, head, None, classifier)
-    rotation_logits = rotation_head(backbone.output_shape[-1], model_cfg.head_hidden_units)(backbone(pixels))
+    rotation_features = transfer_features(backbone, [rotation_layer])
+    rotation_logits = rotation_head(rotation_features.output_shape[-1],
+                                    model_cfg.head_hidden_units)(rotation_features(pixels))
     rotation = keras.Model(pixels, rotation_logits, name="rotation_model")
     trained = keras.Model(pixels, [classifier(pixels), rotation(pixels)], name="s4l")
     return Networks(classifier, backbone, features, head, rotation, trained)
@@ -264,7 +268,7 @@ def _learner(ctx: Context, init: str, mode: str) -> Learner:
     layers = transfer_layers(ctx)  # an "auto" choice fits probes: outside the strategy's scope
     mixed = mixed_precision(ctx.config.runtime, ctx.cluster)
     with ctx.cluster.strategy.scope(), dtype_policy(mixed):
-        nets = _networks(ctx.config.model, ctx.config.data.image_size, layers, mode)
+        nets = _networks(ctx.config.model, ctx.config.data.image_size, layers, mode, ctx.config.pretext.head_layer)
         if init == PRETRAINED and f.freeze_batchnorm:
             for layer in nets.backbone._flatten_layers(include_self=False, recursive=True):
                 if isinstance(layer, keras.layers.BatchNormalization):

@@ -25,7 +25,7 @@ from job.probes import accuracy, cross_entropy, predict
 from job.serving import export_rotation_model
 from job.task import Task, build_optimizer, check_batch, configured_backbone, dataset_fn, loop_config, train_store
 from job.train import ParamGroup, WarmupCosine
-from models.backbone import variables_through
+from models.backbone import transfer_features, variables_through
 from models.heads import classifier_head, rotation_head
 
 log = logging.getLogger(__name__)
@@ -64,9 +64,10 @@ def build_pretext_task(p: PretextConfig, model_cfg: ModelConfig, data_cfg: DataC
     with cluster.strategy.scope(), dtype_policy(mixed):
         keras.utils.set_random_seed(runtime.seed)
         backbone = configured_backbone(model_cfg, data_cfg.image_size)
-        dim = backbone.output_shape[-1]
+        head_input = transfer_features(backbone, [p.head_layer])  # the backbone itself at "out_relu"
+        dim = head_input.output_shape[-1]
         pixels = keras.Input(backbone.input_shape[1:], name="pixels")
-        features = backbone(pixels)
+        features = head_input(pixels)
         rotation_logits = rotation_head(dim, model_cfg.head_hidden_units)(features)
         probe_logits = classifier_head(dim, len(data.wnids), name="online_probe")(keras.ops.stop_gradient(features))
         model = keras.Model(pixels, [rotation_logits, probe_logits], name="pretext")

@@ -22,3 +22,15 @@ def mobilenet_v2_layer_names() -> frozenset[str]:
     names |= {f"block_{block}_pad" for block in PADDED_BLOCKS}
     names |= {f"block_{block}_add" for block in RESIDUAL_BLOCKS}
     return frozenset(names)
+
+
+def stage_of(layer_name: str) -> int:
+    """Where a layer sits in MobileNetV2's body, by block: 0 the stem, 1 `expanded_conv`, N + 1 `block_N_*`,
+    BLOCKS + 2 the final 1x1 convolution and `out_relu`. Layers of one block share a stage."""
+    if layer_name.startswith("block_"):
+        return int(layer_name.split("_")[1]) + 1
+    if layer_name.startswith("expanded_conv"):
+        return 1
+    if layer_name.startswith("Conv1") or layer_name == "bn_Conv1":
+        return 0
+    return BLOCKS + 2

@@ -28,11 +28,13 @@ def _pretrained_backbone(ctx: Context, contexts: tuple[Context, ...]) -> None:
     them."""
     import keras
 
+    from models.backbone import transfer_features
     from models.heads import rotation_head
 
     backbone = build_configured_backbone(ctx)
+    features = transfer_features(backbone, [ctx.config.pretext.head_layer])  # the pretext's head input
     pixels = keras.Input(backbone.input_shape[1:])
-    rotation = keras.Model(pixels, rotation_head(backbone.output_shape[-1])(backbone(pixels)), name="rotation_model")
+    rotation = keras.Model(pixels, rotation_head(features.output_shape[-1])(features(pixels)), name="rotation_model")
     for other in contexts:
         other.layout.backbone.parent.mkdir(parents=True, exist_ok=True)
         backbone.save(other.layout.backbone)
@@ -94,18 +96,20 @@ def test_lp_ft_starts_from_the_probe_and_keeps_frozen_batchnorm(synth_zip, tmp_p
         np.testing.assert_array_equal(np.asarray(layer.moving_mean), mean)
 
 
-def test_s4l_trains_the_classifier_and_the_rotation_task_together(synth_zip, tmp_path):
-    """finetune.mode = "s4l": the rotation head starts as the pretext task's, every step also sees
-    finetune.s4l_images unlabelled images in four rotations, and the rotation loss reaches the layers past the
-    transfer cut (which the classifier alone never trains)."""
+@pytest.mark.parametrize("head_layer", ["out_relu", "block_5_add"])
+def test_s4l_trains_the_classifier_and_the_rotation_task_together(synth_zip, tmp_path, head_layer):
+    """finetune.mode = "s4l": the rotation head starts as the pretext task's (on the pretext's head layer), every
+    step also sees finetune.s4l_images unlabelled images in four rotations, and the rotation loss reaches the
+    layers between the transfer cut and the head layer (which the classifier alone never trains)."""
 
     from job.downstream import S4L, _learner, _s4l_dataset_fn, downstream_split
     from job.probes import predict
     from job.task import dataset_fn
-    from models.backbone import load_model
+    from models.backbone import load_model, variables_through
 
     config = load_config("demo", [*TINY, f"data.cache_dir={tmp_path / 'cache'}", "finetune.mode='s4l'",
-                                  "finetune.s4l_images=4", "finetune.transfer_layers=['block_2_add']"])
+                                  "finetune.s4l_images=4", "finetune.transfer_layers=['block_2_add']",
+                                  f"pretext.head_layer={head_layer}"])
     ctx = Context(config, RunLayout(tmp_path / "run"), synth_zip, make_cluster())
     _pretrained_backbone(ctx, (ctx,))
     split = downstream_split(ctx)
@@ -123,14 +127,15 @@ def test_s4l_trains_the_classifier_and_the_rotation_task_together(synth_zip, tmp
     images = split.val_images[:8]
     np.testing.assert_allclose(predict(learner.nets.rotation, images, rotations=True)[0],
                                predict(saved, images, rotations=True)[0], rtol=1e-4, atol=1e-4)
-    # The backbone's last layers lie past block_2_add: only the rotation loss can move them.
-    last = [np.asarray(v).copy() for v in learner.nets.backbone.trainable_variables[-2:]]
+    # The layers past block_2_add, up to the head layer: only the rotation loss can move them.
+    cut = {id(v) for v in variables_through(learner.nets.backbone, "block_2_add")}
+    rotation_only = [v for v in variables_through(learner.nets.backbone, head_layer) if id(v) not in cut]
+    last = [np.asarray(v).copy() for v in rotation_only[-2:]]
 
     result = train_downstream(ctx, PRETRAINED, 1.0, seed=0)
     assert result["mode"] == S4L and ctx.layout.downstream(PRETRAINED, S4L, 1.0, 0).is_dir()
     assert {"train_rotation_accuracy", "train_rotation_loss"} <= set(result["history"][0])
-    assert any(not np.allclose(np.asarray(v), old)
-               for v, old in zip(learner.nets.backbone.trainable_variables[-2:], last, strict=True))
+    assert any(not np.allclose(np.asarray(v), old) for v, old in zip(rotation_only[-2:], last, strict=True))
 
 
 def test_linear_mode_trains_the_head_and_leaves_the_backbone(synth_zip, tmp_path):

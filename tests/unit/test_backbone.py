@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from models.backbone import build_backbone, pooled_block_features, transfer_features
-from models.mobilenet_layers import mobilenet_v2_layer_names
+from models.mobilenet_layers import mobilenet_v2_layer_names, stage_of
 
 
 @pytest.mark.parametrize("input_scale", [1, 2])
@@ -48,3 +48,12 @@ def test_static_layer_names_are_mobilenet_v2s(alpha):
     backbone = build_backbone(32, alpha=alpha)
     body = next(layer for layer in backbone.layers if layer.name.startswith("mobilenet"))
     assert {layer.name for layer in body.layers[1:]} == mobilenet_v2_layer_names()
+
+
+def test_stages_follow_keras_layer_order():
+    """stage_of, which config validation orders layer keys by, never decreases along MobileNetV2's layers, and
+    takes every value from the stem (0) to out_relu's stage."""
+    body = next(layer for layer in build_backbone(32, alpha=0.35).layers if layer.name.startswith("mobilenet"))
+    stages = [stage_of(layer.name) for layer in body.layers[1:]]
+    assert stages == sorted(stages) and set(stages) == set(range(stages[-1] + 1))
+    assert stage_of("Conv1") == 0 and stage_of("block_2_add") == 3 and stage_of("out_relu") == stages[-1] == 18

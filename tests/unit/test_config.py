@@ -330,3 +330,12 @@ def test_pretext_frozen_through_names_a_mobilenet_layer():
     assert load_config("demo", []).pretext.frozen_through == ""
     message = expect_error("pretext.frozen_through=block_2")
     assert "pretext.frozen_through" in message and "'block_2'" in message
+
+
+def test_pretext_head_layer_must_lie_past_the_frozen_layers():
+    config = load_config("demo", ["pretext.frozen_through=block_2_add", "pretext.head_layer=block_12_add"])
+    assert config.pretext.head_layer == "block_12_add" and load_config("demo", []).pretext.head_layer == "out_relu"
+    message = expect_error("pretext.frozen_through=block_5_add", "pretext.head_layer=block_5_project_BN")
+    assert "pretext.head_layer = 'block_5_project_BN'" in message
+    assert "pretext.frozen_through = 'block_5_add'" in message
+    assert "pretext.head_layer" in expect_error("pretext.head_layer=block_99_add")

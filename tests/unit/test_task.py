@@ -123,6 +123,40 @@ def test_the_pretext_task_is_built_from_its_sections_the_dataset_and_the_cluster
     assert per_example.shape[0] == NUM_ROTATIONS * BATCH and set(metrics) >= {"loss", "rotation_accuracy"}
 
 
+def test_pretext_head_layer_trains_the_layers_up_to_it_and_exports_a_loadable_rotation_model(tmp_path):
+    """pretext.head_layer = block_5_add: the rotation head reads that layer's pooled output, the layers up to it
+    train while the later ones keep their initial weights, and the saved rotation model loads and predicts."""
+    from job.pretext import build_pretext_task
+    from models.backbone import load_model, variables_through
+
+    data = _three_class_dataset()
+    pretext = PretextConfig(epochs=1, batch_images=BATCH, warmup_epochs=0.0, head_layer="block_5_add",
+                            optimizer="sgd", learning_rate=0.5, online_probe=False)
+    cluster = _cluster()
+    task = build_pretext_task(pretext, ModelConfig(alpha=0.35), DataConfig(image_size=IMAGE_SIZE),
+                              RuntimeConfig(**CADENCE), data, cluster)
+    through = {id(v) for v in variables_through(task.backbone, "block_5_add")}
+    later = [v for v in task.backbone.trainable_variables if id(v) not in through]
+    trained = {id(v) for v in task.groups[0].variables}
+    assert later and not any(id(v) in trained for v in later) and through <= trained
+    body = next(layer for layer in task.backbone.layers if isinstance(layer, keras.Model))
+    block_5_channels = body.get_layer("block_5_add").output.shape[-1]
+    assert task.rotation_model.get_layer("rotation_head").input.shape[-1] == block_5_channels
+    before = {v.path: v.numpy().copy() for v in task.backbone.variables}
+
+    trainer = task.trainer(cluster, tmp_path / "stage", tmp_path / "logs")
+    trainer.fit(task.dataset_fn, lambda epoch, writer: {"rotation_accuracy": 0.0})
+    trainer.close()
+    for v in later:
+        np.testing.assert_array_equal(v.numpy(), before[v.path], err_msg=v.path)
+    moved = [v for v in task.backbone.trainable_variables if "kernel" in v.path and id(v) in through]
+    assert moved and all(not np.array_equal(v.numpy(), before[v.path]) for v in moved)
+    task.rotation_model.save(tmp_path / "rotation.keras")
+    images = np.asarray(data.train.images[:2])
+    np.testing.assert_allclose(load_model(tmp_path / "rotation.keras")(images), task.rotation_model(images),
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_pretext_frozen_through_keeps_the_shallow_layers_initial_and_trains_the_rest(tmp_path):
     """pretext.frozen_through = block_2_add: after training, every weight of the layers up to it is its initial
     value while the deeper layers and the head moved; the frozen layers' BN statistics still follow the data."""
