@@ -101,8 +101,8 @@ class FinetuneConfig:
     min_steps: int = 100  # small label fractions still get this many steps (epochs then repeat their images)
     batch_size: int = 64
     # "finetune" (all layers), "linear" (frozen backbone) or "s4l": fine-tuning jointly with the rotation loss on
-    # all downstream train images, labelled or not, through the whole backbone and a rotation head (S4L, Zhai et
-    # al. 2019); from the pretrained backbone the rotation head starts as the pretext task's.
+    # all downstream train images, labelled or not, through the backbone up to pretext.head_layer and a rotation
+    # head (S4L, Zhai et al. 2019); from the pretrained backbone the rotation head starts as the pretext task's.
     mode: str = "finetune"
     # MobileNetV2 layers whose globally pooled outputs, concatenated, feed the classifier head (the backbone is
     # cut after the deepest): rotation features peak before the last block, and early blocks keep colour.

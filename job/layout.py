@@ -9,8 +9,9 @@
                                            ckpt-N.history.json, ckpt-N.best.weights.h5 (job/units.py)
       checkpoints/downstream/<run>/        one per downstream training (init, mode, labels, seed): same files
       checkpoints/evaluate/done.json       probe, k-NN and baseline results
-      model/backbone.keras                 the pretrained backbone (pixels in [0, 255] → pooled features)
-      model/rotation_model.keras           backbone + rotation head
+      model/backbone.keras                 the pretrained backbone (pixels in [0, 255] → pooled features); the
+                                           layers past pretext.head_layer keep their initial weights
+      model/rotation_model.keras           backbone up to pretext.head_layer + rotation head
       model/rotation_savedmodel/           the same as a servable SavedModel (encoded images → probabilities, angle)
       model/classifier.keras               fish-vs-duck classifier (seed 0 of the finetune stage)
       model/classifier_savedmodel/         the same as a servable SavedModel (encoded images → probabilities,

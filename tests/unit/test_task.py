@@ -123,18 +123,32 @@ def test_the_pretext_task_is_built_from_its_sections_the_dataset_and_the_cluster
     assert per_example.shape[0] == NUM_ROTATIONS * BATCH and set(metrics) >= {"loss", "rotation_accuracy"}
 
 
-def test_pretext_head_layer_trains_the_layers_up_to_it_and_exports_a_loadable_rotation_model(tmp_path):
-    """pretext.head_layer = block_5_add: the rotation head reads that layer's pooled output, the layers up to it
-    train while the later ones keep their initial weights, and the saved rotation model loads and predicts."""
+def _one_epoch_pretext(tmp_path, **pretext_keys) -> tuple:
+    """A pretext task on three classes (alpha 0.35, SGD at a rate that moves every trained weight), its dataset,
+    and a function that trains it for one epoch; the task's variables are untouched until that is called."""
     from job.pretext import build_pretext_task
-    from models.backbone import load_model, variables_through
 
     data = _three_class_dataset()
-    pretext = PretextConfig(epochs=1, batch_images=BATCH, warmup_epochs=0.0, head_layer="block_5_add",
-                            optimizer="sgd", learning_rate=0.5, online_probe=False)
+    pretext = PretextConfig(epochs=1, batch_images=BATCH, warmup_epochs=0.0, optimizer="sgd", learning_rate=0.5,
+                            online_probe=False, **pretext_keys)
     cluster = _cluster()
     task = build_pretext_task(pretext, ModelConfig(alpha=0.35), DataConfig(image_size=IMAGE_SIZE),
                               RuntimeConfig(**CADENCE), data, cluster)
+
+    def train() -> None:
+        trainer = task.trainer(cluster, tmp_path / "stage", tmp_path / "logs")
+        trainer.fit(task.dataset_fn, lambda epoch, writer: {"rotation_accuracy": 0.0})
+        trainer.close()
+
+    return task, data, train
+
+
+def test_pretext_head_layer_trains_the_layers_up_to_it_and_exports_a_loadable_rotation_model(tmp_path):
+    """pretext.head_layer = block_5_add: the rotation head reads that layer's pooled output, the layers up to it
+    train while the later ones keep their initial weights, and the saved rotation model loads and predicts."""
+    from models.backbone import load_model, variables_through
+
+    task, data, train = _one_epoch_pretext(tmp_path, head_layer="block_5_add")
     through = {id(v) for v in variables_through(task.backbone, "block_5_add")}
     later = [v for v in task.backbone.trainable_variables if id(v) not in through]
     trained = {id(v) for v in task.groups[0].variables}
@@ -144,9 +158,7 @@ def test_pretext_head_layer_trains_the_layers_up_to_it_and_exports_a_loadable_ro
     assert task.rotation_model.get_layer("rotation_head").input.shape[-1] == block_5_channels
     before = {v.path: v.numpy().copy() for v in task.backbone.variables}
 
-    trainer = task.trainer(cluster, tmp_path / "stage", tmp_path / "logs")
-    trainer.fit(task.dataset_fn, lambda epoch, writer: {"rotation_accuracy": 0.0})
-    trainer.close()
+    train()
     for v in later:
         np.testing.assert_array_equal(v.numpy(), before[v.path], err_msg=v.path)
     moved = [v for v in task.backbone.trainable_variables if "kernel" in v.path and id(v) in through]
@@ -160,15 +172,9 @@ def test_pretext_head_layer_trains_the_layers_up_to_it_and_exports_a_loadable_ro
 def test_pretext_frozen_through_keeps_the_shallow_layers_initial_and_trains_the_rest(tmp_path):
     """pretext.frozen_through = block_2_add: after training, every weight of the layers up to it is its initial
     value while the deeper layers and the head moved; the frozen layers' BN statistics still follow the data."""
-    from job.pretext import build_pretext_task
     from models.backbone import variables_through
 
-    data = _three_class_dataset()
-    pretext = PretextConfig(epochs=1, batch_images=BATCH, warmup_epochs=0.0, frozen_through="block_2_add",
-                            optimizer="sgd", learning_rate=0.5, online_probe=False)
-    cluster = _cluster()
-    task = build_pretext_task(pretext, ModelConfig(alpha=0.35), DataConfig(image_size=IMAGE_SIZE),
-                              RuntimeConfig(**CADENCE), data, cluster)
+    task, _, train = _one_epoch_pretext(tmp_path, frozen_through="block_2_add")
     frozen = variables_through(task.backbone, "block_2_add")
     frozen_ids = {id(v) for v in frozen}
     assert frozen and all(id(v) not in frozen_ids for v in task.groups[0].variables)
@@ -176,9 +182,7 @@ def test_pretext_frozen_through_keeps_the_shallow_layers_initial_and_trains_the_
     statistics = [v for v in task.backbone.non_trainable_variables if "bn_Conv1" in v.path]
     before = {v.path: v.numpy().copy() for v in task.model.variables}
 
-    trainer = task.trainer(cluster, tmp_path / "stage", tmp_path / "logs")
-    trainer.fit(task.dataset_fn, lambda epoch, writer: {"rotation_accuracy": 0.0})
-    trainer.close()
+    train()
     for v in frozen:
         np.testing.assert_array_equal(v.numpy(), before[v.path], err_msg=v.path)
     trained = [v for v in task.backbone.trainable_variables if "kernel" in v.path and id(v) not in frozen_ids]
