@@ -89,6 +89,9 @@ class PretextConfig:
     # earlier layer (e.g. block_12_add) trains only the layers up to it, and the later ones keep their initial
     # weights (the downstream transfer reads block_2_add to block_9_add on the mini set).
     head_layer: str = "out_relu"
+    # Each pretext crop covers a uniform draw from [min_crop_area, 1] of the image's area (square, scaled back to
+    # data.image_size by nearest neighbour) before the data.crop_padding shift; 1.0 = the shift alone.
+    min_crop_area: float = 1.0
     online_probe: bool = True  # stop-gradient linear classifier on train labels, for monitoring only
     val_max_images: int = 0  # cap on val images for the per-epoch rotation eval (0 = all)
 
@@ -346,6 +349,9 @@ def validate(config: Config) -> None:
     if not layers or ("auto" in layers and len(layers) > 1):
         raise JobError(f"finetune.transfer_layers = {layers} is not allowed: name MobileNetV2 layers, e.g. "
                        "[\"block_12_add\", \"out_relu\"], or [\"auto\"] alone.")
+    if not 0.0 < config.pretext.min_crop_area <= 1.0:
+        raise JobError(f"pretext.min_crop_area = {config.pretext.min_crop_area} must be in (0, 1]: the smallest "
+                       "share of an image's area a pretext crop covers (1 = no scaling).")
     fractions = [config.finetune.label_fraction, *config.evaluate.label_fractions]
     if any(not 0.0 < f <= 1.0 for f in fractions):
         raise JobError(f"label fractions {fractions} must each be in (0, 1].")

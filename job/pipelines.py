@@ -29,6 +29,7 @@ from job.decode import decode_stored
 from models.heads import NUM_ROTATIONS
 
 SEED_STRIDE = 1_000_003  # (seed, epoch) → one stateless-RNG key component
+SCALE_STREAM = 1 << 48  # added to that key for the crop scales: a stream no (seed, epoch) reaches
 RGBX = 4  # bytes per pixel in the training batches: R, G, B and one zero byte
 STORE_CHUNK = 512  # images copied into the ImageStore at once (6 MB at 64 px: 4,096 cost 128 MB more peak RSS)
 ENCODED_STORE_CHUNK = 4096  # encoded images copied into the EncodedStore at once (~10 MB of JPEGs at 64 px)
@@ -96,44 +97,56 @@ def rotate_four(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(rotated), labels
 
 
-def augment_batch(images: tf.Tensor, flips: tf.Tensor, offsets: tf.Tensor, padding: int) -> tf.Tensor:
+def augment_batch(images: tf.Tensor, flips: tf.Tensor, offsets: tf.Tensor, padding: int,
+                  sides: tf.Tensor | None = None) -> tf.Tensor:
     """Random horizontal flip, then a random crop of the reflect-padded image; any dtype, shape kept.
 
-    `images` [B, H, W, ...], `flips` [B] bool, `offsets` [B, 2] int32 in [0, 2 * padding]. Neither
-    operation reveals orientation.
+    `images` [B, H, W, ...] (H = W), `flips` [B] bool, `offsets` [B, 2] int32: the crop's top-left corner in the
+    padded image, in [0, 2 * padding + H - side]. `sides` [B] int32: each crop's side in pixels, scaled back to
+    H by nearest neighbour (None: H, a plain crop). Neither operation reveals orientation.
     """
-    rows_t, cols = _crop_rows_transposed(images, flips, offsets, padding)
+    rows_t, cols = _crop_rows_transposed(images, flips, offsets, padding, sides)
     return tf.transpose(tf.gather(rows_t, cols, axis=1, batch_dims=1), _swap_axes(images))
 
 
-def augment_and_rotate(images: tf.Tensor, flips: tf.Tensor, offsets: tf.Tensor, padding: int) -> tf.Tensor:
+def augment_and_rotate(images: tf.Tensor, flips: tf.Tensor, offsets: tf.Tensor, padding: int,
+                       sides: tf.Tensor | None = None) -> tf.Tensor:
     """`augment_batch`, then all four rotations: [B, H, W, ...] → [4B, H, W, ...], block k rotated by k*90°.
 
     Block k equals tf.image.rot90(augment_batch(...), k), for fewer element-wise passes than rotating the
     augmented batch: the 90° block is gathered straight from the transposed crop.
     """
-    rows_t, cols = _crop_rows_transposed(images, flips, offsets, padding)
+    rows_t, cols = _crop_rows_transposed(images, flips, offsets, padding, sides)
     augmented_t = tf.gather(rows_t, cols, axis=1, batch_dims=1)
     rotated_90 = tf.gather(rows_t, tf.reverse(cols, [1]), axis=1, batch_dims=1)
     augmented = tf.transpose(augmented_t, _swap_axes(images))
     return tf.concat([augmented, rotated_90, tf.reverse(augmented, [1, 2]), tf.reverse(augmented_t, [2])], 0)
 
 
-def _crop_rows_transposed(images, flips, offsets, padding) -> tuple[tf.Tensor, tf.Tensor]:
+def _crop_rows_transposed(images, flips, offsets, padding, sides) -> tuple[tf.Tensor, tf.Tensor]:
     """The crop's rows, gathered whole and transposed, and the crop's (mirrored) columns [B, W].
 
     The columns are then gathered as rows of the transpose: a whole-row gather is a memcpy, a per-element
     column gather ~10x slower in TF's CPU kernels.
     """
-    rows, cols = _crop_indices(images, flips, offsets, padding)
+    rows, cols = _crop_indices(images, flips, offsets, padding, sides)
     return tf.transpose(tf.gather(images, rows, axis=1, batch_dims=1), _swap_axes(images)), cols
 
 
-def _crop_indices(images, flips, offsets, padding):
-    """Source rows [B, H] and columns [B, W] of each output pixel: crop offset, reflection, mirror."""
+def _crop_indices(images, flips, offsets, padding, sides):
+    """Source rows [B, H] and columns [B, W] of each output pixel: crop offset and scale, reflection, mirror.
+
+    Output pixel i samples the crop at the centre of its cell, floor((i + 1/2) * side / H), in integers; a crop
+    as large as the image samples every pixel once.
+    """
     height, width = images.shape[1], images.shape[2]
-    rows = _reflect(offsets[:, :1] - padding + tf.range(height)[None, :], height)
-    cols = _reflect(offsets[:, 1:] - padding + tf.range(width)[None, :], width)
+    if sides is None:
+        rows, cols = tf.range(height)[None, :], tf.range(width)[None, :]
+    else:
+        rows = (2 * tf.range(height)[None, :] + 1) * sides[:, None] // (2 * height)
+        cols = (2 * tf.range(width)[None, :] + 1) * sides[:, None] // (2 * width)
+    rows = _reflect(offsets[:, :1] - padding + rows, height)
+    cols = _reflect(offsets[:, 1:] - padding + cols, width)
     return rows, tf.where(flips[:, None], width - 1 - cols, cols)
 
 
@@ -146,15 +159,27 @@ def _reflect(index: tf.Tensor, size: int) -> tf.Tensor:
     return (size - 1) - tf.abs((size - 1) - tf.abs(index))
 
 
-def draw_augmentation(seed: int, epoch: int | tf.Tensor, step: tf.Tensor, count: int, padding: int):
-    """Flips and crop offsets for one global batch, a pure function of (seed, epoch, step)."""
+def draw_augmentation(seed: int, epoch: int | tf.Tensor, step: tf.Tensor, count: int, padding: int,
+                      size: int = 0, min_area: float = 1.0):
+    """Flips, crop offsets and crop sides for one global batch, a pure function of (seed, epoch, step).
+
+    With `min_area` < 1 each crop covers a uniform draw from [min_area, 1] of the `size`-pixel image's area
+    (square, scaled back: `augment_batch`); at 1 the sides are None and the draws are those of a plain crop.
+    """
     base = tf.cast(seed * SEED_STRIDE + epoch, tf.int64)
     step = tf.cast(step, tf.int64)
     flips = tf.random.stateless_uniform([count], seed=tf.stack([base, 2 * step])) < 0.5
-    offsets = tf.random.stateless_uniform(
-        [count, 2], seed=tf.stack([base, 2 * step + 1]), minval=0, maxval=2 * padding + 1, dtype=tf.int32
-    )
-    return flips, offsets
+    if min_area >= 1.0:
+        offsets = tf.random.stateless_uniform(
+            [count, 2], seed=tf.stack([base, 2 * step + 1]), minval=0, maxval=2 * padding + 1, dtype=tf.int32
+        )
+        return flips, offsets, None
+    area = tf.random.stateless_uniform([count], seed=tf.stack([base + SCALE_STREAM, step]), minval=min_area)
+    sides = tf.clip_by_value(tf.cast(tf.round(tf.sqrt(area) * size), tf.int32), 1, size)
+    corner = tf.random.stateless_uniform([count, 2], seed=tf.stack([base, 2 * step + 1]))
+    spans = tf.cast(2 * padding + size - sides + 1, tf.float32)[:, None]
+    offsets = tf.minimum(tf.cast(corner * spans, tf.int32), tf.cast(spans, tf.int32) - 1)
+    return flips, offsets, sides
 
 
 def pack_rgbx(images: np.ndarray) -> np.ndarray:
@@ -285,6 +310,7 @@ def train_epochs(
     seed: int,
     start_step: int = 0,
     padding: int = 0,
+    min_crop_area: float = 1.0,
     rotations: bool = False,
     sharding: Sharding = Sharding(),
     prefetch: int = 4,
@@ -300,8 +326,9 @@ def train_epochs(
 
     With `rotations=True` (the pretext task), every image of a replica batch appears in all four
     rotations in that batch (block k rotated by k*90°), `rotations` holds the angle index and `labels`
-    the class label, for an online probe only. Augmentation draws are made for the whole global batch,
-    so they do not depend on how it is sharded.
+    the class label, for an online probe only. Augmentation (a flip, a crop of the image padded by `padding`,
+    scaled from at least `min_crop_area` of its area: `draw_augmentation`) is drawn for the whole global batch,
+    so it does not depend on how the batch is sharded.
     """
     store = images if isinstance(images, (ImageStore, EncodedStore)) else ImageStore(images)
     steps, global_batch = plans(epochs.start).indices.shape if epochs else (0, 0)
@@ -328,20 +355,22 @@ def train_epochs(
             (tf.fill(tf.shape(step), epoch), step, tf.gather(indices, step), tf.gather(weights, step))
         )
 
-    def replica_batch(images, labels, weights, flips, offsets) -> dict[str, tf.Tensor]:
+    def replica_batch(images, labels, weights, flips, offsets, sides=None) -> dict[str, tf.Tensor]:
         if rotations:
-            images = augment_and_rotate(images, flips, offsets, padding)
+            images = augment_and_rotate(images, flips, offsets, padding, sides)
             labels, weights = tf.tile(labels, [NUM_ROTATIONS]), tf.tile(weights, [NUM_ROTATIONS])
             angles = tf.repeat(tf.range(NUM_ROTATIONS, dtype=tf.int32), tf.shape(images)[0] // NUM_ROTATIONS)
         else:
-            images, angles = augment_batch(images, flips, offsets, padding), tf.zeros_like(labels)
+            images, angles = augment_batch(images, flips, offsets, padding, sides), tf.zeros_like(labels)
         images = tf.ensure_shape(tf.bitcast(images, tf.uint8), (None, size, size, RGBX))
         return {"images": images, "labels": labels, "weights": weights, "rotations": angles}
 
     def load(epoch, step, index, weights):
-        flips, offsets = draw_augmentation(seed, epoch, step, global_batch, padding)
+        flips, offsets, sides = draw_augmentation(seed, epoch, step, global_batch, padding, size, min_crop_area)
         index = tf.ensure_shape(index, (part.stop - part.start,))
         mine = (store.gather(index), tf.gather(label_table, index), weights, flips[part], offsets[part])
+        if sides is not None:
+            mine += (sides[part],)
         if replicas == 1:
             return replica_batch(*mine)
         parts = [replica_batch(*batch) for batch in zip(*(tf.split(t, replicas) for t in mine), strict=True)]

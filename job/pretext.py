@@ -97,7 +97,8 @@ def build_pretext_task(p: PretextConfig, model_cfg: ModelConfig, data_cfg: DataC
         patience=p.early_stopping_patience, monitor="rotation_accuracy", xla=use_xla(runtime, cluster),
     )
     make_dataset = dataset_fn(train_store(data, data_cfg), data.train.labels, train_indices, p.batch_images,
-                              p.steps_per_epoch, data=data_cfg, seed=runtime.seed, rotations=True)
+                              p.steps_per_epoch, data=data_cfg, seed=runtime.seed, rotations=True,
+                              min_crop_area=p.min_crop_area)
     rotation_model = keras.Model(pixels, rotation_logits, name="rotation_model")
     val_indices = random_subset(len(data.val), p.val_max_images, runtime.seed)
 

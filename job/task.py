@@ -64,10 +64,11 @@ def train_store(dataset: Dataset, data: DataConfig) -> ImageStore | EncodedStore
 
 
 def dataset_fn(images: np.ndarray | ImageStore | EncodedStore, labels: np.ndarray, indices: np.ndarray, batch: int,
-               steps: int, *, data: DataConfig, seed: int, rotations: bool) -> DatasetFn:
+               steps: int, *, data: DataConfig, seed: int, rotations: bool, min_crop_area: float = 1.0) -> DatasetFn:
     """(epochs, start_step, input_context) → this pipeline's tf.data.Dataset for those epochs (the first from
     start_step), over `indices` of `images` (an array, or a store from `train_store`) in batches of `batch`
-    (`steps` a epoch; 0: one pass), augmented as `data` says, drawn from `seed`."""
+    (`steps` a epoch; 0: one pass), augmented as `data` says, with crops of at least `min_crop_area` of an image's
+    area, drawn from `seed`."""
     # once per task, shared by every fit's dataset
     store = images if isinstance(images, (ImageStore, EncodedStore)) else ImageStore(images)
 
@@ -78,7 +79,8 @@ def dataset_fn(images: np.ndarray | ImageStore | EncodedStore, labels: np.ndarra
     def make(epochs: range, start_step: int, context: tf.distribute.InputContext | None) -> tf.data.Dataset:
         return train_epochs(
             store, labels, plan, epochs, seed=seed, start_step=start_step, padding=data.crop_padding,
-            rotations=rotations, sharding=Sharding.from_input_context(context), prefetch=data.prefetch_batches,
+            min_crop_area=min_crop_area, rotations=rotations, sharding=Sharding.from_input_context(context),
+            prefetch=data.prefetch_batches,
         )
 
     return make

@@ -185,7 +185,7 @@ def test_random_subset():
 
 def augment(images, seed: int, padding: int):
     """The pipeline's augmentation for one batch, drawn as the pipeline draws it."""
-    flips, offsets = draw_augmentation(seed, 0, 0, len(images), padding)
+    flips, offsets, _ = draw_augmentation(seed, 0, 0, len(images), padding)
     return augment_batch(tf.constant(images), flips, offsets, padding).numpy()
 
 
@@ -219,7 +219,7 @@ def rotate_four_reference(images: tf.Tensor) -> tf.Tensor:
 
 def test_packed_augmentation_and_rotation_equal_the_rgb_ones(images):
     """Moving one int32 per pixel gives exactly the images that moving three bytes gives."""
-    flips, offsets = draw_augmentation(3, 0, 0, N, padding=2)
+    flips, offsets, _ = draw_augmentation(3, 0, 0, N, padding=2)
     rgb = rotate_four_reference(augment_batch(tf.constant(images), flips, offsets, 2))
     packed = rotate_four_reference(augment_batch(tf.constant(pack_rgbx(images)), flips, offsets, 2))
     np.testing.assert_array_equal(tf.bitcast(packed, tf.uint8).numpy()[..., :3], rgb.numpy())
@@ -246,7 +246,7 @@ def test_augment_without_padding_only_flips(images):
 def test_augmentation_is_a_function_of_seed_epoch_and_step_alone(images):
     """A resumed epoch draws step 5's flips and crops without having drawn steps 0-4, after other seeding."""
     def draw(seed: int, epoch: int, step: int) -> np.ndarray:
-        flips, offsets = draw_augmentation(seed, epoch, step, N, padding=2)
+        flips, offsets, _ = draw_augmentation(seed, epoch, step, N, padding=2)
         return augment_batch(tf.constant(images), flips, offsets, 2).numpy()
 
     restarted = draw(4, 1, 5)
@@ -274,6 +274,38 @@ def test_augment_with_padding_crops_the_reflect_padded_image(images):
         assert windows, "output is not a crop of the (possibly mirrored) padded input"
         moved += (pad, pad) not in windows
     assert moved > 0
+
+
+@pytest.mark.parametrize("padding", [0, 3])
+def test_scaled_crops_resize_a_window_of_the_padded_image_by_nearest_neighbour(images, padding):
+    """With min_area < 1 each output is a square window, of the drawn side, of the (mirrored) reflect-padded image,
+    sampled at its cells' centres; its four rotations are the scaled crop's."""
+    min_area = 0.3
+    flips, offsets, sides = draw_augmentation(7, 2, 3, N, padding, SIZE, min_area)
+    flips, offsets, sides = flips.numpy(), offsets.numpy(), sides.numpy()
+    assert sides.min() >= round(np.sqrt(min_area) * SIZE) and sides.max() <= SIZE and len(set(sides)) > 1
+    assert np.all(offsets >= 0) and np.all(offsets <= (2 * padding + SIZE - sides)[:, None])
+    out = augment_batch(tf.constant(images), flips, offsets, padding, sides).numpy()
+    for x, y, flip, (top, left), side in zip(images, out, flips, offsets, sides, strict=True):
+        source = x[:, ::-1] if flip else x
+        padded = np.pad(source, ((padding, padding), (padding, padding), (0, 0)), mode="reflect")
+        window = padded[top : top + side, left : left + side]
+        cells = ((np.arange(SIZE) + 0.5) * side / SIZE).astype(int)
+        np.testing.assert_array_equal(y, window[cells][:, cells])
+    rotated = augment_and_rotate(tf.constant(images), flips, offsets, padding, sides)
+    np.testing.assert_array_equal(rotated.numpy(), rotate_four_reference(tf.constant(out)).numpy())
+
+
+def test_full_area_crops_draw_and_cut_exactly_the_plain_crops(images):
+    """min_area = 1 keeps the plain crop's draws, and a drawn side of the whole image is the plain crop."""
+    flips, offsets, sides = draw_augmentation(4, 1, 5, N, 2, SIZE, 1.0)
+    plain_flips, plain_offsets, _ = draw_augmentation(4, 1, 5, N, 2)
+    assert sides is None
+    np.testing.assert_array_equal(flips.numpy(), plain_flips.numpy())
+    np.testing.assert_array_equal(offsets.numpy(), plain_offsets.numpy())
+    whole = tf.fill([N], SIZE)
+    np.testing.assert_array_equal(augment_batch(tf.constant(images), flips, offsets, 2, whole).numpy(),
+                                  augment_batch(tf.constant(images), flips, offsets, 2).numpy())
 
 
 # -- tf.data training pipeline ---------------------------------------------------------------------
