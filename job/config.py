@@ -112,6 +112,9 @@ class FinetuneConfig:
     # ["auto"]: of evaluate.depth_probe_layers, each alone or beside the shallowest, the one whose frozen
     # features classify best in 4-fold cross-validation on the downstream train labels (never val).
     transfer_layers: list[str] = field(default_factory=lambda: ["out_relu"])
+    # ["auto"]: the deepest candidate within this many standard errors of the best cross-validated accuracy (a
+    # frozen probe ties them; the deeper carries more pretrained layers into the fine-tune); 0 = the best.
+    transfer_tolerance_se: float = 0.0
     # "probe": from the pretrained backbone, the head starts as a logistic regression fitted on the frozen
     # features of the run's labelled images (LP-FT), so fine-tuning starts from a classifier, not from noise.
     head_init: str = "random"
@@ -334,6 +337,7 @@ def validate(config: Config) -> None:
         "pretext.weight_decay": config.pretext.weight_decay,
         "finetune.weight_decay": config.finetune.weight_decay,
         "finetune.s4l_rotation_weight": config.finetune.s4l_rotation_weight,
+        "finetune.transfer_tolerance_se": config.finetune.transfer_tolerance_se,
         "data.crop_padding": config.data.crop_padding,
     }
     for name, value in non_negative.items():

@@ -30,6 +30,7 @@ from job.task import NO_WEIGHTS, Task, build_optimizer, check_batch, configured_
 from job.train import DatasetFn, Evaluator, LoopConfig, ParamGroup, WarmupCosine, loss_scaled
 from models.backbone import FINAL_LAYER, load_model, pooled_block_features, transfer_features
 from models.heads import ROTATION_HEAD, classifier_head, rotation_head
+from models.mobilenet_layers import stage_of
 
 log = logging.getLogger(__name__)
 
@@ -195,8 +196,27 @@ def transfer_layers(ctx: Context) -> list[str]:
         return layers
     if "transfer_selection" not in ctx.built:
         ctx.built["transfer_selection"] = select_transfer_layers(ctx)
-    best = max(ctx.built["transfer_selection"].items(), key=lambda item: item[1])[0]
-    return best.split(LAYER_JOIN)
+    chosen = chosen_candidate(ctx.built["transfer_selection"], ctx.config.evaluate.depth_probe_layers,
+                              len(downstream_split(ctx).train_labels), ctx.config.finetune.transfer_tolerance_se)
+    return chosen.split(LAYER_JOIN)
+
+
+def chosen_candidate(scores: dict[str, float], depth_order: list[str], examples: int, tolerance_se: float) -> str:
+    """The deepest candidate whose cross-validated accuracy lies within `tolerance_se` standard errors of the best
+    score (its binomial standard error over `examples`); among those as deep, the better scored. 0: the best.
+
+    Candidates that a frozen linear probe cannot tell apart carry the same linearly available information; the
+    deeper one carries more pretrained layers into the fine-tune, which the probe does not see.
+    """
+    if tolerance_se <= 0:
+        return max(scores, key=scores.get)
+    best = max(scores.values())
+    floor = best - tolerance_se * math.sqrt(best * (1.0 - best) / examples)
+
+    def depth(name: str) -> int:
+        return max(depth_order.index(layer) for layer in name.split(LAYER_JOIN))
+
+    return max((name for name, score in scores.items() if score >= floor), key=lambda name: (depth(name), scores[name]))
 
 
 def transfer_selection(ctx: Context) -> dict[str, float] | None:
@@ -209,15 +229,18 @@ def select_transfer_layers(ctx: Context) -> dict[str, float]:
     """Candidate transfer layers → k-fold cross-validated accuracy of a linear probe on the pretrained
     backbone's frozen pooled features, on the downstream *train* images (never val).
 
-    Candidates: each of evaluate.depth_probe_layers alone, and each deeper one beside the shallowest (which
-    keeps what a shallow network sees, such as colour, while the deeper one adds what pretraining learned).
+    Candidates: each of evaluate.depth_probe_layers up to pretext.head_layer (the pretext never trained the layers
+    past it) alone, and each deeper one beside the shallowest (which keeps what a shallow network sees, such as
+    colour, while the deeper one adds what pretraining learned).
     """
     cfg, e = ctx.config, ctx.config.evaluate
     split = downstream_split(ctx)
-    by_depth = pooled_block_features(pretrained_backbone(ctx), e.depth_probe_layers)
-    pooled = dict(zip(e.depth_probe_layers, predict(by_depth, split.train_images), strict=True))
-    shallowest, *deeper = e.depth_probe_layers
-    candidates = [[layer] for layer in e.depth_probe_layers] + [[shallowest, layer] for layer in deeper]
+    trained = [layer for layer in e.depth_probe_layers if stage_of(layer) <= stage_of(cfg.pretext.head_layer)]
+    layers = trained or e.depth_probe_layers
+    by_depth = pooled_block_features(pretrained_backbone(ctx), layers)
+    pooled = dict(zip(layers, predict(by_depth, split.train_images), strict=True))
+    shallowest, *deeper = layers
+    candidates = [[layer] for layer in layers] + [[shallowest, layer] for layer in deeper]
     folds = np.random.default_rng(cfg.runtime.seed).permutation(len(split.train_labels)) % SELECTION_FOLDS
     scores = {}
     for layers in candidates:

@@ -154,3 +154,21 @@ def test_linear_mode_trains_the_head_and_leaves_the_backbone(synth_zip, tmp_path
         np.testing.assert_array_equal(trained, initial)
     assert any(np.abs(trained - initial).max() > 0
                for trained, initial in zip(trained_head, nets.head.get_weights(), strict=True))
+
+
+def test_auto_transfer_layers_weigh_only_what_the_pretext_trained_and_prefer_depth_within_the_tolerance(
+        synth_zip, tmp_path):
+    """["auto"] scores the probed layers up to pretext.head_layer (the layers past it keep their initial weights),
+    and with a tolerance as wide as every score, takes the deepest candidate, the better scored at that depth."""
+    from job.downstream import transfer_layers, transfer_selection
+
+    config = load_config("demo", [*TINY, f"data.cache_dir={tmp_path / 'cache'}", "finetune.transfer_layers=['auto']",
+                                  "pretext.head_layer='block_5_add'", "finetune.transfer_tolerance_se=1000",
+                                  "evaluate.depth_probe_layers=['block_2_add', 'block_5_add', 'block_9_add', "
+                                  "'out_relu']"])
+    ctx = Context(config, RunLayout(tmp_path / "run"), synth_zip, make_cluster())
+    _pretrained_backbone(ctx, (ctx,))
+    scores = transfer_selection(ctx)
+    assert set(scores) == {"block_2_add", "block_5_add", "block_2_add+block_5_add"}
+    deepest = max(["block_5_add", "block_2_add+block_5_add"], key=scores.get)
+    assert transfer_layers(ctx) == deepest.split("+")
