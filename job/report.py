@@ -238,6 +238,7 @@ def _markdown(metrics: dict, figures: list[str]) -> str:
          _fmt(b["colour_histogram_val_accuracy"], b["colour_histogram_val_accuracy_std"])),
         ("Linear probe on frozen features, val accuracy", _fmt(d["linear_probe_val_accuracy"])),
         (f"k-NN ({_knn_words(d)}) on frozen features, val accuracy", _fmt(d["knn_val_accuracy"])),
+        ("Transfer layers (the backbone cut after the deepest)", _transfer_words(d)),
         ("Downstream train / val images", f"{d['train_images']} / {d['val_images']}"),
         ("Data train / val / skipped images", f"{data['train_images']} / {data['val_images']} / "
          f"{data['skipped_images']}"),
@@ -257,6 +258,21 @@ def _markdown(metrics: dict, figures: list[str]) -> str:
         lines += ["Skipped unreadable images: " + ", ".join(data["skipped_files"]), ""]
     lines += [f"![{name}]({name})" for name in figures]
     return "\n".join(lines) + "\n"
+
+
+def _layers(downstream: dict) -> str:
+    """The transfer layers as metrics.json's transfer_selection names a candidate: joined by "+"."""
+    return "+".join(downstream.get("transfer_layers") or ["out_relu"])
+
+
+def _transfer_words(downstream: dict) -> str:
+    """The transfer layers, and with ["auto"] their cross-validated score beside the best candidate's."""
+    layers, scores = _layers(downstream), downstream.get("transfer_selection")
+    if not scores:
+        return layers
+    best = max(scores, key=scores.get)
+    beside = "the best" if best == layers else f"the best: {best}, {scores[best]:.3f}"
+    return f"{layers}, chosen by cross-validation on the train labels ({scores[layers]:.3f}; {beside})"
 
 
 def _knn_words(downstream: dict) -> str:
@@ -300,7 +316,7 @@ def _verdict(metrics: dict) -> list[str]:
     if s4l:
         lines += ["", "S4L: fine-tuned jointly with the rotation loss on all downstream train images (finetune.mode = "
                   "\"s4l\"), a row of its own beside the pure transfer numbers."]
-    layers = "+".join(d.get("transfer_layers") or ["out_relu"])
+    layers = _layers(d)
     depth = d.get("depth_probe") or []
     best_random = max(depth, key=lambda r: r["random"]) if depth else None
     lines += ["", "Frozen features (linear probes; pretrained vs the same network at random init):", "",

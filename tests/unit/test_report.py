@@ -90,6 +90,17 @@ def test_the_report_opens_with_the_verdict(metrics):
                                                 "| block_12_add | 0.0800 | 0.0300 |"]
 
 
+def test_the_transfer_layers_are_named_with_how_they_were_chosen(metrics):
+    row = "| Transfer layers (the backbone cut after the deepest) | {} |"
+    assert row.format("block_12_add") in _markdown(metrics, []).splitlines()  # configured, not chosen
+    metrics["downstream"]["transfer_selection"] = {"block_2_add": 0.88, "block_12_add": 0.87}
+    assert row.format("block_12_add, chosen by cross-validation on the train labels (0.870; the best: block_2_add, "
+                      "0.880)") in _markdown(metrics, []).splitlines()
+    metrics["downstream"]["transfer_layers"] = ["block_2_add"]
+    assert row.format("block_2_add, chosen by cross-validation on the train labels (0.880; the best)") in \
+        _markdown(metrics, []).splitlines()
+
+
 def test_switched_off_evaluations_read_not_available(metrics):
     metrics["pretext"]["linear_probe_200_top1"] = None
     metrics["downstream"]["depth_probe"] = None
