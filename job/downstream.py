@@ -236,11 +236,11 @@ def select_transfer_layers(ctx: Context) -> dict[str, float]:
     cfg, e = ctx.config, ctx.config.evaluate
     split = downstream_split(ctx)
     trained = [layer for layer in e.depth_probe_layers if stage_of(layer) <= stage_of(cfg.pretext.head_layer)]
-    layers = trained or e.depth_probe_layers
-    by_depth = pooled_block_features(pretrained_backbone(ctx), layers)
-    pooled = dict(zip(layers, predict(by_depth, split.train_images), strict=True))
-    shallowest, *deeper = layers
-    candidates = [[layer] for layer in layers] + [[shallowest, layer] for layer in deeper]
+    probed = trained or e.depth_probe_layers
+    by_depth = pooled_block_features(pretrained_backbone(ctx), probed)
+    pooled = dict(zip(probed, predict(by_depth, split.train_images), strict=True))
+    shallowest, *deeper = probed
+    candidates = [[layer] for layer in probed] + [[shallowest, layer] for layer in deeper]
     folds = np.random.default_rng(cfg.runtime.seed).permutation(len(split.train_labels)) % SELECTION_FOLDS
     scores = {}
     for layers in candidates:

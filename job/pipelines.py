@@ -174,6 +174,8 @@ def draw_augmentation(seed: int, epoch: int | tf.Tensor, step: tf.Tensor, count:
             [count, 2], seed=tf.stack([base, 2 * step + 1]), minval=0, maxval=2 * padding + 1, dtype=tf.int32
         )
         return flips, offsets, None
+    if size <= 0:
+        raise ValueError(f"scaled crops (min_area {min_area}) need the image size, not {size}")
     area = tf.random.stateless_uniform([count], seed=tf.stack([base + SCALE_STREAM, step]), minval=min_area)
     sides = tf.clip_by_value(tf.cast(tf.round(tf.sqrt(area) * size), tf.int32), 1, size)
     corner = tf.random.stateless_uniform([count, 2], seed=tf.stack([base, 2 * step + 1]))
