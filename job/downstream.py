@@ -196,14 +196,15 @@ def transfer_layers(ctx: Context) -> list[str]:
         return layers
     if "transfer_selection" not in ctx.built:
         ctx.built["transfer_selection"] = select_transfer_layers(ctx)
-    chosen = chosen_candidate(ctx.built["transfer_selection"], ctx.config.evaluate.depth_probe_layers,
-                              len(downstream_split(ctx).train_labels), ctx.config.finetune.transfer_tolerance_se)
+    chosen = chosen_candidate(ctx.built["transfer_selection"], len(downstream_split(ctx).train_labels),
+                              ctx.config.finetune.transfer_tolerance_se)
     return chosen.split(LAYER_JOIN)
 
 
-def chosen_candidate(scores: dict[str, float], depth_order: list[str], examples: int, tolerance_se: float) -> str:
-    """The deepest candidate whose cross-validated accuracy lies within `tolerance_se` standard errors of the best
-    score (its binomial standard error over `examples`); among those as deep, the better scored. 0: the best.
+def chosen_candidate(scores: dict[str, float], examples: int, tolerance_se: float) -> str:
+    """The deepest candidate (by its deepest layer's block) whose cross-validated accuracy lies within
+    `tolerance_se` standard errors of the best score (its binomial standard error over `examples`); among those
+    as deep, the better scored. 0: the best.
 
     Candidates that a frozen linear probe cannot tell apart carry the same linearly available information; the
     deeper one carries more pretrained layers into the fine-tune, which the probe does not see.
@@ -214,7 +215,7 @@ def chosen_candidate(scores: dict[str, float], depth_order: list[str], examples:
     floor = best - tolerance_se * math.sqrt(best * (1.0 - best) / examples)
 
     def depth(name: str) -> int:
-        return max(depth_order.index(layer) for layer in name.split(LAYER_JOIN))
+        return max(stage_of(layer) for layer in name.split(LAYER_JOIN))
 
     return max((name for name, score in scores.items() if score >= floor), key=lambda name: (depth(name), scores[name]))
 
