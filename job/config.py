@@ -119,6 +119,10 @@ class FinetuneConfig:
     # features of the run's labelled images (LP-FT), so fine-tuning starts from a classifier, not from noise.
     head_init: str = "random"
     freeze_batchnorm: bool = False  # pretrained backbone: keep its BatchNorm statistics while fine-tuning
+    # Each labelled crop covers a uniform draw from [min_crop_area, 1] of the image's area (square, scaled back to
+    # data.image_size), as pretext.min_crop_area does for the pretext; 1.0 = the data.crop_padding shift alone.
+    # Both initialisations train on the same crops.
+    min_crop_area: float = 1.0
     label_fraction: float = 1.0  # stratified, seeded share of labelled train images used
     optimizer: str = "adamw"
     learning_rate: float = 1e-3
@@ -147,6 +151,9 @@ class EvaluateConfig:
     colour_baseline: bool = True  # logistic regression on RGB colour histograms, at every label fraction
     colour_bins: int = 4  # histogram cells per channel (bins**3 features)
     label_fractions: list[float] = field(default_factory=lambda: [1.0])
+    # Seeds (each its own label subset) for each of label_fractions, in its order; [] = finetune.seeds for each.
+    # A few labels train in seconds, and their accuracy moves most with the subset drawn.
+    label_fraction_seeds: list[int] = field(default_factory=list)
     # Also train S4L (finetune.mode = "s4l") from the pretrained backbone at every label fraction, reported as a
     # row of its own beside the pure transfer numbers.
     s4l: bool = False
@@ -353,10 +360,16 @@ def validate(config: Config) -> None:
     if not layers or ("auto" in layers and len(layers) > 1):
         raise JobError(f"finetune.transfer_layers = {layers} is not allowed: name MobileNetV2 layers, e.g. "
                        "[\"block_12_add\", \"out_relu\"], or [\"auto\"] alone.")
-    if not 0.0 < config.pretext.min_crop_area <= 1.0:
-        raise JobError(f"pretext.min_crop_area = {config.pretext.min_crop_area} must be in (0, 1]: the smallest "
-                       "share of an image's area a pretext crop covers (1 = no scaling).")
+    for section, crops in (("pretext", config.pretext), ("finetune", config.finetune)):
+        if not 0.0 < crops.min_crop_area <= 1.0:
+            raise JobError(f"{section}.min_crop_area = {crops.min_crop_area} must be in (0, 1]: the smallest "
+                           f"share of an image's area a {section} crop covers (1 = no scaling).")
     fractions = [config.finetune.label_fraction, *config.evaluate.label_fractions]
+    e = config.evaluate
+    if e.label_fraction_seeds and (len(e.label_fraction_seeds) != len(e.label_fractions)
+                                   or min(e.label_fraction_seeds) < 1):
+        raise JobError(f"evaluate.label_fraction_seeds = {e.label_fraction_seeds} must hold one positive count for "
+                       f"each of evaluate.label_fractions = {e.label_fractions}, or be [] (finetune.seeds for each).")
     if any(not 0.0 < f <= 1.0 for f in fractions):
         raise JobError(f"label fractions {fractions} must each be in (0, 1].")
     wnids, names = config.data.downstream_wnids, config.data.downstream_names

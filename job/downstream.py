@@ -17,7 +17,7 @@ from keras.src.random import seed_generator
 from keras.src.utils import rng_utils
 
 from job import console
-from job.config import ModelConfig
+from job.config import Config, ModelConfig
 from job.context import Context, pretrained_backbone, probe_settings
 from job.errors import JobError
 from job.files import atomic_path
@@ -139,6 +139,27 @@ class Learner:
         self.nets.head.get_layer("logits").set_weights([kernel, bias])
 
 
+def finetune_seeds(config: Config) -> list[int]:
+    """The finetune stage's seeds (finetune.seeds of them), which the scratch baseline repeats."""
+    return [config.runtime.seed + i for i in range(config.finetune.seeds)]
+
+
+def fraction_seeds(config: Config) -> dict[float, list[int]]:
+    """Each of evaluate.label_fractions' seeds: evaluate.label_fraction_seeds of them (finetune.seeds when it is
+    empty; a fraction listed twice gets the larger count)."""
+    e = config.evaluate
+    counts = e.label_fraction_seeds or [config.finetune.seeds] * len(e.label_fractions)
+    seeds: dict[float, list[int]] = {}
+    for fraction, count in zip(e.label_fractions, counts, strict=True):
+        seeds[fraction] = max(seeds.get(fraction, []), [config.runtime.seed + i for i in range(count)], key=len)
+    return seeds
+
+
+def configured_seeds(config: Config) -> list[int]:
+    """Every seed some downstream run of the protocol trains, ascending."""
+    return sorted({*finetune_seeds(config), *(s for seeds in fraction_seeds(config).values() for s in seeds)})
+
+
 def _initial_weights(ctx: Context, mode: str, seed: int) -> list[np.ndarray]:
     """The `mode` networks' random initial weights with Keras seeded by `seed`, built once per job, mode and seed:
     every run of that seed (each label fraction, pretrained or scratch) starts from them. Building a throwaway
@@ -153,9 +174,8 @@ def _initial_weights(ctx: Context, mode: str, seed: int) -> list[np.ndarray]:
     if key in ctx.built:
         _seed_host_generators(seed)
         return ctx.built[key]
-    runtime = ctx.config.runtime
-    configured = [runtime.seed + i for i in range(ctx.config.finetune.seeds)]
-    for each in [s for s in configured if s != seed and _initial_weights_key(mode, s) not in ctx.built] + [seed]:
+    others = [s for s in configured_seeds(ctx.config) if s != seed and _initial_weights_key(mode, s) not in ctx.built]
+    for each in [*others, seed]:
         keras.utils.set_random_seed(each)
         # Plain variables, outside the strategy: only their values are used.
         nets = _networks(ctx.config.model, ctx.config.data.image_size, transfer_layers(ctx), mode,
@@ -348,6 +368,13 @@ def _learner(ctx: Context, init: str, mode: str) -> Learner:
     return ctx.built[key]
 
 
+def labelled_dataset_fn(cfg: Config, images: np.ndarray, labels: np.ndarray, batch: int, steps: int) -> DatasetFn:
+    """A downstream run's labelled batches (`steps` a epoch; 0: one pass): flipped and cropped as data.crop_padding
+    and finetune.min_crop_area say, the same for either initialisation; no rotations."""
+    return dataset_fn(images, labels, np.arange(len(labels)), batch, steps, data=cfg.data, seed=cfg.runtime.seed,
+                      rotations=False, min_crop_area=cfg.finetune.min_crop_area)
+
+
 def _s4l_dataset_fn(ctx: Context, labelled: Callable, steps: int) -> Callable:
     """Zip each labelled batch with finetune.s4l_images unlabelled images (all downstream train images, labels
     unused) in four rotations: the S4L step sees both."""
@@ -405,8 +432,7 @@ def train_downstream(ctx: Context, init: str, fraction: float, seed: int, mode: 
         cfg.runtime, epochs=epochs, steps_per_epoch=steps, samples_per_step=batch, patience=f.early_stopping_patience,
         monitor="accuracy", xla=use_xla(cfg.runtime, ctx.cluster), fresh_batchnorm=init == SCRATCH,
     )
-    labelled = dataset_fn(images, labels, np.arange(len(labels)), batch, steps if steps > one_pass else 0,
-                          data=cfg.data, seed=cfg.runtime.seed, rotations=False)
+    labelled = labelled_dataset_fn(cfg, images, labels, batch, steps if steps > one_pass else 0)
     inputs = _s4l_dataset_fn(ctx, labelled, steps) if mode == S4L else labelled
     task = learner.task(inputs, evaluator, loop)
     trainer = task.trainer(ctx.cluster, directory, layout.tensorboard("finetune") / directory.name,

@@ -32,6 +32,8 @@ from job.downstream import (
     S4L,
     SCRATCH,
     downstream_split,
+    finetune_seeds,
+    fraction_seeds,
     train_downstream,
     transfer_layers,
     transfer_selection,
@@ -85,7 +87,7 @@ class Inputs:
         keras.utils.set_random_seed(ctx.config.runtime.seed)
         self.random_backbone = build_configured_backbone(ctx, weights="none")
         self.layers = transfer_layers(ctx)
-        self.seeds = [ctx.config.runtime.seed + i for i in range(ctx.config.finetune.seeds)]
+        self.seeds = finetune_seeds(ctx.config)
         self.fractions = sorted(set(ctx.config.evaluate.label_fractions))
         self.probe = probe_settings(ctx)
         self.runs: dict[RunSpec, dict] = {}
@@ -93,9 +95,17 @@ class Inputs:
     def spec(self, init: str, fraction: float, seed: int, mode: str | None = None) -> RunSpec:
         return RunSpec(init, fraction, seed, mode or self.config.finetune.mode)
 
+    def fraction_seeds(self, fraction: float) -> list[int]:
+        """The seeds of label fraction `fraction` (one of `fractions`): evaluate.label_fraction_seeds."""
+        return fraction_seeds(self.config)[fraction]
+
+    def specs(self, init: str, mode: str | None = None) -> list[RunSpec]:
+        """The downstream runs of `init` (and `mode`) at every label fraction, each with its seeds."""
+        return [self.spec(init, f, s, mode) for f in self.fractions for s in self.fraction_seeds(f)]
+
     def accuracies(self, init: str, fraction: float, mode: str | None = None) -> list[float]:
         """Val accuracy of each seed's downstream run (trained by the protocol before `run`)."""
-        return [self.runs[self.spec(init, fraction, s, mode)]["val_accuracy"] for s in self.seeds]
+        return [self.runs[self.spec(init, fraction, s, mode)]["val_accuracy"] for s in self.fraction_seeds(fraction)]
 
     @cached_property
     def networks(self) -> dict[str, keras.Model]:
@@ -274,16 +284,20 @@ class ColourBaseline(Evaluation):
         log.info("evaluate: colour-histogram baseline (%d³ bins, no network)...", e.colour_bins)
         train, val = colour_histograms(split.train_images, e.colour_bins), colour_histograms(split.val_images,
                                                                                                 e.colour_bins)
-        scores: dict[float, list[float]] = {}
-        for fraction in sorted({*inputs.fractions, base}):
-            scores[fraction] = []
-            for seed in inputs.seeds:
-                subset = stratified_subset(split.train_labels, fraction, seed)
-                scores[fraction].append(linear_probe(train[subset], split.train_labels[subset], val,
-                                                     split.val_labels, 2, seed=seed, **inputs.probe))
+        scored: dict[tuple[float, int], float] = {}
+
+        def scores(fraction: float, seeds: list[int]) -> list[float]:
+            for seed in seeds:
+                if (fraction, seed) not in scored:
+                    subset = stratified_subset(split.train_labels, fraction, seed)
+                    scored[fraction, seed] = linear_probe(train[subset], split.train_labels[subset], val,
+                                                          split.val_labels, 2, seed=seed, **inputs.probe)
+            return [scored[fraction, seed] for seed in seeds]
+
+        by_fraction = {f: scores(f, inputs.fraction_seeds(f)) for f in inputs.fractions}
         log.info("evaluate: colour-histogram baseline %s",
-                 ", ".join(f"{console.share(f)} of the labels {np.mean(v):.3f}" for f, v in scores.items()))
-        return {"colour_histogram": scores[base], BY_FRACTION: scores}
+                 ", ".join(f"{console.share(f)} of the labels {np.mean(v):.3f}" for f, v in by_fraction.items()))
+        return {"colour_histogram": scores(base, inputs.seeds), BY_FRACTION: by_fraction}
 
     @classmethod
     def metrics(cls, done: dict) -> dict[str, Any]:
@@ -298,8 +312,8 @@ class ScratchBaseline(Evaluation):
     name, title, switch, column = "scratch_baseline", "scratch baseline", "scratch_baseline", "scratch"
 
     def runs(self, inputs: Inputs) -> list[RunSpec]:
-        fractions = [self.config.finetune.label_fraction, *inputs.fractions]
-        return [inputs.spec(SCRATCH, f, s) for f in fractions for s in inputs.seeds]
+        base = self.config.finetune.label_fraction
+        return [inputs.spec(SCRATCH, base, s) for s in inputs.seeds] + inputs.specs(SCRATCH)
 
     def run(self, inputs: Inputs) -> dict[str, Any]:
         base = self.config.finetune.label_fraction
@@ -319,7 +333,7 @@ class LabelEfficiency(Evaluation):
     name, title, column = "label_efficiency", "label efficiency", "pretrained"
 
     def runs(self, inputs: Inputs) -> list[RunSpec]:
-        return [inputs.spec(PRETRAINED, f, s) for f in inputs.fractions for s in inputs.seeds]
+        return inputs.specs(PRETRAINED)
 
     def run(self, inputs: Inputs) -> dict[str, Any]:
         return {BY_FRACTION: {f: inputs.accuracies(PRETRAINED, f) for f in inputs.fractions}}
@@ -335,7 +349,7 @@ class S4LRows(Evaluation):
     def runs(self, inputs: Inputs) -> list[RunSpec]:
         if self.config.finetune.mode == S4L:
             return []
-        return [inputs.spec(PRETRAINED, f, s, S4L) for f in inputs.fractions for s in inputs.seeds]
+        return inputs.specs(PRETRAINED, S4L)
 
     def run(self, inputs: Inputs) -> dict[str, Any]:
         if self.config.finetune.mode == S4L:

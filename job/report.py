@@ -302,12 +302,14 @@ def _verdict(metrics: dict) -> list[str]:
     d, p = metrics["downstream"], metrics["pretext"]
     s4l = any(row.get("s4l") for row in metrics["label_efficiency"])
     extra = " S4L (pretrained) | Δ scratch (S4L) |" if s4l else ""
-    lines = ["## Verdict", "", "Fish vs duck val accuracy, mean ± std over seeds; Δ in points.", "",
-             f"| labels | pretrained | scratch | colour histogram | Δ scratch | Δ colour |{extra}",
-             "|---|---|---|---|---|---|" + ("---|---|" if s4l else "")]
+    lines = ["## Verdict", "", "Fish vs duck val accuracy, mean ± std over seeds (each its own label subset); Δ in "
+             "points.", "",
+             f"| labels | seeds | pretrained | scratch | colour histogram | Δ scratch | Δ colour |{extra}",
+             "|---|---|---|---|---|---|---|" + ("---|---|" if s4l else "")]
     for row in metrics["label_efficiency"]:
         ours, scratch, colour = row["pretrained"], row["scratch"], row.get("colour_histogram", [])
-        line = (f"| {share(row['fraction'])} | {_fmt(*_mean_std(ours))} | {_fmt(*_mean_std(scratch))} | "
+        seeds = max(len(ours), len(scratch), len(colour))
+        line = (f"| {share(row['fraction'])} | {seeds} | {_fmt(*_mean_std(ours))} | {_fmt(*_mean_std(scratch))} | "
                 f"{_fmt(*_mean_std(colour))} | {_delta(ours, scratch)} | {_delta(ours, colour)} |")
         if s4l:
             joint = row.get("s4l", [])

@@ -14,7 +14,7 @@ import numpy as np
 
 from job import evaluations, report, summaries
 from job.context import Context, read_done
-from job.downstream import PRETRAINED, check_inputs, downstream_split, train_downstream
+from job.downstream import PRETRAINED, check_inputs, downstream_split, finetune_seeds, train_downstream
 from job.errors import JobError
 from job.pipelines import rotate_four
 from job.pretext import pretrain
@@ -26,15 +26,12 @@ log = logging.getLogger(__name__)
 __all__ = ["Context", "check_inputs", "evaluate", "finetune", "pretrain"]
 
 
-def _seeds(ctx: Context) -> list[int]:
-    return [ctx.config.runtime.seed + i for i in range(ctx.config.finetune.seeds)]
-
-
 def finetune(ctx: Context) -> list[dict]:
     """The downstream task from the pretrained backbone, once per seed."""
     if not ctx.layout.backbone.is_file():
         raise JobError(f"{ctx.layout.backbone} is missing: run `python -m job pretrain` with this --output first.")
-    return [train_downstream(ctx, PRETRAINED, ctx.config.finetune.label_fraction, s) for s in _seeds(ctx)]
+    fraction = ctx.config.finetune.label_fraction
+    return [train_downstream(ctx, PRETRAINED, fraction, s) for s in finetune_seeds(ctx.config)]
 
 
 # -- evaluate --------------------------------------------------------------------------------------

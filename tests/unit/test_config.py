@@ -189,6 +189,8 @@ def test_bad_choice(override, key):
         (["data.crop_padding=-2"], ["data.crop_padding"]),
         (["pretext.min_crop_area=0"], ["pretext.min_crop_area", "(0, 1]"]),
         (["pretext.min_crop_area=1.2"], ["pretext.min_crop_area", "1.2"]),
+        (["finetune.min_crop_area=0"], ["finetune.min_crop_area", "(0, 1]", "finetune crop"]),
+        (["finetune.min_crop_area=-0.5"], ["finetune.min_crop_area", "-0.5"]),
         (['data.downstream_wnids=["n01443537", "n01443537"]'], ["data.downstream_wnids"]),
         (['data.downstream_wnids=["n01443537"]'], ["data.downstream_wnids"]),
         (["model.weights=/no/such/file.weights.h5"], ["model.weights", "/no/such/file.weights.h5"]),
@@ -210,9 +212,9 @@ def test_a_sha256_is_accepted_in_either_case():
 
 def test_in_range_edges_are_accepted():
     config = load_config("demo", ["data.image_size=32", "finetune.label_fraction=1.0", "pretext.epochs=1",
-                                  "pretext.min_crop_area=1"])
+                                  "pretext.min_crop_area=1", "finetune.min_crop_area=1"])
     assert (config.data.image_size, config.finetune.label_fraction, config.pretext.epochs) == (32, 1.0, 1)
-    assert config.pretext.min_crop_area == 1.0
+    assert config.pretext.min_crop_area == config.finetune.min_crop_area == 1.0
 
 
 def test_weights_path_to_existing_file_is_accepted(tmp_path):

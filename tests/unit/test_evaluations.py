@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import types
 
+import numpy as np
 import pytest
 
 from job import evaluations
 from job.config import EVALUATIONS, load_config
-from job.downstream import PRETRAINED, S4L, SCRATCH
+from job.downstream import PRETRAINED, S4L, SCRATCH, configured_seeds, finetune_seeds
 from job.errors import JobError
 from job.evaluations import BY_FRACTION, REGISTRY, RunSpec, enabled, training_order
 
@@ -33,9 +34,17 @@ def test_a_bad_evaluation_list_is_one_error_naming_the_key(listed, words):
         load_config("demo", [f"evaluate.evaluations={listed}"])
 
 
-def _inputs(seeds=(0, 1), fractions=(0.1, 1.0), mode="finetune"):
-    return types.SimpleNamespace(seeds=list(seeds), fractions=list(fractions),
-                                 spec=lambda init, f, s, m=None: RunSpec(init, f, s, m or mode))
+class _SeedInputs:
+    """The shared inputs' seeds, fractions and run specs from a config, without data or networks."""
+
+    def __init__(self, config):
+        self.config, self.runs = config, {}
+        self.seeds, self.fractions = finetune_seeds(config), sorted(set(config.evaluate.label_fractions))
+
+    spec = evaluations.Inputs.spec
+    specs = evaluations.Inputs.specs
+    fraction_seeds = evaluations.Inputs.fraction_seeds
+    accuracies = evaluations.Inputs.accuracies
 
 
 def test_downstream_runs_train_in_the_order_the_protocol_always_used():
@@ -43,7 +52,7 @@ def test_downstream_runs_train_in_the_order_the_protocol_always_used():
     each once, whatever order evaluate.evaluations lists them in."""
     config = load_config("demo", ["evaluate.s4l=true", "finetune.label_fraction=1.0",
                                   "evaluate.evaluations=['s4l', 'label_efficiency', 'scratch_baseline']"])
-    inputs = _inputs()
+    inputs = _SeedInputs(config)
     finetune = [RunSpec(PRETRAINED, 1.0, s, "finetune") for s in (0, 1)]
     wanted = finetune + [spec for e in enabled(config) for spec in e.runs(inputs)]
     order = [(s.init if s.mode != S4L else S4L, s.fraction, s.seed) for s in training_order(wanted, config)]
@@ -54,29 +63,29 @@ def test_downstream_runs_train_in_the_order_the_protocol_always_used():
     ]
 
 
-class _FakeInputs:
+class _FakeInputs(_SeedInputs):
     """The shared inputs without networks: the protocol's assembly and timing alone."""
 
     def __init__(self, ctx):
-        self.ctx, self.config, self.layers = ctx, ctx.config, ["out_relu"]
-        self.seeds, self.fractions, self.runs = [0, 1], [0.1, 1.0], {}
+        super().__init__(ctx.config)
+        self.ctx, self.layers = ctx, ["out_relu"]
 
-    spec = evaluations.Inputs.spec
-    accuracies = evaluations.Inputs.accuracies
+
+def _fake_train(trained: list):
+    def train(ctx, init, fraction, seed, mode=None):
+        trained.append((init, fraction, seed, mode))
+        accuracy = {PRETRAINED: 0.9, SCRATCH: 0.7}[init] - (0.1 if mode == S4L else 0.0) - (fraction < 1) * 0.2
+        return {"val_accuracy": accuracy, "seed": seed, "wall_seconds": 2.0 if init == SCRATCH else 1.0}
+
+    return train
 
 
 def test_the_protocol_assembles_rows_results_and_timing_from_the_evaluations(monkeypatch):
     config = load_config("demo", ["evaluate.s4l=true", "finetune.label_fraction=1.0", "evaluate.evaluations="
                                   "['s4l', 'label_efficiency', 'scratch_baseline', 'colour_baseline']"])
     trained = []
-
-    def train(ctx, init, fraction, seed, mode=None):
-        trained.append((init, fraction, seed, mode))
-        accuracy = {PRETRAINED: 0.9, SCRATCH: 0.7}[init] - (0.1 if mode == S4L else 0.0) - (fraction < 1) * 0.2
-        return {"val_accuracy": accuracy, "seed": seed, "wall_seconds": 2.0 if init == SCRATCH else 1.0}
-
     monkeypatch.setattr(evaluations, "Inputs", _FakeInputs)
-    monkeypatch.setattr(evaluations, "train_downstream", train)
+    monkeypatch.setattr(evaluations, "train_downstream", _fake_train(trained))
     monkeypatch.setattr(evaluations, "transfer_selection", lambda ctx: None)
     monkeypatch.setattr(evaluations.ColourBaseline, "run",
                         lambda self, inputs: {"colour_histogram": [0.5, 0.5], BY_FRACTION: {0.1: [0.4], 1.0: [0.5]}})
@@ -99,3 +108,51 @@ def test_the_protocol_assembles_rows_results_and_timing_from_the_evaluations(mon
     assert entries["baseline.scratch_val_accuracy"] == pytest.approx(0.7)
     assert entries["baseline.colour_histogram_val_accuracy"] == 0.5
     assert entries["downstream.knn_val_accuracy"] is None and entries["pretext.linear_probe_200_top1"] is None
+
+
+def test_each_label_fraction_trains_and_reports_its_own_number_of_seeds(monkeypatch):
+    """evaluate.label_fraction_seeds: 3 seeds at 10% of the labels, 1 at 100%; the finetune stage and the scratch
+    baseline beside it keep finetune.seeds (2). Every row's columns hold one score per seed of that fraction."""
+    config = load_config("demo", ["finetune.label_fraction=1.0", "evaluate.label_fractions=[0.1, 1.0]",
+                                  "evaluate.label_fraction_seeds=[3, 1]", "evaluate.evaluations="
+                                  "['label_efficiency', 'scratch_baseline', 'colour_baseline']"])
+    trained, probed = [], []
+    monkeypatch.setattr(evaluations, "Inputs", _FakeInputs)
+    monkeypatch.setattr(evaluations, "train_downstream", _fake_train(trained))
+    monkeypatch.setattr(evaluations, "transfer_selection", lambda ctx: None)
+    monkeypatch.setattr(evaluations, "colour_histograms", lambda images, bins: images)
+    labels = np.arange(40) % 2
+    _FakeInputs.split = types.SimpleNamespace(train_images=np.zeros((40, 1)), train_labels=labels,
+                                              val_images=np.zeros((4, 1)), val_labels=labels[:4])
+    _FakeInputs.probe = {}
+
+    def probe(train, train_labels, val, val_labels, classes, seed):
+        probed.append((len(train_labels), seed))
+        return 0.5 + seed / 100
+
+    monkeypatch.setattr(evaluations, "linear_probe", probe)
+    try:
+        done = evaluations.run_protocol(types.SimpleNamespace(config=config))
+    finally:
+        del _FakeInputs.split, _FakeInputs.probe
+
+    assert sorted(set(trained)) == sorted(
+        [(PRETRAINED, 1.0, s, "finetune") for s in (0, 1)] + [(SCRATCH, 1.0, s, "finetune") for s in (0, 1)]
+        + [(init, 0.1, s, "finetune") for init in (PRETRAINED, SCRATCH) for s in (0, 1, 2)])
+    assert len(trained) == len(set(trained))  # the 100% rows' seed 0 is the finetune stage's run
+    low, full = done["label_efficiency"]
+    assert (low["pretrained"], low["scratch"]) == (pytest.approx([0.7] * 3), pytest.approx([0.5] * 3))
+    assert (full["pretrained"], full["scratch"]) == (pytest.approx([0.9]), pytest.approx([0.7]))
+    assert low["colour_histogram"] == pytest.approx([0.5, 0.51, 0.52]) and full["colour_histogram"] == [0.5]
+    assert done["colour_histogram"] == pytest.approx([0.5, 0.51])  # beside the finetune stage: its 2 seeds
+    assert sorted(set(probed)) == [(4, 0), (4, 1), (4, 2), (40, 0), (40, 1)]  # each subset probed once
+    assert len(probed) == len(set(probed))
+    assert configured_seeds(config) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("seeds", ["[3]", "[3, 0]", "[3, 2, 1]"])
+def test_label_fraction_seeds_need_one_positive_count_per_fraction(seeds):
+    with pytest.raises(JobError, match=r"evaluate\.label_fraction_seeds = .* one positive count for each of "
+                                       r"evaluate\.label_fractions"):
+        load_config("demo", ["evaluate.label_fractions=[0.1, 1.0]", f"evaluate.label_fraction_seeds={seeds}"])
+    assert load_config("demo", ["evaluate.label_fraction_seeds=[]"]).evaluate.label_fraction_seeds == []

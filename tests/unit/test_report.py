@@ -77,8 +77,8 @@ def test_the_report_opens_with_the_verdict(metrics):
     verdict = lines.index("## Verdict")
     assert verdict < lines.index("## Details")
     # Δ in points against scratch and colour, per label fraction.
-    assert "| 10% | 0.8500 ± 0.0500 | 0.6000 ± 0.0000 | 0.9000 ± 0.0000 | +25.0 | -5.0 |" in lines
-    assert "| 100% | 0.9500 ± 0.0500 | 0.7500 ± 0.0500 | 0.8000 ± 0.0000 | +20.0 | +15.0 |" in lines
+    assert "| 10% | 2 | 0.8500 ± 0.0500 | 0.6000 ± 0.0000 | 0.9000 ± 0.0000 | +25.0 | -5.0 |" in lines
+    assert "| 100% | 2 | 0.9500 ± 0.0500 | 0.7500 ± 0.0500 | 0.8000 ± 0.0000 | +20.0 | +15.0 |" in lines
     # Frozen features against random ones: the same features, and the random network's best depth.
     assert "| fish/duck on the transferred features (block_12_add) | 0.9000 | 0.7000 | +20.0 |" in lines
     assert "| all-class (200-way) on the transferred features | 0.0600 | 0.0200 | +4.0 |" in lines
@@ -116,10 +116,10 @@ def test_s4l_is_a_row_of_its_own_beside_the_transfer_numbers(metrics):
         row["s4l"] = joint
     lines = _markdown(metrics, []).splitlines()
     # The transfer columns are unchanged; S4L and its Δ against scratch follow.
-    assert "| 10% | 0.8500 ± 0.0500 | 0.6000 ± 0.0000 | 0.9000 ± 0.0000 | +25.0 | -5.0 | 0.7500 ± 0.0500 | +15.0 |" \
-        in lines
-    assert "| 100% | 0.9500 ± 0.0500 | 0.7500 ± 0.0500 | 0.8000 ± 0.0000 | +20.0 | +15.0 | 1.0000 ± 0.0000 | +25.0 |" \
-        in lines
+    assert ("| 10% | 2 | 0.8500 ± 0.0500 | 0.6000 ± 0.0000 | 0.9000 ± 0.0000 | +25.0 | -5.0 | 0.7500 ± 0.0500 "
+            "| +15.0 |") in lines
+    assert ("| 100% | 2 | 0.9500 ± 0.0500 | 0.7500 ± 0.0500 | 0.8000 ± 0.0000 | +20.0 | +15.0 | 1.0000 ± 0.0000 "
+            "| +25.0 |") in lines
 
 
 def test_counts_and_label_shares_read_as_words(metrics):
@@ -178,7 +178,7 @@ def test_switched_off_evaluations_keep_every_key_and_the_report_renders(tmp_path
     text = path.read_text()
     lines = text.splitlines()
     assert "| Scratch baseline, same recipe (mean ± std, 1 seed) | n/a |" in lines
-    assert "| 100% | 0.9000 ± 0.0000 | n/a | n/a | n/a | n/a |" in lines  # no scratch nor colour scores
+    assert "| 100% | 1 | 0.9000 ± 0.0000 | n/a | n/a | n/a | n/a |" in lines  # no scratch nor colour scores
     assert "| all-class (200-way) on the transferred features | n/a | n/a | n/a |" in lines
     assert "Linear probe by depth" not in text and "random's best depth" not in text
     assert (tmp_path / "label_efficiency.png").stat().st_size > 0

@@ -73,7 +73,7 @@ def test_run_summary_is_one_hparams_session_with_its_final_metrics(tmp_path, met
 
     assert "| pretext.epochs | `3` |" in text("config") and "| runtime.log_every_steps | `10` |" in text("config")
     assert f"| --data | `{DATA['uri']}` |" in text("data") and "| train images | `100` |" in text("data")
-    assert text("verdict").startswith("## Verdict") and "| 10% | 0.8500 ± 0.0500 |" in text("verdict")
+    assert text("verdict").startswith("## Verdict") and "| 10% | 2 | 0.8500 ± 0.0500 |" in text("verdict")
 
 
 def test_metrics_not_evaluated_have_a_column_but_no_value(metrics):  # noqa: F811
