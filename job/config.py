@@ -365,13 +365,13 @@ def validate(config: Config) -> None:
             raise JobError(f"{section}.min_crop_area = {crops.min_crop_area} must be in (0, 1]: the smallest "
                            f"share of an image's area a {section} crop covers (1 = no scaling).")
     fractions = [config.finetune.label_fraction, *config.evaluate.label_fractions]
+    if any(not 0.0 < f <= 1.0 for f in fractions):
+        raise JobError(f"label fractions {fractions} must each be in (0, 1].")
     e = config.evaluate
     if e.label_fraction_seeds and (len(e.label_fraction_seeds) != len(e.label_fractions)
                                    or min(e.label_fraction_seeds) < 1):
         raise JobError(f"evaluate.label_fraction_seeds = {e.label_fraction_seeds} must hold one positive count for "
                        f"each of evaluate.label_fractions = {e.label_fractions}, or be [] (finetune.seeds for each).")
-    if any(not 0.0 < f <= 1.0 for f in fractions):
-        raise JobError(f"label fractions {fractions} must each be in (0, 1].")
     wnids, names = config.data.downstream_wnids, config.data.downstream_names
     if len(wnids) != 2 or len(names) != 2 or wnids[0] == wnids[1]:
         raise JobError(
