@@ -122,19 +122,17 @@ def test_each_label_fraction_trains_and_reports_its_own_number_of_seeds(monkeypa
     monkeypatch.setattr(evaluations, "transfer_selection", lambda ctx: None)
     monkeypatch.setattr(evaluations, "colour_histograms", lambda images, bins: images)
     labels = np.arange(40) % 2
-    _FakeInputs.split = types.SimpleNamespace(train_images=np.zeros((40, 1)), train_labels=labels,
-                                              val_images=np.zeros((4, 1)), val_labels=labels[:4])
-    _FakeInputs.probe = {}
+    monkeypatch.setattr(_FakeInputs, "split", types.SimpleNamespace(
+        train_images=np.zeros((40, 1)), train_labels=labels, val_images=np.zeros((4, 1)), val_labels=labels[:4]),
+        raising=False)
+    monkeypatch.setattr(_FakeInputs, "probe", {}, raising=False)
 
     def probe(train, train_labels, val, val_labels, classes, seed):
         probed.append((len(train_labels), seed))
         return 0.5 + seed / 100
 
     monkeypatch.setattr(evaluations, "linear_probe", probe)
-    try:
-        done = evaluations.run_protocol(types.SimpleNamespace(config=config))
-    finally:
-        del _FakeInputs.split, _FakeInputs.probe
+    done = evaluations.run_protocol(types.SimpleNamespace(config=config))
 
     assert sorted(set(trained)) == sorted(
         [(PRETRAINED, 1.0, s, "finetune") for s in (0, 1)] + [(SCRATCH, 1.0, s, "finetune") for s in (0, 1)]
