@@ -95,6 +95,7 @@ def build_pretext_task(p: PretextConfig, model_cfg: ModelConfig, data_cfg: DataC
     loop = loop_config(
         runtime, epochs=p.epochs, steps_per_epoch=steps, samples_per_step=NUM_ROTATIONS * p.batch_images,
         patience=p.early_stopping_patience, monitor="rotation_accuracy", xla=use_xla(runtime, cluster),
+        eval_every_epochs=p.eval_every_epochs,
     )
     make_dataset = dataset_fn(train_store(data, data_cfg), data.train.labels, train_indices, p.batch_images,
                               p.steps_per_epoch, data=data_cfg, seed=runtime.seed, rotations=True,

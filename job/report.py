@@ -350,11 +350,11 @@ def _plot_curves(metrics: dict):
         ("downstream", ("train_accuracy", "accuracy", "train_loss", "loss")),
     )):
         history = metrics[stage]["history"]
-        epochs = [h["epoch"] for h in history]
         for key in keys:
-            if history and key in history[0]:
+            measured = [h for h in history if key in h]  # val metrics only where evaluated (eval_every_epochs)
+            if measured:
                 label = key if key.startswith("train_") else f"val_{key}"
-                ax.plot(epochs, [h[key] for h in history], marker="o", label=label)
+                ax.plot([h["epoch"] for h in measured], [h[key] for h in measured], marker="o", label=label)
         ax.set_title(f"{stage} (seed 0)" if stage == "downstream" else stage)
         ax.set_xlabel("epoch")
         ax.legend(fontsize=8)

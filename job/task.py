@@ -45,13 +45,13 @@ class Task:
 
 
 def loop_config(runtime: RuntimeConfig, *, epochs: int, steps_per_epoch: int, samples_per_step: int, patience: int,
-                monitor: str, xla: bool, fresh_batchnorm: bool = True) -> LoopConfig:
+                monitor: str, xla: bool, fresh_batchnorm: bool = True, eval_every_epochs: int = 1) -> LoopConfig:
     """The loop's settings: the task's length and monitor, and runtime's checkpoint, log and steps-per-call cadence."""
     return LoopConfig(
         epochs=epochs, steps_per_epoch=steps_per_epoch, samples_per_step=samples_per_step,
         checkpoint_every_steps=runtime.checkpoint_every_steps, keep_checkpoints=runtime.keep_checkpoints,
         log_every_steps=runtime.log_every_steps, steps_per_loop=runtime.steps_per_loop, patience=patience,
-        monitor=monitor, xla=xla, fresh_batchnorm=fresh_batchnorm,
+        monitor=monitor, xla=xla, fresh_batchnorm=fresh_batchnorm, eval_every_epochs=eval_every_epochs,
     )
 
 

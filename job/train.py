@@ -67,6 +67,11 @@ class LoopConfig:
     monitor: str = "val_accuracy"
     xla: bool = False
     fresh_batchnorm: bool = True  # BN moving statistics start at Keras' (0, 1): debias them for evaluation
+    eval_every_epochs: int = 1  # the evaluator runs after every so many epochs, and after the last
+
+    def evaluates(self, epoch: int) -> bool:
+        """Whether the evaluator runs after `epoch` (0-based): every `eval_every_epochs`-th epoch and the last."""
+        return (epoch + 1) % self.eval_every_epochs == 0 or epoch + 1 == self.epochs
 
 
 @dataclass
@@ -169,11 +174,14 @@ class Trainer:
             train_metrics = self._run_epoch(epoch)
             epoch_seconds = time.perf_counter() - epoch_start
             train_seconds += epoch_seconds
-            with self.evaluation_statistics(), self.writer.as_default(step=state.global_step):
-                val_metrics = evaluator(epoch, self.writer)  # its summaries at the global step, as the scalars
-                stopped = state.early_stopping.update(self._agreed_metric(val_metrics.get(cfg.monitor)))
+            val_metrics = {}
+            if cfg.evaluates(epoch):  # the same epochs on every worker: the early-stopping mean needs them all
+                with self.evaluation_statistics(), self.writer.as_default(step=state.global_step):
+                    val_metrics = evaluator(epoch, self.writer)  # its summaries at the global step, as the scalars
+                    stopped = state.early_stopping.update(self._agreed_metric(val_metrics.get(cfg.monitor)),
+                                                          epochs=self._epochs_since_evaluation(epoch))
+                self._write_scalars(val_metrics, "val")
             record = {"epoch": epoch + 1, "epoch_seconds": epoch_seconds, **train_metrics, **val_metrics}
-            self._write_scalars(val_metrics, "val")
             state.end_epoch(record)
             log.info(
                 "epoch %d/%d  %s  (%.0f s)",
@@ -253,6 +261,12 @@ class Trainer:
         self.cluster.barrier("checkpoint saved")  # no worker exits (the launcher stops the others) before all saved
         log.warning("Stop requested: checkpoint saved at step %d", self.state.global_step)
         raise Preempted(self.state.global_step)
+
+    def _epochs_since_evaluation(self, epoch: int) -> int:
+        """Epochs trained since the evaluation before `epoch`'s (0-based): early stopping counts epochs, not
+        evaluations."""
+        every = self.config.eval_every_epochs
+        return epoch + 1 - epoch // every * every
 
     def _agreed_metric(self, value: float | None) -> float | None:
         """The mean of `value` over workers, so every worker takes the same early-stopping decision."""

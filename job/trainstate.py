@@ -35,8 +35,9 @@ class EarlyStopping:
         """Whether the patience has run out (then training stops, or a resumed run does not start)."""
         return self.patience > 0 and int(self.bad_epochs.numpy()) >= self.patience
 
-    def update(self, value: float | None) -> bool:
-        """Record an epoch's monitored value (None: not measured); True when training should stop."""
+    def update(self, value: float | None, epochs: int = 1) -> bool:
+        """Record the monitored value measured after `epochs` more epochs (None: not measured); True when
+        training should stop."""
         if value is None:
             return False
         if value > float(self.best.numpy()):
@@ -44,7 +45,7 @@ class EarlyStopping:
             self.bad_epochs.assign(0)
             self.save_best()
         else:
-            self.bad_epochs.assign_add(1)
+            self.bad_epochs.assign_add(epochs)
         return self.spent
 
 

@@ -223,9 +223,10 @@ def test_weights_path_to_existing_file_is_accepted(tmp_path):
     assert load_config("demo", [f"model.weights={weights}"]).model.weights == str(weights)
 
 
-@pytest.mark.parametrize("key", ["pretext.epochs", "finetune.epochs"])
+@pytest.mark.parametrize("key", ["pretext.epochs", "finetune.epochs", "pretext.eval_every_epochs"])
 def test_zero_epochs_is_an_error(key):
-    """Before: pretext.epochs=0 exported an untrained backbone as pretrained; finetune.epochs=0 divided by 0."""
+    """Before: pretext.epochs=0 exported an untrained backbone as pretrained; finetune.epochs=0 divided by 0;
+    pretext.eval_every_epochs=0 would divide by 0 after the first epoch."""
     assert f"{key} = 0 must be positive" in expect_error(f"{key}=0")
 
 

@@ -9,7 +9,16 @@ import numpy as np
 import pytest
 
 from job import evaluations as registry
-from job.report import METRIC_KEYS, Examples, _markdown, add_report_time, build_metrics, lookup, write_report
+from job.report import (
+    METRIC_KEYS,
+    Examples,
+    _markdown,
+    _plot_curves,
+    add_report_time,
+    build_metrics,
+    lookup,
+    write_report,
+)
 
 # A `make demo`-config run of main before the evaluations became plug-ins (runtime.deterministic): its pretext
 # and evaluate done.json and its metrics.json (fingerprints left out).
@@ -205,3 +214,17 @@ def test_timing_totals_the_parts_and_the_share_outside_pretext_training(metrics)
     assert metrics["timing"]["report_s"] == 4.0
     assert metrics["timing"]["total_s"] == pytest.approx(100.0)
     assert metrics["timing"]["outside_pretext_fraction"] == pytest.approx(0.4)
+
+
+def test_the_pretext_curves_plot_val_only_at_the_evaluated_epochs(metrics):
+    """With pretext.eval_every_epochs = 2 the first epoch's record has no val metrics: the val curve is drawn at
+    epochs 2 and 3, the train curve at all three (before, a val key missing from the first record hid it)."""
+    metrics["pretext"]["history"] = [
+        {"epoch": 1, "train_rotation_accuracy": 0.3},
+        {"epoch": 2, "train_rotation_accuracy": 0.4, "rotation_accuracy": 0.45},
+        {"epoch": 3, "train_rotation_accuracy": 0.5, "rotation_accuracy": 0.55},
+    ]
+    metrics["downstream"]["history"] = []
+    figure = _plot_curves(metrics)
+    lines = {line.get_label(): list(line.get_xdata()) for line in figure.axes[0].get_lines()}
+    assert lines == {"train_rotation_accuracy": [1, 2, 3], "val_rotation_accuracy": [2, 3]}

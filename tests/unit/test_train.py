@@ -170,10 +170,10 @@ def _cluster() -> Cluster:
     return Cluster(tf.distribute.OneDeviceStrategy("/cpu:0"), True, 0, 1, False, "single")
 
 
-def _loop(epochs: int = len(SCORES)) -> LoopConfig:
+def _loop(epochs: int = len(SCORES), eval_every_epochs: int = 1, patience: int = PATIENCE) -> LoopConfig:
     return LoopConfig(epochs=epochs, steps_per_epoch=STEPS_PER_EPOCH, samples_per_step=BATCH,
-                      checkpoint_every_steps=100, keep_checkpoints=2, log_every_steps=100, patience=PATIENCE,
-                      monitor="val_accuracy")
+                      checkpoint_every_steps=100, keep_checkpoints=2, log_every_steps=100, patience=patience,
+                      monitor="val_accuracy", eval_every_epochs=eval_every_epochs)
 
 
 def _model() -> keras.Model:
@@ -188,8 +188,9 @@ BATCH_X = np.array([[3.0, 1.0], [2.0, -1.0], [4.0, 0.5], [3.0, -0.5]], np.float3
 class Recorder:
     """A dataset factory and an evaluator (scripted by SCORES) that record how the loop used them."""
 
-    def __init__(self, model: keras.Model):
+    def __init__(self, model: keras.Model, scores: list[float] = SCORES):
         self.model, self.datasets, self.evaluated, self.weights, self.bn_means = model, [], [], [], []
+        self.scores = scores
 
     def dataset_fn(self, epochs: range, start_step: int, context) -> tf.data.Dataset:
         self.datasets.append((epochs, start_step))
@@ -200,7 +201,7 @@ class Recorder:
         self.evaluated.append(epoch)
         self.weights.append([np.array(w) for w in self.model.get_weights()])
         self.bn_means.append(np.array(self.model.layers[0].moving_mean))
-        return {"val_accuracy": SCORES[epoch]}
+        return {"val_accuracy": self.scores[epoch]}
 
 
 def _trainer(directory: Path, loop: LoopConfig) -> tuple[Trainer, keras.Model]:
@@ -281,3 +282,42 @@ def test_best_record_is_the_epoch_whose_weights_finalize_loads(early_stopped):
     trainer.close()
     assert record is not None
     assert (record["epoch"], record["val_accuracy"]) == (BEST_EPOCH + 1, SCORES[BEST_EPOCH])
+
+
+# -- evaluating every few epochs -------------------------------------------------------------------
+EVERY = 3
+
+
+@pytest.mark.parametrize("patience", [0, 4])
+def test_evaluating_every_few_epochs_evaluates_those_and_the_last(tmp_path, patience):
+    """Every third epoch and the last (8, not a multiple of 3) are evaluated, the others only trained: their
+    records hold the train metrics alone, and the best weights come from an evaluated epoch. No stop: with a
+    patience of 4 epochs, the worse value after epoch 6 is 3 epochs without improvement."""
+    STOP_REQUESTED.clear()
+    scores = [0.0, 0.0, 0.6, 0.0, 0.0, 0.5, 0.0, 0.7]
+    trainer, model = _trainer(tmp_path / "stage", _loop(len(scores), EVERY, patience))
+    recorder = Recorder(model, scores)
+    result = trainer.fit(recorder.dataset_fn, recorder.evaluator)
+    trainer.close()
+    assert recorder.evaluated == [2, 5, 7]
+    assert (result.epochs, result.steps, result.stopped_early) == (8, 8 * STEPS_PER_EPOCH, False)
+    assert [h["epoch"] for h in result.history if "val_accuracy" in h] == [3, 6, 8]
+    assert all("train_loss" in h for h in result.history)
+    assert result.best == pytest.approx(0.7)
+    best = _model()
+    best.load_weights(tmp_path / "stage" / BEST_WEIGHTS)
+    for saved, seen in zip(best.get_weights(), recorder.weights[-1], strict=True):
+        np.testing.assert_array_equal(saved, seen)
+
+
+def test_early_stopping_counts_epochs_between_evaluations(tmp_path):
+    """A patience of 2 epochs, evaluations every 3: one evaluation without improvement is 3 epochs, so training
+    stops after epoch 6 (counting evaluations, it would have gone on to epoch 8)."""
+    STOP_REQUESTED.clear()
+    scores = [0.0, 0.0, 0.6, 0.0, 0.0, 0.5, 0.0, 0.7]
+    trainer, model = _trainer(tmp_path / "stage", _loop(len(scores), EVERY, patience=2))
+    recorder = Recorder(model, scores)
+    result = trainer.fit(recorder.dataset_fn, recorder.evaluator)
+    trainer.close()
+    assert recorder.evaluated == [2, 5]
+    assert (result.epochs, result.stopped_early, result.best) == (6, True, pytest.approx(0.6))
