@@ -4,6 +4,7 @@ and a resume whose patience is already spent (no MobileNetV2: each test runs in 
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import keras
@@ -321,3 +322,26 @@ def test_early_stopping_counts_epochs_between_evaluations(tmp_path):
     trainer.close()
     assert recorder.evaluated == [2, 5]
     assert (result.epochs, result.stopped_early, result.best) == (6, True, pytest.approx(0.6))
+
+
+# -- closing -----------------------------------------------------------------------------------------
+class _Teardown:
+    """Stands in for a fit's iterator: records the thread that frees it."""
+
+    freed_on: list[str] = []
+
+    def __del__(self):
+        _Teardown.freed_on.append(threading.current_thread().name)
+
+
+def test_close_frees_the_fits_iterator_off_the_main_thread(tmp_path):
+    """A distributed iterator's teardown waits for tf.data's autotuning thread (up to ~20 s between downstream runs,
+    seen by py-spy as the main thread idle right after train_downstream returned): close() leaves it to a thread."""
+    trainer, _ = _trainer(tmp_path / "stage", _loop())
+    trainer._iterator = _Teardown()
+    trainer.close()
+    for thread in threading.enumerate():
+        if thread.name == "release-iterator":
+            thread.join(timeout=10)
+    assert trainer._iterator is None
+    assert _Teardown.freed_on == ["release-iterator"]
