@@ -73,6 +73,11 @@ class LoopConfig:
         """Whether the evaluator runs after `epoch` (0-based): every `eval_every_epochs`-th epoch and the last."""
         return (epoch + 1) % self.eval_every_epochs == 0 or epoch + 1 == self.epochs
 
+    def epochs_since_evaluation(self, epoch: int) -> int:
+        """Epochs trained since the evaluation before `epoch`'s (0-based): early stopping counts epochs, not
+        evaluations."""
+        return epoch + 1 - epoch // self.eval_every_epochs * self.eval_every_epochs
+
 
 @dataclass
 class LoopResult:
@@ -179,7 +184,7 @@ class Trainer:
                 with self.evaluation_statistics(), self.writer.as_default(step=state.global_step):
                     val_metrics = evaluator(epoch, self.writer)  # its summaries at the global step, as the scalars
                     stopped = state.early_stopping.update(self._agreed_metric(val_metrics.get(cfg.monitor)),
-                                                          epochs=self._epochs_since_evaluation(epoch))
+                                                          epochs=cfg.epochs_since_evaluation(epoch))
                 self._write_scalars(val_metrics, "val")
             record = {"epoch": epoch + 1, "epoch_seconds": epoch_seconds, **train_metrics, **val_metrics}
             state.end_epoch(record)
@@ -261,12 +266,6 @@ class Trainer:
         self.cluster.barrier("checkpoint saved")  # no worker exits (the launcher stops the others) before all saved
         log.warning("Stop requested: checkpoint saved at step %d", self.state.global_step)
         raise Preempted(self.state.global_step)
-
-    def _epochs_since_evaluation(self, epoch: int) -> int:
-        """Epochs trained since the evaluation before `epoch`'s (0-based): early stopping counts epochs, not
-        evaluations."""
-        every = self.config.eval_every_epochs
-        return epoch + 1 - epoch // every * every
 
     def _agreed_metric(self, value: float | None) -> float | None:
         """The mean of `value` over workers, so every worker takes the same early-stopping decision."""
