@@ -321,23 +321,27 @@ def _verdict(metrics: dict) -> list[str]:
     layers = _layers(d)
     depth = d.get("depth_probe") or []
     best_random = max(depth, key=lambda r: r["random"]) if depth else None
-    lines += ["", "Frozen features (linear probes; pretrained vs the same network at random init):", "",
+    lines += ["", "Frozen features (linear probes; pretrained vs the same network at random init; Δ in points, and "
+              "for the all-class probes pretrained / random):", "",
               "| probe | pretrained | random init | Δ |", "|---|---|---|---|"]
-    pairs = [
+    # (name, pretrained, random, whether to show the ratio: the all-class probes, far from a binary probe's 0.5)
+    rows = [
         (f"fish/duck on the transferred features ({layers})", d["linear_probe_val_accuracy"],
-         d.get("random_linear_probe_val_accuracy")),
+         d.get("random_linear_probe_val_accuracy"), False),
         ("all-class (200-way) on the transferred features", p.get("linear_probe_200_top1"),
-         p.get("random_linear_probe_200_top1")),
+         p.get("random_linear_probe_200_top1"), True),
     ]
     if best_random:
-        pairs.append((f"fish/duck: transferred features vs random's best depth ({best_random['layer']})",
-                      d["linear_probe_val_accuracy"], best_random["random"]))
+        rows.append((f"fish/duck: transferred features vs random's best depth ({best_random['layer']})",
+                     d["linear_probe_val_accuracy"], best_random["random"], False))
     if by_depth := p.get("linear_probe_200_by_depth"):
         ours, theirs = max(by_depth, key=lambda r: r["pretrained"]), max(by_depth, key=lambda r: r["random"])
-        pairs.append((f"all-class (200-way): best depth of each ({ours['layer']} vs {theirs['layer']})",
-                      ours["pretrained"], theirs["random"]))
-    for name, ours, theirs in pairs:
+        rows.append((f"all-class (200-way): best depth of each ({ours['layer']} vs {theirs['layer']})",
+                     ours["pretrained"], theirs["random"], True))
+    for name, ours, theirs, ratio in rows:
         delta = _delta([ours], [theirs]) if ours is not None and theirs is not None else "n/a"
+        if ratio and ours is not None and theirs:
+            delta += f" ({ours / theirs:.2f}×)"
         lines.append(f"| {name} | {_fmt(ours)} | {_fmt(theirs)} | {delta} |")
     return [*lines, ""]
 
