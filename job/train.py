@@ -187,7 +187,10 @@ class Trainer:
                                                           epochs=cfg.epochs_since_evaluation(epoch))
                 self._write_scalars(val_metrics, "val")
             record = {"epoch": epoch + 1, "epoch_seconds": epoch_seconds, **train_metrics, **val_metrics}
-            state.end_epoch(record)
+            # A checkpoint at the fit's end and at checkpoint_every_steps multiples, not at every epoch end: a
+            # downstream epoch of 5 steps took ~0.5 s and its checkpoint ~0.3 s more.
+            last = stopped or epoch == epochs[-1]
+            state.end_epoch(record, checkpoint=last or state.global_step % cfg.checkpoint_every_steps == 0)
             log.info(
                 "epoch %d/%d  %s  (%.0f s)",
                 epoch + 1, cfg.epochs, "  ".join(f"{k}={v:.4f}" for k, v in record.items() if k != "epoch"),

@@ -110,12 +110,14 @@ class TrainState:
         fix = "delete it to resume without the earlier epochs' history, or rerun with --force"
         return [h for h in read_json(path, fix) if h["epoch"] <= completed_epochs]
 
-    def end_epoch(self, record: dict[str, float]) -> None:
-        """Append an epoch's record to the history, write history.json (chief) and checkpoint the step."""
+    def end_epoch(self, record: dict[str, float], checkpoint: bool) -> None:
+        """Append an epoch's record to the history, write history.json (chief) and, if asked, checkpoint the step
+        (a resumed run repeats the epochs since the last checkpoint, their records included)."""
         self.history.append(record)
         if self.cluster.is_chief:
             write_json(self.directory / HISTORY_FILE, self.history)
-        self.save()
+        if checkpoint:
+            self.save()
 
     def save(self) -> None:
         """Checkpoint the current step as one unit (job/units.py): its companions first, so that the index naming
