@@ -75,6 +75,37 @@ def test_resume_takes_history_and_best_weights_from_the_restored_checkpoint(tmp_
     resumed.close()
 
 
+@pytest.mark.filterwarnings("ignore")
+def test_the_best_epochs_weights_wait_for_the_next_checkpoint_and_the_model_keeps_its_own(tmp_path: Path) -> None:
+    """One checkpoint here, at the fit's end (checkpoint_every_steps 100 > 6 steps): it writes best.weights.h5 with
+    epoch 2's weights (the best), while the model keeps epoch 3's until finalize. Before, each improvement wrote
+    the file (Keras' save_weights: ~0.25 s, half a downstream epoch) and each epoch end checkpointed."""
+    trainer = _trainer(tmp_path, epochs=3)
+    seen = {}
+
+    def evaluator(epoch, writer):
+        seen[epoch] = trainer.model.get_weights()
+        return _evaluator(epoch, writer)
+
+    def data(epochs, start, _ctx):  # every epoch of the fit in one dataset, as the trainer asks
+        x = np.concatenate([np.random.default_rng(e).normal(size=(STEPS * BATCH, 3)) for e in epochs])
+        return tf.data.Dataset.from_tensor_slices({"x": x.astype(np.float32)}).batch(BATCH).skip(start)
+
+    trainer.fit(data, evaluator)
+    assert sorted(p.name for p in (tmp_path / "ckpt").glob("ckpt-*.index")) == ["ckpt-6.index"]
+    best = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    best.load_weights(tmp_path / BEST_WEIGHTS)
+    assert not np.array_equal(seen[1][0], seen[2][0])  # epochs 2 and 3 differ
+    for kept, epoch2 in zip(best.get_weights(), seen[1], strict=True):
+        np.testing.assert_array_equal(kept, epoch2)
+    for current, epoch3 in zip(trainer.model.get_weights(), seen[2], strict=True):
+        np.testing.assert_array_equal(current, epoch3)
+    trainer.finalize(use_best=True)
+    for final, epoch2 in zip(trainer.model.get_weights(), seen[1], strict=True):
+        np.testing.assert_array_equal(final, epoch2)
+    trainer.close()
+
+
 def test_early_stopping_alone_counts_epochs_without_improvement_and_keeps_the_best():
     """job.trainstate.EarlyStopping without a trainer: the best value, the patience, a save per improvement."""
     from job.trainstate import EarlyStopping
