@@ -33,9 +33,9 @@ def _trainer(directory: Path, epochs: int) -> Trainer:
     return Trainer(cluster, model, objective, groups, directory, directory / "logs", config)
 
 
-def _data(epoch, start, _ctx):
-    x = np.random.default_rng(epoch).normal(size=(STEPS * BATCH, 3)).astype(np.float32)
-    return tf.data.Dataset.from_tensor_slices({"x": x}).batch(BATCH).skip(start)
+def _data(epochs, start, _ctx):  # every epoch of the fit in one dataset, as the trainer asks
+    x = np.concatenate([np.random.default_rng(e).normal(size=(STEPS * BATCH, 3)) for e in epochs])
+    return tf.data.Dataset.from_tensor_slices({"x": x.astype(np.float32)}).batch(BATCH).skip(start)
 
 
 def _evaluator(epoch, _writer):
@@ -87,11 +87,7 @@ def test_the_best_epochs_weights_wait_for_the_next_checkpoint_and_the_model_keep
         seen[epoch] = trainer.model.get_weights()
         return _evaluator(epoch, writer)
 
-    def data(epochs, start, _ctx):  # every epoch of the fit in one dataset, as the trainer asks
-        x = np.concatenate([np.random.default_rng(e).normal(size=(STEPS * BATCH, 3)) for e in epochs])
-        return tf.data.Dataset.from_tensor_slices({"x": x.astype(np.float32)}).batch(BATCH).skip(start)
-
-    trainer.fit(data, evaluator)
+    trainer.fit(_data, evaluator)
     assert sorted(p.name for p in (tmp_path / "ckpt").glob("ckpt-*.index")) == ["ckpt-6.index"]
     best = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
     best.load_weights(tmp_path / BEST_WEIGHTS)
