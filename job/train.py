@@ -313,10 +313,14 @@ class Trainer:
         self._release_iterator()
 
     def _release_iterator(self) -> None:
-        """Drop the fit's iterator on a daemon thread: its teardown waits for tf.data's autotuning thread to wake,
-        which held the main thread for up to ~20 s after a downstream run (89-113 s of a cpu-real protocol's)."""
+        """Drop the fit's iterator on a thread: its teardown waits for tf.data's autotuning thread to wake, which
+        held the main thread for up to ~20 s after a downstream run (89-113 s of a cpu-real protocol's).
+
+        Not a daemon thread: the interpreter's exit waits for it. A daemon thread still inside TensorFlow's teardown
+        when the interpreter finalizes is ended by a forced unwind through C++ frames, and the process aborts
+        ("FATAL: exception not rethrown", exit -6) after a run that succeeded."""
         if self._iterator is not None:  # no local reference: the thread's arguments hold the last one
-            thread = threading.Thread(target=_drop, args=(self._iterator,), name="release-iterator", daemon=True)
+            thread = threading.Thread(target=_drop, args=(self._iterator,), name="release-iterator")
             self._iterator = None
             thread.start()
 

@@ -4,6 +4,8 @@ and a resume whose patience is already spent (no MobileNetV2: each test runs in 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -345,3 +347,28 @@ def test_close_frees_the_fits_iterator_off_the_main_thread(tmp_path):
             thread.join(timeout=10)
     assert trainer._iterator is None
     assert _Teardown.freed_on == ["release-iterator"]
+
+
+_EXIT_RIGHT_AFTER_CLOSE = """
+import sys, time
+from pathlib import Path
+from job.train import Trainer
+
+class SlowTeardown:
+    def __del__(self):
+        time.sleep(1.0)
+        Path(sys.argv[1]).write_text("freed")
+
+trainer = Trainer.__new__(Trainer)  # only the iterator matters here
+trainer._iterator = SlowTeardown()
+trainer._release_iterator()
+"""
+
+
+def test_the_process_waits_for_the_iterators_teardown_before_it_exits(tmp_path):
+    """A run ending right after a downstream fit: the teardown thread finishes before the interpreter does (a daemon
+    thread was cut off mid-teardown, and inside TensorFlow's C++ that aborted the process with exit -6)."""
+    marker = tmp_path / "freed"
+    done = subprocess.run([sys.executable, "-c", _EXIT_RIGHT_AFTER_CLOSE, str(marker)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert marker.read_text() == "freed"
