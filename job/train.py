@@ -73,6 +73,10 @@ class LoopConfig:
         """Whether the evaluator runs after `epoch` (0-based): every `eval_every_epochs`-th epoch and the last."""
         return (epoch + 1) % self.eval_every_epochs == 0 or epoch + 1 == self.epochs
 
+    def checkpoints_at(self, step: int) -> bool:
+        """Whether a fit checkpoints after `step` (besides at its end and on a stop request)."""
+        return step % self.checkpoint_every_steps == 0
+
     def epochs_since_evaluation(self, epoch: int) -> int:
         """Epochs trained since the evaluation before `epoch`'s (0-based): early stopping counts epochs, not
         evaluations."""
@@ -188,9 +192,9 @@ class Trainer:
                 self._write_scalars(val_metrics, "val")
             record = {"epoch": epoch + 1, "epoch_seconds": epoch_seconds, **train_metrics, **val_metrics}
             # A checkpoint at the fit's end and at checkpoint_every_steps multiples, not at every epoch end: a
-            # downstream epoch of 5 steps took ~0.5 s and its checkpoint ~0.3 s more.
+            # downstream epoch of 5 steps took ~0.5 s and its checkpoint ~0.3 s more. A stop saves its own, below.
             last = stopped or epoch == epochs[-1]
-            state.end_epoch(record, checkpoint=last or state.global_step % cfg.checkpoint_every_steps == 0)
+            state.end_epoch(record, checkpoint=not self.stop_agreed and (last or cfg.checkpoints_at(state.global_step)))
             log.info(
                 "epoch %d/%d  %s  (%.0f s)",
                 epoch + 1, cfg.epochs, "  ".join(f"{k}={v:.4f}" for k, v in record.items() if k != "epoch"),
@@ -258,7 +262,7 @@ class Trainer:
             at_epoch_end = step == epoch_end
             if self.stop_agreed and not at_epoch_end:  # at an epoch end, fit() evaluates and saves first
                 self._save_and_stop()
-            if step % cfg.checkpoint_every_steps == 0 and not at_epoch_end:
+            if cfg.checkpoints_at(step) and not at_epoch_end:
                 self.state.save()
         console.close_progress()
         return {f"train_{k}": s / max(c, 1.0) for k, (s, c) in epoch_sums.items()}

@@ -143,6 +143,36 @@ def test_a_stop_is_taken_at_the_loop_boundary_and_a_shared_loop_counts_each_trai
 
 
 @pytest.mark.filterwarnings("ignore")
+def test_a_stop_at_the_fits_end_evaluates_the_epoch_and_checkpoints_once(tmp_path: Path) -> None:
+    """A stop requested in the call that ends the last epoch (step 22), where the fit checkpoints anyway: the epoch
+    is evaluated and recorded, and the checkpoint at step 22 is written once, not once for the fit's end and again
+    for the stop."""
+    STOP_REQUESTED.clear()
+    trainer = Parts().trainer(tmp_path / "stage", STEPS_PER_LOOP)
+    run_steps, save, saved = trainer.run_steps, trainer.state.save, []
+
+    def stop_at_the_fits_end(iterator, steps):
+        if trainer.state.global_step + steps == EPOCHS * STEPS_PER_EPOCH:
+            STOP_REQUESTED.set()
+        return run_steps(iterator, steps)
+
+    def counted_save():
+        saved.append(trainer.state.global_step)
+        save()
+
+    trainer.run_steps, trainer.state.save = stop_at_the_fits_end, counted_save
+    try:
+        with pytest.raises(Preempted) as stopped:
+            trainer.fit(_data, _evaluator)
+    finally:
+        STOP_REQUESTED.clear()
+    assert stopped.value.step == EPOCHS * STEPS_PER_EPOCH
+    assert saved == CHECKPOINT_STEPS
+    assert [h["epoch"] for h in trainer.state.history] == [1, 2]
+    assert "val_accuracy" in trainer.state.history[-1]
+
+
+@pytest.mark.filterwarnings("ignore")
 def test_a_fit_reads_one_dataset_and_a_resumed_fit_the_rest_of_it(tmp_path: Path) -> None:
     """One dataset (one iterator) for all of a fit's epochs: no iterator is torn down at an epoch's end. Stopped at
     step 4 and resumed, the fit asks for the epochs left from that step and ends where an uninterrupted one does."""
