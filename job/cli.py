@@ -417,6 +417,35 @@ def bench(data: str, config_name: str, overrides: tuple[str, ...], batches: int,
     click.echo(benchmark.to_json(results) if as_json else benchmark.format_table(results))
 
 
+@main.command(epilog="Exit codes: 0 written; 2 a run without a report (or not a run directory); 3 object storage "
+                     "failed.")
+@click.argument("runs", nargs=-1, required=True)
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the markdown table here instead of printing it.")
+@click.option("--cache-dir", default=DataConfig().cache_dir, help="Where gs:// runs' result files are downloaded.")
+@_log_level_option(None)
+@_user_errors
+def compare(runs: tuple[str, ...], output: Path | None, cache_dir: str) -> None:
+    """Replicates side by side: RUNS (run directories, local or gs://) in one markdown table.
+
+    Each run's verdict (rotation, each label fraction against scratch and colour, the frozen features against
+    random ones, k-NN, wall time) in its own column, then the mean ± std over the runs: run the same config with
+    `--set runtime.seed=1`, `=2`, ... and judge it on the mean. Settings in which the runs differ besides
+    runtime.seed are listed under the table.
+    """
+    from job.compare import comparison_markdown, load_run
+    from job.files import write_text
+
+    downloads = Path(cache_dir).expanduser() / "downloads"
+    text = comparison_markdown([load_run(run, downloads) for run in runs])
+    if output is None:
+        click.echo(text, nl=False)
+        return
+    output.parent.mkdir(parents=True, exist_ok=True)
+    write_text(output, text)
+    click.echo(f"Comparison: {output}")
+
+
 @main.command(epilog="Exit codes: 0 every readable image predicted (unreadable ones are skipped with a warning); "
                      "2 a user error (missing model, no images found, none readable); 3 object storage failed.")
 @click.option("--model", "model", required=True, metavar="RUN_OR_MODEL",

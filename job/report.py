@@ -299,7 +299,6 @@ def verdict_markdown(metrics: dict) -> str:
 
 def _verdict(metrics: dict) -> list[str]:
     """The report's first table: what pretraining bought over scratch and colour, and over random features."""
-    d, p = metrics["downstream"], metrics["pretext"]
     s4l = any(row.get("s4l") for row in metrics["label_efficiency"])
     extra = " S4L (pretrained) | Δ scratch (S4L) |" if s4l else ""
     lines = ["## Verdict", "", "Fish vs duck val accuracy, mean ± std over seeds (each its own label subset); Δ in "
@@ -318,32 +317,54 @@ def _verdict(metrics: dict) -> list[str]:
     if s4l:
         lines += ["", "S4L: fine-tuned jointly with the rotation loss on all downstream train images (finetune.mode = "
                   "\"s4l\"), a row of its own beside the pure transfer numbers."]
-    layers = _layers(d)
-    depth = d.get("depth_probe") or []
-    best_random = max(depth, key=lambda r: r["random"]) if depth else None
     lines += ["", "Frozen features (linear probes; pretrained vs the same network at random init; Δ in points, and "
               "for the all-class probes pretrained / random):", "",
               "| probe | pretrained | random init | Δ |", "|---|---|---|---|"]
-    # (name, pretrained, random, whether to show the ratio: the all-class probes, far from a binary probe's 0.5)
+    for row in frozen_feature_rows(metrics):
+        delta = _delta([row.pretrained], [row.random]) if row.known else "n/a"
+        if row.ratio and row.known and row.random:
+            delta += f" ({row.pretrained / row.random:.2f}×)"
+        lines.append(f"| {row.name} | {_fmt(row.pretrained)} | {_fmt(row.random)} | {delta} |")
+    return [*lines, ""]
+
+
+@dataclass(frozen=True)
+class FeatureRow:
+    """One frozen-feature comparison: a probe's accuracy on the pretrained network and on a random one."""
+
+    key: str  # stable across runs (job/compare.py): the name below holds layer names that differ between runs
+    name: str
+    pretrained: float | None
+    random: float | None
+    ratio: bool  # the all-class probes, far from a binary probe's 0.5, read better as a ratio
+
+    @property
+    def known(self) -> bool:
+        return self.pretrained is not None and self.random is not None
+
+
+def frozen_feature_rows(metrics: dict) -> list[FeatureRow]:
+    """The verdict's frozen-feature rows: the transferred features against the same random layers, and each
+    network's best depth; rows whose probes were switched off are left out (the depth ones) or read n/a."""
+    d, p = metrics["downstream"], metrics["pretext"]
+    layers = _layers(d)
     rows = [
-        (f"fish/duck on the transferred features ({layers})", d["linear_probe_val_accuracy"],
-         d.get("random_linear_probe_val_accuracy"), False),
-        ("all-class (200-way) on the transferred features", p.get("linear_probe_200_top1"),
-         p.get("random_linear_probe_200_top1"), True),
+        FeatureRow("fish_duck", f"fish/duck on the transferred features ({layers})", d["linear_probe_val_accuracy"],
+                   d.get("random_linear_probe_val_accuracy"), False),
+        FeatureRow("all_class", "all-class (200-way) on the transferred features", p.get("linear_probe_200_top1"),
+                   p.get("random_linear_probe_200_top1"), True),
     ]
-    if best_random:
-        rows.append((f"fish/duck: transferred features vs random's best depth ({best_random['layer']})",
-                     d["linear_probe_val_accuracy"], best_random["random"], False))
+    if depth := d.get("depth_probe"):
+        best_random = max(depth, key=lambda r: r["random"])
+        rows.append(FeatureRow("fish_duck_vs_random_best",
+                               f"fish/duck: transferred features vs random's best depth ({best_random['layer']})",
+                               d["linear_probe_val_accuracy"], best_random["random"], False))
     if by_depth := p.get("linear_probe_200_by_depth"):
         ours, theirs = max(by_depth, key=lambda r: r["pretrained"]), max(by_depth, key=lambda r: r["random"])
-        rows.append((f"all-class (200-way): best depth of each ({ours['layer']} vs {theirs['layer']})",
-                     ours["pretrained"], theirs["random"], True))
-    for name, ours, theirs, ratio in rows:
-        delta = _delta([ours], [theirs]) if ours is not None and theirs is not None else "n/a"
-        if ratio and ours is not None and theirs:
-            delta += f" ({ours / theirs:.2f}×)"
-        lines.append(f"| {name} | {_fmt(ours)} | {_fmt(theirs)} | {delta} |")
-    return [*lines, ""]
+        rows.append(FeatureRow("all_class_best_depths",
+                               f"all-class (200-way): best depth of each ({ours['layer']} vs {theirs['layer']})",
+                               ours["pretrained"], theirs["random"], True))
+    return rows
 
 
 def _plot_curves(metrics: dict):

@@ -1,0 +1,183 @@
+"""Replicates side by side: several runs' metrics.json in one table, each run's column beside the mean ± std over
+runs. A run is one pretext backbone; its label fractions are already means over label subsets, and one backbone's
+draw moves them by several points (README: results), so a recipe is judged on the mean of a few runs that differ
+only in `runtime.seed`. No TensorFlow here."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from job.console import share
+from job.errors import JobError
+from job.layout import RunLayout
+from job.report import frozen_feature_rows
+
+log = logging.getLogger(__name__)
+
+GCS_SCHEME = "gs://"
+SEED_KEY = "runtime.seed"  # the one setting replicates are expected to differ in
+SECONDS_PER_MINUTE = 60
+POINTS = 100  # accuracy differences are shown in points
+# job/report.py's frozen-feature rows by key: the pretrained probe's own row (if shown) and the comparison's.
+FEATURE_ROWS = {
+    "fish_duck": ("fish/duck probe on the transferred features", "fish/duck: Δ the same layers at random init"),
+    "all_class": ("all-class probe on the transferred features", "all-class: × the same layers at random init"),
+    "fish_duck_vs_random_best": (None, "fish/duck: Δ a random network's best depth"),
+    "all_class_best_depths": (None, "all-class, best depth of each: × a random network's best depth"),
+}
+DIGITS = {"accuracy": ".3f", "points": "+.1f", "ratio": ".2f", "minutes": ".1f"}
+SUFFIX = {"ratio": "×"}
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run directory's results: where it is, its metrics.json, its config.json and data identity."""
+
+    location: str
+    metrics: dict
+    config: dict
+    data: dict
+
+    @property
+    def seed(self) -> Any:
+        return self.config.get("runtime", {}).get("seed")
+
+
+@dataclass(frozen=True)
+class Measure:
+    """One row of the comparison: `kind` says how its values read ("accuracy", "points", "ratio", "minutes")."""
+
+    name: str
+    kind: str
+
+
+def load_run(location: str, cache_dir: Path) -> Run:
+    """The results of the run directory `location` (a local path or gs://); JobError when it has no report."""
+    layout = RunLayout(Path())
+    names = {"metrics": layout.metrics.as_posix(), "config": layout.config.as_posix(),
+             "record": layout.run_record.as_posix()}
+    if location.startswith(GCS_SCHEME):
+        files = _fetch_gcs(location.rstrip("/"), names, cache_dir)
+    elif "://" in location:
+        raise JobError(f"{location} uses an unsupported scheme: pass run directories as local paths or gs:// URIs.")
+    else:
+        root = Path(location).expanduser()
+        if not root.is_dir():
+            raise JobError(f"{root} is not a directory: pass run directories (each a job's --output).")
+        files = {key: path if (path := root / name).is_file() else None for key, name in names.items()}
+    if files["metrics"] is None:
+        raise JobError(f"{location} has no {names['metrics']}: pass runs whose `evaluate` stage finished, or "
+                       f"finish it (`python -m job evaluate --data DATA --output {location}`).")
+    record = _read(files["record"], location) if files["record"] else {}
+    config = _read(files["config"], location) if files["config"] else {}
+    return Run(location, _read(files["metrics"], location), config, record.get("data", {}))
+
+
+def _fetch_gcs(uri: str, names: dict[str, str], cache_dir: Path) -> dict[str, Path | None]:
+    """Download the run's small result files into the cache (None for one the run does not have)."""
+    from job.fetch import fetch_dataset
+    from job.gcs import gcs_object_exists
+
+    files: dict[str, Path | None] = {}
+    for key, name in names.items():
+        object_uri = f"{uri}/{name}"
+        files[key] = fetch_dataset(object_uri, cache_dir) if gcs_object_exists(object_uri) else None
+    return files
+
+
+def _read(path: Path, location: str) -> dict:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise JobError(f"{location}: cannot read {Path(path).name} ({err}); rerun `python -m job evaluate` on "
+                       "it to rewrite its report.") from err
+
+
+def measures(metrics: dict) -> dict[Measure, float | None]:
+    """The run's verdict as named values: rotation, each label fraction against scratch and colour, the frozen
+    features against random ones, k-NN and the wall time."""
+    values: dict[Measure, float | None] = {
+        Measure("val rotation accuracy", "accuracy"): metrics["pretext"]["val_rotation_accuracy"]}
+    for row in metrics["label_efficiency"]:
+        labels = f"{share(row['fraction'])} labels"
+        means = {name: float(np.mean(row[key])) if row.get(key) else None
+                 for name, key in (("pretrained", "pretrained"), ("scratch", "scratch"),
+                                   ("colour", "colour_histogram"))}
+        for name, value in means.items():
+            values[Measure(f"{labels}: {name}", "accuracy")] = value
+        for other in ("scratch", "colour"):
+            values[Measure(f"{labels}: Δ {other}", "points")] = _difference(means["pretrained"], means[other])
+    for row in frozen_feature_rows(metrics):
+        accuracy, comparison = FEATURE_ROWS[row.key]
+        if accuracy:
+            values[Measure(accuracy, "accuracy")] = row.pretrained
+        if row.ratio:
+            values[Measure(comparison, "ratio")] = row.pretrained / row.random if row.known and row.random else None
+        else:
+            values[Measure(comparison, "points")] = _difference(row.pretrained, row.random)
+    values[Measure("k-NN (fish/duck)", "accuracy")] = metrics["downstream"].get("knn_val_accuracy")
+    total = metrics.get("timing", {}).get("total_s")
+    values[Measure("wall time (minutes)", "minutes")] = total / SECONDS_PER_MINUTE if total else None
+    return values
+
+
+def _difference(ours: float | None, theirs: float | None) -> float | None:
+    return POINTS * (ours - theirs) if ours is not None and theirs is not None else None
+
+
+def differences(runs: list[Run]) -> list[str]:
+    """`key: value / value / …` for each setting (and the data) in which the runs differ, `runtime.seed` aside."""
+    flat = [_flatten(run.config) for run in runs]
+    keys = sorted(set().union(*flat) - {SEED_KEY})
+    lines = [f"{key}: " + " / ".join(json.dumps(settings.get(key)) for settings in flat)
+             for key in keys if len({json.dumps(settings.get(key), sort_keys=True) for settings in flat}) > 1]
+    versions = [json.dumps(run.data, sort_keys=True) for run in runs]
+    if len(set(versions)) > 1:
+        lines.append("data: " + " / ".join(run.data.get("uri", "?") for run in runs))
+    return lines
+
+
+def _flatten(config: dict, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat |= _flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _cell(value: float | None, kind: str, std: float | None = None) -> str:
+    if value is None:
+        return "n/a"
+    spread = f" ± {std:{DIGITS[kind].lstrip('+')}}" if std is not None else ""
+    return f"{value:{DIGITS[kind]}}{SUFFIX.get(kind, '')}{spread}"
+
+
+def comparison_markdown(runs: list[Run]) -> str:
+    """The runs' measures side by side, with the mean ± std over the runs that have each."""
+    per_run = [measures(run.metrics) for run in runs]
+    rows = list(dict.fromkeys(measure for values in per_run for measure in values))
+    heads = [f"{run.location.rstrip('/').rsplit('/', 1)[-1]} (seed {run.seed})" for run in runs]
+    lines = [f"# {len(runs)} runs side by side", "",
+             "Each run is one pretext backbone; its label-fraction rows are means over its own label subsets; Δ in "
+             "points; the last column is the mean ± std over runs.", "",
+             "| measure | " + " | ".join(heads) + " | mean ± std |", "|---" * (len(runs) + 2) + "|"]
+    for measure in rows:
+        values = [values.get(measure) for values in per_run]
+        known = [v for v in values if v is not None]
+        mean = _cell(float(np.mean(known)), measure.kind, float(np.std(known)) if len(known) > 1 else None) \
+            if known else "n/a"
+        if known and len(known) < len(values):
+            mean += f" ({len(known)} of {len(values)})"
+        lines.append(f"| {measure.name} | " + " | ".join(_cell(v, measure.kind) for v in values) + f" | {mean} |")
+    if other := differences(runs):
+        lines += ["", f"These runs differ in more than `{SEED_KEY}`, so the mean mixes recipes:", ""]
+        lines += [f"- {line}" for line in other]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,114 @@
+"""Tests for `job compare` (job/compare.py): replicates side by side, the mean ± std over runs (no TensorFlow)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from job import evaluations as registry
+from job.cli import main
+from job.compare import comparison_markdown, load_run
+from job.files import write_json
+from job.layout import RunLayout
+from job.report import build_metrics
+from tests.unit.test_cli_errors import one_line_error
+
+
+def _finetune(seed: int) -> dict:
+    return {"mode": "finetune", "label_fraction": 1.0, "val_accuracy": 0.9, "best_epoch_val_accuracy": 0.9,
+            "confusion_matrix": [[1, 0], [0, 1]], "train_images": 10, "val_images": 2, "seed": seed,
+            "history": [], "transfer_layers": ["block_12_add"], "head_init": "probe"}
+
+
+def metrics(rotation: float, few: list[float], probe: float, random_best: float, total_s: float) -> dict:
+    """A run's metrics.json: `few` the pretrained accuracies at 2% over its label subsets (scratch 0.7, 0.8)."""
+    pretext = {"val_rotation_accuracy": rotation, "epochs": 3, "train_seconds": 10.0, "samples_per_sec": 5.0,
+               "train_images": 100, "history": []}
+    evaluations = {
+        "transfer_layers": ["block_12_add"], "linear_probe_val_accuracy": probe,
+        "random_linear_probe_val_accuracy": 0.7, "knn_val_accuracy": 0.8, "linear_probe_200_top1": 0.08,
+        "random_linear_probe_200_top1": 0.04,
+        "depth_probe": [{"layer": "block_2_add", "pretrained": 0.8, "random": random_best},
+                        {"layer": "block_12_add", "pretrained": probe, "random": 0.7}],
+        "finetune": [_finetune(0)], "scratch": [_finetune(0)], "colour_histogram": [0.8],
+        "label_efficiency": [{"fraction": 0.02, "pretrained": few, "scratch": [0.7, 0.8],
+                              "colour_histogram": [0.75, 0.75]}],
+        "timing": {"total_s": total_s},
+    }
+    data = {"train_images": 100, "val_images": 20, "skipped_images": 0, "skipped_files": []}
+    built = build_metrics(pretext, evaluations, data, registry.metrics(evaluations))
+    built["timing"]["total_s"] = total_s
+    return built
+
+
+def write_run(root: Path, run_metrics: dict, seed: int, epochs: int = 44) -> Path:
+    layout = RunLayout(root)
+    write_json(layout.metrics, run_metrics)
+    write_json(layout.config, {"pretext": {"epochs": epochs}, "runtime": {"seed": seed}})
+    write_json(layout.run_record, {"data": {"uri": "mini.zip", "version": "1"}, "commands": ["evaluate"]})
+    return root
+
+
+@pytest.fixture
+def replicates(tmp_path) -> list[Path]:
+    return [write_run(tmp_path / "seed0", metrics(0.52, [0.9, 0.8], 0.96, 0.89, 2_600), seed=0),
+            write_run(tmp_path / "seed1", metrics(0.54, [0.8, 0.8], 0.88, 0.90, 2_800), seed=1)]
+
+
+def table(text: str) -> dict[str, list[str]]:
+    """The comparison's rows by measure: the runs' cells, then the mean's."""
+    rows = [line.strip("|").split(" | ") for line in text.splitlines() if line.startswith("| ")]
+    return {cells[0].strip(): [cell.strip() for cell in cells[1:]] for cells in rows[1:]}
+
+
+def test_each_run_has_its_column_and_the_last_is_the_mean_over_runs(replicates):
+    text = comparison_markdown([load_run(str(path), Path()) for path in replicates])
+    rows = table(text)
+    assert "| measure | seed0 (seed 0) | seed1 (seed 1) | mean ± std |" in text
+    assert rows["val rotation accuracy"] == ["0.520", "0.540", "0.530 ± 0.010"]
+    # Each run's 2% row is the mean over its label subsets (0.85 and 0.80); Δ against scratch's 0.75, in points.
+    assert rows["2% labels: pretrained"] == ["0.850", "0.800", "0.825 ± 0.025"]
+    assert rows["2% labels: Δ scratch"] == ["+10.0", "+5.0", "+7.5 ± 2.5"]
+    assert rows["2% labels: Δ colour"] == ["+10.0", "+5.0", "+7.5 ± 2.5"]
+    # The frozen features against a random network's best depth, whichever layer that is in each run.
+    assert rows["fish/duck: Δ a random network's best depth"] == ["+7.0", "-2.0", "+2.5 ± 4.5"]
+    assert rows["all-class: × the same layers at random init"] == ["2.00×", "2.00×", "2.00× ± 0.00"]
+    assert rows["wall time (minutes)"] == ["43.3", "46.7", "45.0 ± 1.7"]
+    assert "differ in more than" not in text
+
+
+def test_runs_of_different_recipes_are_named_under_the_table(tmp_path, replicates):
+    other = write_run(tmp_path / "forty", metrics(0.50, [0.7, 0.7], 0.9, 0.9, 2_400), seed=0, epochs=40)
+    text = comparison_markdown([load_run(str(path), Path()) for path in [*replicates, other]])
+    assert "These runs differ in more than `runtime.seed`, so the mean mixes recipes:" in text
+    assert "- pretext.epochs: 44 / 44 / 40" in text
+
+
+def test_a_measure_one_run_lacks_is_averaged_over_the_others(tmp_path, replicates):
+    no_probe = metrics(0.5, [0.8, 0.8], 0.9, 0.9, 2_000)
+    no_probe["downstream"]["knn_val_accuracy"] = None
+    text = comparison_markdown([load_run(str(path), Path()) for path in
+                                [*replicates, write_run(tmp_path / "noknn", no_probe, seed=2)]])
+    assert table(text)["k-NN (fish/duck)"] == ["0.800", "0.800", "n/a", "0.800 ± 0.000 (2 of 3)"]
+
+
+def test_the_command_prints_the_table_or_writes_it(replicates, tmp_path):
+    printed = CliRunner().invoke(main, ["compare", *map(str, replicates)])
+    assert printed.exit_code == 0, printed.output
+    assert table(printed.stdout)["val rotation accuracy"][-1] == "0.530 ± 0.010"
+    out = tmp_path / "out" / "replicates.md"
+    written = CliRunner().invoke(main, ["compare", *map(str, replicates), "--output", str(out)])
+    assert written.exit_code == 0, written.output
+    assert out.read_text() == printed.stdout
+    assert written.stdout == f"Comparison: {out}\n"
+
+
+def test_a_run_without_a_report_is_one_line_naming_it(replicates, tmp_path):
+    unfinished = tmp_path / "unfinished"
+    write_json(RunLayout(unfinished).config, {"runtime": {"seed": 3}})
+    error = one_line_error(CliRunner().invoke(main, ["compare", *map(str, replicates), str(unfinished)]))
+    assert str(unfinished) in error and "report/metrics.json" in error and "job evaluate" in error
+    missing = tmp_path / "absent"
+    assert f"{missing} is not a directory" in one_line_error(CliRunner().invoke(main, ["compare", str(missing)]))
