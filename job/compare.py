@@ -6,7 +6,6 @@ only in `runtime.seed`. No TensorFlow here."""
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,8 +16,6 @@ from job.console import share
 from job.errors import JobError
 from job.layout import RunLayout
 from job.report import frozen_feature_rows
-
-log = logging.getLogger(__name__)
 
 GCS_SCHEME = "gs://"
 SEED_KEY = "runtime.seed"  # the one setting replicates are expected to differ in
@@ -127,6 +124,14 @@ def measures(metrics: dict) -> dict[Measure, float | None]:
     return values
 
 
+def _measures_of(run: Run) -> dict[Measure, float | None]:
+    try:
+        return measures(run.metrics)
+    except (KeyError, TypeError) as err:
+        raise JobError(f"{run.location}'s metrics.json lacks {err} (written by an older version of the job): "
+                       f"rerun `python -m job evaluate --data DATA --output {run.location}` to rewrite it.") from err
+
+
 def _difference(ours: float | None, theirs: float | None) -> float | None:
     return POINTS * (ours - theirs) if ours is not None and theirs is not None else None
 
@@ -162,9 +167,10 @@ def _cell(value: float | None, kind: str, std: float | None = None) -> str:
 
 def comparison_markdown(runs: list[Run]) -> str:
     """The runs' measures side by side, with the mean ± std over the runs that have each."""
-    per_run = [measures(run.metrics) for run in runs]
+    per_run = [_measures_of(run) for run in runs]
     rows = list(dict.fromkeys(measure for values in per_run for measure in values))
-    heads = [f"{run.location.rstrip('/').rsplit('/', 1)[-1]} (seed {run.seed})" for run in runs]
+    heads = [run.location.rstrip("/").rsplit("/", 1)[-1] + (f" (seed {run.seed})" if run.seed is not None else "")
+             for run in runs]
     lines = [f"# {len(runs)} runs side by side", "",
              "Each run is one pretext backbone; its label-fraction rows are means over its own label subsets; Δ in "
              "points; the last column is the mean ± std over runs.", "",

@@ -112,3 +112,11 @@ def test_a_run_without_a_report_is_one_line_naming_it(replicates, tmp_path):
     assert str(unfinished) in error and "report/metrics.json" in error and "job evaluate" in error
     missing = tmp_path / "absent"
     assert f"{missing} is not a directory" in one_line_error(CliRunner().invoke(main, ["compare", str(missing)]))
+
+
+def test_a_report_from_an_older_job_is_one_line_naming_the_missing_key(replicates, tmp_path):
+    old = metrics(0.5, [0.8, 0.8], 0.9, 0.9, 2_000)
+    del old["label_efficiency"]
+    older = write_run(tmp_path / "older", old, seed=4)
+    error = one_line_error(CliRunner().invoke(main, ["compare", *map(str, replicates), str(older)]))
+    assert str(older) in error and "label_efficiency" in error and "job evaluate" in error
