@@ -317,6 +317,9 @@ def _verdict(metrics: dict) -> list[str]:
     if s4l:
         lines += ["", "S4L: fine-tuned jointly with the rotation loss on all downstream train images (finetune.mode = "
                   "\"s4l\"), a row of its own beside the pure transfer numbers."]
+    lines += ["", "The seeds above share one pretrained backbone, and another backbone (`--set runtime.seed=N`) can "
+              "move the few-label rows by several points: `python -m job compare RUN...` puts such replicates side "
+              "by side with their mean."]
     lines += ["", "Frozen features (linear probes; pretrained vs the same network at random init; Δ in points, and "
               "for the all-class probes pretrained / random):", "",
               "| probe | pretrained | random init | Δ |", "|---|---|---|---|"]

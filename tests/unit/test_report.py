@@ -88,6 +88,8 @@ def test_the_report_opens_with_the_verdict(metrics):
     # Δ in points against scratch and colour, per label fraction.
     assert "| 10% | 2 | 0.8500 ± 0.0500 | 0.6000 ± 0.0000 | 0.9000 ± 0.0000 | +25.0 | -5.0 |" in lines
     assert "| 100% | 2 | 0.9500 ± 0.0500 | 0.7500 ± 0.0500 | 0.8000 ± 0.0000 | +20.0 | +15.0 |" in lines
+    # One run is one backbone: the verdict says how to judge several.
+    assert any("python -m job compare RUN..." in line for line in lines[verdict:lines.index("## Details")])
     # Frozen features against random ones: the same features, and the random network's best depth.
     assert "| fish/duck on the transferred features (block_12_add) | 0.9000 | 0.7000 | +20.0 |" in lines
     # The all-class rows add the ratio (the goal is 2x a random network's).
