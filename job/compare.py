@@ -12,8 +12,10 @@ from typing import Any
 
 import numpy as np
 
+from job.config import dotted_settings
 from job.console import share
 from job.errors import JobError
+from job.files import read_json
 from job.layout import RunLayout
 from job.report import frozen_feature_rows
 
@@ -71,9 +73,10 @@ def load_run(location: str, cache_dir: Path) -> Run:
     if files["metrics"] is None:
         raise JobError(f"{location} has no {names['metrics']}: pass runs whose `evaluate` stage finished, or "
                        f"finish it (`python -m job evaluate --data DATA --output {location}`).")
-    record = _read(files["record"], location) if files["record"] else {}
-    config = _read(files["config"], location) if files["config"] else {}
-    return Run(location, _read(files["metrics"], location), config, record.get("data", {}))
+    rewrite = f"rerun `python -m job evaluate --data DATA --output {location}` to rewrite it"
+    record = read_json(files["record"], rewrite) if files["record"] else {}
+    config = read_json(files["config"], rewrite) if files["config"] else {}
+    return Run(location, read_json(files["metrics"], rewrite), config, record.get("data", {}))
 
 
 def _fetch_gcs(uri: str, names: dict[str, str], cache_dir: Path) -> dict[str, Path | None]:
@@ -86,14 +89,6 @@ def _fetch_gcs(uri: str, names: dict[str, str], cache_dir: Path) -> dict[str, Pa
         object_uri = f"{uri}/{name}"
         files[key] = fetch_dataset(object_uri, cache_dir) if gcs_object_exists(object_uri) else None
     return files
-
-
-def _read(path: Path, location: str) -> dict:
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise JobError(f"{location}: cannot read {Path(path).name} ({err}); rerun `python -m job evaluate` on "
-                       "it to rewrite its report.") from err
 
 
 def measures(metrics: dict) -> dict[Measure, float | None]:
@@ -138,7 +133,7 @@ def _difference(ours: float | None, theirs: float | None) -> float | None:
 
 def differences(runs: list[Run]) -> list[str]:
     """`key: value / value / …` for each setting (and the data) in which the runs differ, `runtime.seed` aside."""
-    flat = [_flatten(run.config) for run in runs]
+    flat = [dotted_settings(run.config) for run in runs]
     keys = sorted(set().union(*flat) - {SEED_KEY})
     lines = [f"{key}: " + " / ".join(json.dumps(settings.get(key)) for settings in flat)
              for key in keys if len({json.dumps(settings.get(key), sort_keys=True) for settings in flat}) > 1]
@@ -146,16 +141,6 @@ def differences(runs: list[Run]) -> list[str]:
     if len(set(versions)) > 1:
         lines.append("data: " + " / ".join(run.data.get("uri", "?") for run in runs))
     return lines
-
-
-def _flatten(config: dict, prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            flat |= _flatten(value, f"{prefix}{key}.")
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def _cell(value: float | None, kind: str, std: float | None = None) -> str:

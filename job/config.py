@@ -213,6 +213,11 @@ class Config:
         return dataclasses.asdict(self)
 
 
+def dotted_settings(sections: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """A config as `Config.to_dict()` (or a run's config.json) gives it, keyed `section.key`."""
+    return {f"{section}.{key}": value for section, values in sections.items() for key, value in values.items()}
+
+
 _CHOICES = {
     ("data", "store"): ("decoded", "encoded"),
     ("pretext", "optimizer"): ("adamw", "sgd"),

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from job.config import Config
+from job.config import Config, dotted_settings
 from job.data import source_identity
 from job.errors import JobError, from_os_error
 from job.fetch import fetched_version
@@ -88,7 +88,7 @@ def data_identity(uri: str, local: Path) -> dict[str, Any]:
 
 def settings(config: Config, kind: str) -> dict[str, Any]:
     """The dotted config keys (and values) that shape results of this kind."""
-    flat = {f"{s}.{k}": v for s, values in config.to_dict().items() for k, v in values.items()}
+    flat = dotted_settings(config.to_dict())
     return {
         key: value for key, value in flat.items()
         if (key.partition(".")[0] in SECTIONS[kind] or key in RUNTIME_KEYS) and key not in NO_EFFECT
