@@ -420,24 +420,30 @@ def bench(data: str, config_name: str, overrides: tuple[str, ...], batches: int,
 @main.command(epilog="Exit codes: 0 written; 2 a run without a report (or not a run directory); 3 object storage "
                      "failed.")
 @click.argument("runs", nargs=-1, required=True)
+@click.option("--against", "against", multiple=True, metavar="RUN",
+              help="A run of the recipe RUNS are compared with (repeat it for each of its seeds): the table then "
+                   "gives each recipe's mean and the difference run by run, paired by runtime.seed.")
 @click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the markdown table here instead of printing it.")
 @click.option("--cache-dir", default=DataConfig().cache_dir, help="Where gs:// runs' result files are downloaded.")
 @_log_level_option(None)
 @_user_errors
-def compare(runs: tuple[str, ...], output: Path | None, cache_dir: str) -> None:
+def compare(runs: tuple[str, ...], against: tuple[str, ...], output: Path | None, cache_dir: str) -> None:
     """Replicates side by side: RUNS (run directories, local or gs://) in one markdown table.
 
     Each run's verdict (rotation, each label fraction against scratch and colour, the frozen features against
     random ones, k-NN, wall time) in its own column, then the mean ± std over the runs: run the same config with
     `--set runtime.seed=1`, `=2`, ... and judge it on the mean. Settings in which the runs differ besides
-    runtime.seed are listed under the table.
+    runtime.seed are listed under the table. With --against, two recipes: each one's mean, and RUNS − against
+    for each seed both have, with the mean ± standard error of those differences.
     """
-    from job.compare import comparison_markdown, load_run
+    from job.compare import comparison_markdown, load_run, recipes_markdown
     from job.files import write_text
 
     downloads = Path(cache_dir).expanduser() / "downloads"
-    text = comparison_markdown([load_run(run, downloads) for run in runs])
+    loaded = [load_run(run, downloads) for run in runs]
+    text = recipes_markdown(loaded, [load_run(run, downloads) for run in against]) if against \
+        else comparison_markdown(loaded)
     if output is None:
         click.echo(text, nl=False)
         return

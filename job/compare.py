@@ -1,7 +1,9 @@
 """Replicates side by side: several runs' metrics.json in one table, each run's column beside the mean ± std over
 runs. A run is one pretext backbone; its label fractions are already means over label subsets, and one backbone's
 draw moves them by several points (README: results), so a recipe is judged on the mean of a few runs that differ
-only in `runtime.seed`. No TensorFlow here."""
+only in `runtime.seed`. Two recipes are compared run against run, paired by that seed (`recipes_markdown`): a
+pair shares its label subsets and its random network, so their draws cancel out of the difference. No
+TensorFlow here."""
 
 from __future__ import annotations
 
@@ -31,6 +33,9 @@ FEATURE_ROWS = {
     "all_class_best_depths": (None, "all-class, best depth of each: × a random network's best depth"),
 }
 DIGITS = {"accuracy": ".3f", "points": "+.1f", "ratio": ".2f", "minutes": ".1f"}
+# How a difference between two runs' values reads: accuracies in points, the rest in their own unit.
+DELTA_SCALE = {"accuracy": POINTS, "points": 1.0, "ratio": 1.0, "minutes": 1.0}
+DELTA_DIGITS = {"accuracy": "+.1f", "points": "+.1f", "ratio": "+.2f", "minutes": "+.1f"}
 SUFFIX = {"ratio": "×"}
 
 
@@ -150,25 +155,110 @@ def _cell(value: float | None, kind: str, std: float | None = None) -> str:
     return f"{value:{DIGITS[kind]}}{SUFFIX.get(kind, '')}{spread}"
 
 
+def _mean_cell(values: list[float | None], kind: str) -> str:
+    """The mean ± std of the known values, with "(k of n)" where some runs lack the measure."""
+    known = [v for v in values if v is not None]
+    if not known:
+        return "n/a"
+    cell = _cell(float(np.mean(known)), kind, float(np.std(known)) if len(known) > 1 else None)
+    return cell + (f" ({len(known)} of {len(values)})" if len(known) < len(values) else "")
+
+
+def _head(run: Run) -> str:
+    return run.location.rstrip("/").rsplit("/", 1)[-1] + (f" (seed {run.seed})" if run.seed is not None else "")
+
+
 def comparison_markdown(runs: list[Run]) -> str:
     """The runs' measures side by side, with the mean ± std over the runs that have each."""
     per_run = [_measures_of(run) for run in runs]
     rows = list(dict.fromkeys(measure for values in per_run for measure in values))
-    heads = [run.location.rstrip("/").rsplit("/", 1)[-1] + (f" (seed {run.seed})" if run.seed is not None else "")
-             for run in runs]
+    heads = [_head(run) for run in runs]
     lines = [f"# {len(runs)} runs side by side", "",
              "Each run is one pretext backbone; its label-fraction rows are means over its own label subsets; Δ in "
              "points; the last column is the mean ± std over runs.", "",
              "| measure | " + " | ".join(heads) + " | mean ± std |", "|---" * (len(runs) + 2) + "|"]
     for measure in rows:
         values = [values.get(measure) for values in per_run]
-        known = [v for v in values if v is not None]
-        mean = _cell(float(np.mean(known)), measure.kind, float(np.std(known)) if len(known) > 1 else None) \
-            if known else "n/a"
-        if known and len(known) < len(values):
-            mean += f" ({len(known)} of {len(values)})"
-        lines.append(f"| {measure.name} | " + " | ".join(_cell(v, measure.kind) for v in values) + f" | {mean} |")
+        lines.append(f"| {measure.name} | " + " | ".join(_cell(v, measure.kind) for v in values)
+                     + f" | {_mean_cell(values, measure.kind)} |")
     if other := differences(runs):
         lines += ["", f"These runs differ in more than `{SEED_KEY}`, so the mean mixes recipes:", ""]
         lines += [f"- {line}" for line in other]
+    return "\n".join(lines) + "\n"
+
+
+def _delta(ours: float | None, theirs: float | None, kind: str) -> float | None:
+    return DELTA_SCALE[kind] * (ours - theirs) if ours is not None and theirs is not None else None
+
+
+def _delta_cell(value: float | None, kind: str, se: float | None = None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:{DELTA_DIGITS[kind]}}" + (f" ± {se:{DELTA_DIGITS[kind].lstrip('+')}}" if se is not None else "")
+
+
+def recipe_differences(runs: list[Run], against: list[Run]) -> list[str]:
+    """`key: value (runs) / value (against)` for each setting (and the data) that tells the two recipes apart."""
+    def values(group: list[Run], key: str) -> list[str]:
+        return sorted({json.dumps(dotted_settings(run.config).get(key), sort_keys=True) for run in group})
+
+    keys = sorted(set().union(*(dotted_settings(run.config) for run in [*runs, *against])) - {SEED_KEY})
+    lines = [f"{key}: {', '.join(values(runs, key))} (runs) / {', '.join(values(against, key))} (against)"
+             for key in keys if values(runs, key) != values(against, key)]
+    data = [sorted({json.dumps(run.data, sort_keys=True) for run in group}) for group in (runs, against)]
+    if data[0] != data[1]:
+        lines.append("data: " + " / ".join(", ".join(sorted({run.data.get("uri", "?") for run in group}))
+                                           for group in (runs, against)))
+    return lines
+
+
+def _pairs(runs: list[Run], ours: list[dict], against: list[Run], theirs: list[dict]) -> list[tuple]:
+    """(seed, runs' measures, against's measures) for each seed both groups have, once each; none when a group
+    holds a seed twice (which of its runs to pair would be a guess)."""
+    seeds = [[run.seed for run in group if run.seed is not None] for group in (runs, against)]
+    if any(len(set(group)) < len(group) for group in seeds):
+        return []
+    by_seed = {run.seed: values for run, values in zip(against, theirs) if run.seed is not None}
+    return [(run.seed, values, by_seed[run.seed]) for run, values in zip(runs, ours) if run.seed in by_seed]
+
+
+def recipes_markdown(runs: list[Run], against: list[Run]) -> str:
+    """Two recipes: each one's mean ± std over its runs, and the difference `runs` − `against` run by run for each
+    runtime.seed both have, with its mean ± standard error over those pairs (the difference of the two means,
+    marked unpaired, when no seed is shared)."""
+    ours, theirs = [_measures_of(run) for run in runs], [_measures_of(run) for run in against]
+    pairs = _pairs(runs, ours, against, theirs)
+    rows = list(dict.fromkeys(measure for values in [*ours, *theirs] for measure in values))
+    heads = [f"runs ({len(runs)})", f"against ({len(against)})", *(f"Δ seed {seed}" for seed, _, _ in pairs),
+             "Δ: mean ± s.e. over pairs" if pairs else "Δ of the means (unpaired)"]
+    lines = [f"# {len(runs)} run{'s' * (len(runs) != 1)} against {len(against)}", "",
+             "runs: " + ", ".join(_head(run) for run in runs), "",
+             "against: " + ", ".join(_head(run) for run in against), "",
+             "Means ± std over each recipe's runs; Δ = runs − against (accuracies in points), run by run for each "
+             f"`{SEED_KEY}` both have: the two runs of a pair share their label subsets and their random network.", "",
+             "| measure | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|"]
+    for measure in rows:
+        kind = measure.kind
+        mine, other = [v.get(measure) for v in ours], [v.get(measure) for v in theirs]
+        if all(v is None for v in [*mine, *other]):
+            continue  # neither recipe measured it (e.g. runs without the scratch baseline)
+        deltas = [_delta(a.get(measure), b.get(measure), kind) for _, a, b in pairs]
+        if pairs:
+            known = [d for d in deltas if d is not None]
+            se = float(np.std(known, ddof=1) / np.sqrt(len(known))) if len(known) > 1 else None
+            summary = _delta_cell(float(np.mean(known)), kind, se) if known else "n/a"
+        else:
+            known_mine, known_other = [v for v in mine if v is not None], [v for v in other if v is not None]
+            summary = _delta_cell(_delta(float(np.mean(known_mine)), float(np.mean(known_other)), kind), kind) \
+                if known_mine and known_other else "n/a"
+        cells = [_mean_cell(mine, kind), _mean_cell(other, kind), *(_delta_cell(d, kind) for d in deltas), summary]
+        lines.append(f"| {measure.name} | " + " | ".join(cells) + " |")
+    if told_apart := recipe_differences(runs, against):
+        lines += ["", "The recipes differ in:", ""] + [f"- {line}" for line in told_apart]
+    else:
+        lines += ["", f"The two groups' settings are the same (`{SEED_KEY}` aside): Δ is run-to-run noise."]
+    for name, group in (("runs", runs), ("against", against)):
+        if mixed := differences(group):
+            lines += ["", f"The {name} differ among themselves in more than `{SEED_KEY}`:", ""]
+            lines += [f"- {line}" for line in mixed]
     return "\n".join(lines) + "\n"

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from job import evaluations as registry
 from job.cli import main
-from job.compare import comparison_markdown, load_run
+from job.compare import comparison_markdown, load_run, recipes_markdown
 from job.files import write_json
 from job.layout import RunLayout
 from job.report import build_metrics
@@ -120,3 +120,57 @@ def test_a_report_from_an_older_job_is_one_line_naming_the_missing_key(replicate
     older = write_run(tmp_path / "older", old, seed=4)
     error = one_line_error(CliRunner().invoke(main, ["compare", *map(str, replicates), str(older)]))
     assert str(older) in error and "label_efficiency" in error and "job evaluate" in error
+
+
+def test_two_recipes_are_compared_run_by_run_for_each_seed_both_have(tmp_path, replicates):
+    longer = [write_run(tmp_path / "long0", metrics(0.56, [0.9, 0.9], 0.97, 0.89, 3_000), seed=0, epochs=60),
+              write_run(tmp_path / "long1", metrics(0.55, [0.9, 0.8], 0.93, 0.90, 3_200), seed=1, epochs=60),
+              write_run(tmp_path / "long2", metrics(0.57, [0.9, 0.9], 0.95, 0.90, 3_100), seed=2, epochs=60)]
+    text = recipes_markdown([load_run(str(path), Path()) for path in longer],
+                            [load_run(str(path), Path()) for path in replicates])
+    rows = table(text)
+    assert text.startswith("# 3 runs against 2\n")
+    assert "| measure | runs (3) | against (2) | Δ seed 0 | Δ seed 1 | Δ: mean ± s.e. over pairs |" in text
+    # Seed 2 has no partner: it counts in its recipe's mean, not in the differences.
+    assert rows["val rotation accuracy"] == ["0.560 ± 0.008", "0.530 ± 0.010", "+4.0", "+1.0", "+2.5 ± 1.5"]
+    assert rows["2% labels: pretrained"] == ["0.883 ± 0.024", "0.825 ± 0.025", "+5.0", "+5.0", "+5.0 ± 0.0"]
+    # A difference of differences stays in points; a ratio's difference is in its own unit; minutes in minutes.
+    assert rows["fish/duck: Δ a random network's best depth"][2:] == ["+1.0", "+5.0", "+3.0 ± 2.0"]
+    assert rows["all-class: × the same layers at random init"][2:] == ["+0.00", "+0.00", "+0.00 ± 0.00"]
+    assert rows["wall time (minutes)"][2:] == ["+6.7", "+6.7", "+6.7 ± 0.0"]
+    assert "- pretext.epochs: 60 (runs) / 44 (against)" in text
+
+
+def test_recipes_without_a_shared_seed_are_compared_on_their_means(tmp_path, replicates):
+    other = [write_run(tmp_path / "other", metrics(0.60, [0.9, 0.9], 0.9, 0.9, 2_700), seed=7)]
+    text = recipes_markdown([load_run(str(path), Path()) for path in other],
+                            [load_run(str(path), Path()) for path in replicates])
+    assert text.startswith("# 1 run against 2\n")
+    assert "| measure | runs (1) | against (2) | Δ of the means (unpaired) |" in text
+    assert table(text)["val rotation accuracy"] == ["0.600", "0.530 ± 0.010", "+7.0"]
+    assert "settings are the same (`runtime.seed` aside): Δ is run-to-run noise" in text
+    # A seed twice in one recipe: which run to pair would be a guess, so the means are compared.
+    twice = [*replicates, write_run(tmp_path / "again", metrics(0.58, [0.8, 0.8], 0.9, 0.9, 2_700), seed=0)]
+    text = recipes_markdown([load_run(str(path), Path()) for path in twice],
+                            [load_run(str(path), Path()) for path in replicates])
+    assert "Δ of the means (unpaired)" in text and "Δ seed" not in text
+
+
+def test_a_measure_neither_recipe_has_is_left_out(tmp_path, replicates):
+    no_knn = metrics(0.5, [0.8, 0.8], 0.9, 0.9, 2_000)
+    no_knn["downstream"]["knn_val_accuracy"] = None
+    runs = [load_run(str(write_run(tmp_path / "a", no_knn, seed=0)), Path())]
+    text = recipes_markdown(runs, [load_run(str(write_run(tmp_path / "b", no_knn, seed=0)), Path())])
+    assert "k-NN" not in text and "val rotation accuracy" in text
+
+
+def test_the_command_compares_recipes_with_against(replicates, tmp_path):
+    longer = write_run(tmp_path / "long0", metrics(0.56, [0.9, 0.9], 0.97, 0.89, 3_000), seed=0, epochs=60)
+    args = ["compare", str(longer), *(a for path in replicates for a in ("--against", str(path)))]
+    printed = CliRunner().invoke(main, args)
+    assert printed.exit_code == 0, printed.output
+    assert table(printed.stdout)["val rotation accuracy"] == ["0.560", "0.530 ± 0.010", "+4.0", "+4.0"]
+    unfinished = tmp_path / "unfinished"
+    write_json(RunLayout(unfinished).config, {"runtime": {"seed": 3}})
+    error = one_line_error(CliRunner().invoke(main, ["compare", str(longer), "--against", str(unfinished)]))
+    assert str(unfinished) in error and "report/metrics.json" in error
