@@ -109,7 +109,7 @@ def measures(metrics: dict) -> dict[Measure, float | None]:
         for name, value in means.items():
             values[Measure(f"{labels}: {name}", "accuracy")] = value
         for other in ("scratch", "colour"):
-            values[Measure(f"{labels}: Δ {other}", "points")] = _difference(means["pretrained"], means[other])
+            values[Measure(f"{labels}: Δ {other}", "points")] = _delta(means["pretrained"], means[other], "accuracy")
     for row in frozen_feature_rows(metrics):
         accuracy, comparison = FEATURE_ROWS[row.key]
         if accuracy:
@@ -117,7 +117,7 @@ def measures(metrics: dict) -> dict[Measure, float | None]:
         if row.ratio:
             values[Measure(comparison, "ratio")] = row.pretrained / row.random if row.known and row.random else None
         else:
-            values[Measure(comparison, "points")] = _difference(row.pretrained, row.random)
+            values[Measure(comparison, "points")] = _delta(row.pretrained, row.random, "accuracy")
     values[Measure("k-NN (fish/duck)", "accuracy")] = metrics["downstream"].get("knn_val_accuracy")
     total = metrics.get("timing", {}).get("total_s")
     values[Measure("wall time (minutes)", "minutes")] = total / SECONDS_PER_MINUTE if total else None
@@ -132,8 +132,8 @@ def _measures_of(run: Run) -> dict[Measure, float | None]:
                        f"rerun `python -m job evaluate --data DATA --output {run.location}` to rewrite it.") from err
 
 
-def _difference(ours: float | None, theirs: float | None) -> float | None:
-    return POINTS * (ours - theirs) if ours is not None and theirs is not None else None
+def _delta(ours: float | None, theirs: float | None, kind: str) -> float | None:
+    return DELTA_SCALE[kind] * (ours - theirs) if ours is not None and theirs is not None else None
 
 
 def differences(runs: list[Run]) -> list[str]:
@@ -187,10 +187,6 @@ def comparison_markdown(runs: list[Run]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _delta(ours: float | None, theirs: float | None, kind: str) -> float | None:
-    return DELTA_SCALE[kind] * (ours - theirs) if ours is not None and theirs is not None else None
-
-
 def _delta_cell(value: float | None, kind: str, se: float | None = None) -> str:
     if value is None:
         return "n/a"
@@ -199,12 +195,11 @@ def _delta_cell(value: float | None, kind: str, se: float | None = None) -> str:
 
 def recipe_differences(runs: list[Run], against: list[Run]) -> list[str]:
     """`key: value (runs) / value (against)` for each setting (and the data) that tells the two recipes apart."""
-    def values(group: list[Run], key: str) -> list[str]:
-        return sorted({json.dumps(dotted_settings(run.config).get(key), sort_keys=True) for run in group})
-
-    keys = sorted(set().union(*(dotted_settings(run.config) for run in [*runs, *against])) - {SEED_KEY})
-    lines = [f"{key}: {', '.join(values(runs, key))} (runs) / {', '.join(values(against, key))} (against)"
-             for key in keys if values(runs, key) != values(against, key)]
+    flat = [[dotted_settings(run.config) for run in group] for group in (runs, against)]
+    keys = sorted(set().union(*flat[0], *flat[1]) - {SEED_KEY})
+    values = {key: [", ".join(sorted({json.dumps(settings.get(key), sort_keys=True) for settings in group}))
+                    for group in flat] for key in keys}
+    lines = [f"{key}: {ours} (runs) / {theirs} (against)" for key, (ours, theirs) in values.items() if ours != theirs]
     data = [sorted({json.dumps(run.data, sort_keys=True) for run in group}) for group in (runs, against)]
     if data[0] != data[1]:
         lines.append("data: " + " / ".join(", ".join(sorted({run.data.get("uri", "?") for run in group}))
@@ -256,7 +251,8 @@ def recipes_markdown(runs: list[Run], against: list[Run]) -> str:
     if told_apart := recipe_differences(runs, against):
         lines += ["", "The recipes differ in:", ""] + [f"- {line}" for line in told_apart]
     else:
-        lines += ["", f"The two groups' settings are the same (`{SEED_KEY}` aside): Δ is run-to-run noise."]
+        lines += ["", f"The recipes' settings are the same (`{SEED_KEY}` aside): Δ is run-to-run noise or a change "
+                      "in the code."]
     for name, group in (("runs", runs), ("against", against)):
         if mixed := differences(group):
             lines += ["", f"The {name} differ among themselves in more than `{SEED_KEY}`:", ""]

@@ -148,7 +148,7 @@ def test_recipes_without_a_shared_seed_are_compared_on_their_means(tmp_path, rep
     assert text.startswith("# 1 run against 2\n")
     assert "| measure | runs (1) | against (2) | Δ of the means (unpaired) |" in text
     assert table(text)["val rotation accuracy"] == ["0.600", "0.530 ± 0.010", "+7.0"]
-    assert "settings are the same (`runtime.seed` aside): Δ is run-to-run noise" in text
+    assert "settings are the same (`runtime.seed` aside): Δ is run-to-run noise or a change" in text
     # A seed twice in one recipe: which run to pair would be a guess, so the means are compared.
     twice = [*replicates, write_run(tmp_path / "again", metrics(0.58, [0.8, 0.8], 0.9, 0.9, 2_700), seed=0)]
     text = recipes_markdown([load_run(str(path), Path()) for path in twice],
