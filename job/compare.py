@@ -136,16 +136,25 @@ def _delta(ours: float | None, theirs: float | None, kind: str) -> float | None:
     return DELTA_SCALE[kind] * (ours - theirs) if ours is not None and theirs is not None else None
 
 
+def _settings_apart(groups: list[list[Run]]) -> list[tuple[str, list[str]]]:
+    """(setting, each group's values) for each setting (and the data) whose values tell the groups apart,
+    `runtime.seed` aside; a group's values are the distinct JSON values its runs hold, joined by commas."""
+    flat = [[dotted_settings(run.config) for run in group] for group in groups]
+    keys = sorted(set().union(*(settings for group in flat for settings in group)) - {SEED_KEY})
+    found = []
+    for key in keys:
+        cells = [", ".join(sorted({json.dumps(settings.get(key), sort_keys=True) for settings in group}))
+                 for group in flat]
+        if len(set(cells)) > 1:
+            found.append((key, cells))
+    if len({tuple(sorted({json.dumps(run.data, sort_keys=True) for run in group})) for group in groups}) > 1:
+        found.append(("data", [", ".join(sorted({run.data.get("uri", "?") for run in group})) for group in groups]))
+    return found
+
+
 def differences(runs: list[Run]) -> list[str]:
     """`key: value / value / …` for each setting (and the data) in which the runs differ, `runtime.seed` aside."""
-    flat = [dotted_settings(run.config) for run in runs]
-    keys = sorted(set().union(*flat) - {SEED_KEY})
-    lines = [f"{key}: " + " / ".join(json.dumps(settings.get(key)) for settings in flat)
-             for key in keys if len({json.dumps(settings.get(key), sort_keys=True) for settings in flat}) > 1]
-    versions = [json.dumps(run.data, sort_keys=True) for run in runs]
-    if len(set(versions)) > 1:
-        lines.append("data: " + " / ".join(run.data.get("uri", "?") for run in runs))
-    return lines
+    return [f"{key}: " + " / ".join(cells) for key, cells in _settings_apart([[run] for run in runs])]
 
 
 def _cell(value: float | None, kind: str, std: float | None = None) -> str:
@@ -195,16 +204,7 @@ def _delta_cell(value: float | None, kind: str, se: float | None = None) -> str:
 
 def recipe_differences(runs: list[Run], against: list[Run]) -> list[str]:
     """`key: value (runs) / value (against)` for each setting (and the data) that tells the two recipes apart."""
-    flat = [[dotted_settings(run.config) for run in group] for group in (runs, against)]
-    keys = sorted(set().union(*flat[0], *flat[1]) - {SEED_KEY})
-    values = {key: [", ".join(sorted({json.dumps(settings.get(key), sort_keys=True) for settings in group}))
-                    for group in flat] for key in keys}
-    lines = [f"{key}: {ours} (runs) / {theirs} (against)" for key, (ours, theirs) in values.items() if ours != theirs]
-    data = [sorted({json.dumps(run.data, sort_keys=True) for run in group}) for group in (runs, against)]
-    if data[0] != data[1]:
-        lines.append("data: " + " / ".join(", ".join(sorted({run.data.get("uri", "?") for run in group}))
-                                           for group in (runs, against)))
-    return lines
+    return [f"{key}: {ours} (runs) / {theirs} (against)" for key, (ours, theirs) in _settings_apart([runs, against])]
 
 
 def _pairs(runs: list[Run], ours: list[dict], against: list[Run], theirs: list[dict]) -> list[tuple]:
