@@ -72,7 +72,9 @@ class PretextConfig:
     epochs: int = 30
     batch_images: int = 128  # images per global batch; each appears in all 4 rotations (4x samples)
     max_images: int = 0  # cap on train images used (0 = all)
-    steps_per_epoch: int = 0  # 0 = one pass over the images
+    # 0 = one pass over the images. N = N batches an epoch, drawn from a fresh shuffle (wrapping around a smaller
+    # set): the pretext's compute is then the same on any set (a set that one pass fills in N batches: one pass).
+    steps_per_epoch: int = 0
     optimizer: str = "adamw"  # "adamw" or "sgd" (Nesterov momentum)
     learning_rate: float = 2e-3  # peak learning rate, reached after warmup
     # Decoupled: the weights shrink by learning rate x weight_decay a step, outside the momentum. PyTorch's SGD

@@ -48,22 +48,29 @@ class BatchPlan:
         return len(self.indices)
 
 
+def one_pass_steps(num_examples: int, global_batch: int) -> int:
+    """Batches in one pass over the examples, the last one in part."""
+    return -(-num_examples // global_batch)
+
+
 def plan_epoch(num_examples: int, global_batch: int, seed: int, epoch: int, steps: int = 0) -> BatchPlan:
     """Shuffle the examples with (seed, epoch) and cut them into global batches.
 
     With `steps=0` an epoch is one pass: the last batch is padded with weight-0 repeats, so every example
-    is used exactly once. With `steps>0` the epoch has that many full batches, wrapping around as needed.
+    is used exactly once; so is it when the examples fill exactly `steps` batches, the last one in part. With
+    any other `steps` the epoch has that many full batches of a fresh shuffle, wrapping around as needed: a
+    larger set then gives each epoch a different subset, and an epoch costs the same whatever the set's size.
     """
     if num_examples <= 0:
         raise ValueError("cannot plan an epoch over zero examples")
     rng = np.random.default_rng([seed, epoch])
-    if steps:
+    if steps and steps != one_pass_steps(num_examples, global_batch):
         repeats = -(-steps * global_batch // num_examples)
         order = np.concatenate([rng.permutation(num_examples) for _ in range(repeats)])[: steps * global_batch]
         weights = np.ones(order.shape, np.float32)
     else:
         order = rng.permutation(num_examples)
-        steps = -(-num_examples // global_batch)
+        steps = one_pass_steps(num_examples, global_batch)
         pad = steps * global_batch - num_examples
         weights = np.concatenate([np.ones(num_examples, np.float32), np.zeros(pad, np.float32)])
         order = np.concatenate([order, np.resize(order, pad)])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import time
 from dataclasses import dataclass
 
@@ -19,7 +18,7 @@ from job.data import Dataset
 from job.distribute import Cluster
 from job.files import atomic_path
 from job.losses import correct, sparse_ce, weighted
-from job.pipelines import NUM_ROTATIONS, model_pixels, random_subset, rotate_four
+from job.pipelines import NUM_ROTATIONS, model_pixels, one_pass_steps, random_subset, rotate_four
 from job.precision import dtype_policy, mixed_precision, use_xla
 from job.probes import accuracy, cross_entropy, predict
 from job.serving import export_rotation_model
@@ -59,7 +58,7 @@ def build_pretext_task(p: PretextConfig, model_cfg: ModelConfig, data_cfg: DataC
     objective, optimizer, inputs and validation."""
     check_batch(cluster, p.batch_images, "pretext.batch_images")
     train_indices = random_subset(len(data.train), p.max_images, runtime.seed)
-    steps = p.steps_per_epoch or math.ceil(len(train_indices) / p.batch_images)
+    steps = p.steps_per_epoch or one_pass_steps(len(train_indices), p.batch_images)
     mixed = mixed_precision(runtime, cluster)
     with cluster.strategy.scope(), dtype_policy(mixed):
         keras.utils.set_random_seed(runtime.seed)
@@ -132,8 +131,9 @@ def pretrain(ctx: Context) -> dict:
     started = time.perf_counter()  # the stage's wall time: timing.pretext_other_s is what training leaves
     task = pretext_task(ctx)
     log.info(
-        "pretrain: %d images x %d rotations, %d steps/epoch, %s, %s (%s), mixed precision %s",
-        len(task.train_indices), NUM_ROTATIONS, task.loop.steps_per_epoch, console.count(p.epochs, "epoch"),
+        "pretrain: %d images x %d rotations, %d steps/epoch%s, %s, %s (%s), mixed precision %s",
+        len(task.train_indices), NUM_ROTATIONS, task.loop.steps_per_epoch, _epoch_note(p, len(task.train_indices)),
+        console.count(p.epochs, "epoch"),
         console.count(ctx.cluster.num_replicas, "replica"), ctx.cluster.kind,
         mixed_precision(ctx.config.runtime, ctx.cluster),
     )
@@ -163,6 +163,15 @@ def pretrain(ctx: Context) -> dict:
         "stopped_early": result.stopped_early,
         "history": result.history,
     })
+
+
+def _epoch_note(p: PretextConfig, images: int) -> str:
+    """How an epoch of fixed steps (pretext.steps_per_epoch) covers this set, when not in one pass."""
+    if not p.steps_per_epoch or p.steps_per_epoch == one_pass_steps(images, p.batch_images):
+        return ""
+    seen = p.steps_per_epoch * p.batch_images
+    share = f"{seen:,} of the {images:,} images" if seen < images else f"{seen / images:.2f} passes over the images"
+    return f" (pretext.steps_per_epoch: {share} an epoch)"
 
 
 def _rotation_summary(writer, model, images: np.ndarray) -> None:

@@ -8,6 +8,8 @@ import pytest
 
 from job.config import CONFIG_DIR, DEFAULT_CONFIG, Config, available_configs, load_config
 from job.errors import JobError
+from job.pipelines import one_pass_steps
+from job.pretext import _epoch_note
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
@@ -42,6 +44,19 @@ def test_every_shipped_config_loads(name):
     config = load_config(name)
     assert isinstance(config, Config)
     assert set(config.to_dict()) == {"data", "model", "pretext", "finetune", "evaluate", "runtime"}
+
+
+MINI_SET_TRAIN_IMAGES = 8820  # ../shared/data/tiny-imagenet-200-mini.zip: 198 x 40 + 2 x 450
+
+
+def test_cpu_real_fixes_the_pretext_epoch_at_the_mini_sets_one_pass():
+    """cpu-real's epoch is the mini set's one pass (so its runs there are those of steps_per_epoch = 0) and the
+    same steps on any other set: its minutes do not grow with the set, as one pass would (the plan: test_pipelines)."""
+    pretext = load_config("cpu-real").pretext
+    assert pretext.steps_per_epoch == one_pass_steps(MINI_SET_TRAIN_IMAGES, pretext.batch_images)
+    assert _epoch_note(pretext, MINI_SET_TRAIN_IMAGES) == ""
+    assert _epoch_note(pretext, 9712) == " (pretext.steps_per_epoch: 8,832 of the 9,712 images an epoch)"
+    assert _epoch_note(pretext, 4000) == " (pretext.steps_per_epoch: 2.21 passes over the images an epoch)"
 
 
 def test_available_configs_lists_toml_files():

@@ -127,6 +127,22 @@ def test_plan_fixed_steps(num, batch, steps):
     assert counts.sum() == steps * batch
 
 
+def test_plan_steps_of_one_pass_is_the_one_pass_plan():
+    """`steps` that one pass fills (the last batch in part) plan that pass, padding and all: a config that fixes
+    an epoch's steps at its set's one pass trains on that set as with steps=0, and on a larger one for as long."""
+    one_pass = plan_epoch(8820, 64, seed=0, epoch=3)
+    fixed = plan_epoch(8820, 64, seed=0, epoch=3, steps=138)
+    np.testing.assert_array_equal(fixed.indices, one_pass.indices)
+    np.testing.assert_array_equal(fixed.weights, one_pass.weights)
+    assert fixed.weights.sum() == 8820
+
+    larger = [plan_epoch(9712, 64, seed=0, epoch=epoch, steps=138) for epoch in (0, 1)]
+    for plan in larger:
+        assert plan.indices.shape == (138, 64) and np.all(plan.weights == 1)
+        assert len(np.unique(plan.indices)) == 138 * 64  # no image twice in an epoch
+    assert set(np.unique(larger[0].indices)) != set(np.unique(larger[1].indices))  # each epoch its own subset
+
+
 @pytest.mark.parametrize(
     ("num", "batch"),
     [
