@@ -1,6 +1,6 @@
 """Replicates side by side: several runs' metrics.json in one table, each run's column beside the mean ± std over
 runs. A run is one pretext backbone; its label fractions are already means over label subsets, and one backbone's
-draw moves them by several points (README: results), so a recipe is judged on the mean of a few runs that differ
+draw moves them by several points (docs/results.md), so a recipe is judged on the mean of a few runs that differ
 only in `runtime.seed`. Two recipes are compared run against run, paired by that seed (`recipes_markdown`): a
 pair shares its label subsets and its random network, so their draws cancel out of the difference. No
 TensorFlow here."""

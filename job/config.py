@@ -45,7 +45,7 @@ class DataConfig:
     prefetch_batches: int = 4
     # How the pretext's train images are held in host memory: "decoded" (uint8 pixels, 3 bytes a pixel: the
     # fastest pipeline) or "encoded" (the JPEG bytes, ~1/5 of that at 64 px, decoded a batch at a time in-graph:
-    # for a small host). The same pixels either way (README "Throughput").
+    # for a small host). The same pixels either way (docs/throughput.md).
     store: str = "decoded"
     # The expected sha256 (64 hex digits) of an https:// --data file: a download that differs is deleted and the
     # run fails (exit 3); a cached copy recorded with this sha256 is reused without a request. "" = not checked.
@@ -86,7 +86,7 @@ class PretextConfig:
     # A MobileNetV2 layer (e.g. block_2_add): the backbone's layers up to and including it keep their initial
     # weights (model.weights) in the pretext, their BatchNorm statistics still following the data; "" = train
     # every layer. Rotation needs no colour, and on a short CPU pretext it trains the shallow layers away from
-    # the colour a random network's keep (README: results).
+    # the colour a random network's keep (docs/results.md).
     frozen_through: str = ""
     # The MobileNetV2 layer whose pooled output the rotation head reads: "out_relu" is the whole backbone; an
     # earlier layer (e.g. block_12_add) trains only the layers up to it, and the later ones keep their initial

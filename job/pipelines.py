@@ -329,7 +329,7 @@ def train_epochs(
 
     One dataset for a whole fit, so one iterator: the pipeline prefetches the next epoch while the loop evaluates,
     and no iterator is torn down at an epoch's end (with one iterator an epoch, some epochs of a CPU run started
-    ~40 s late, in the old iterator's teardown: README, Throughput).
+    ~40 s late, in the old iterator's teardown: docs/throughput.md).
     Each epoch's plan is drawn on the host (`plans`, through `tf.numpy_function`) when the pipeline reaches it:
     the only Python in the pipeline, once an epoch.
 

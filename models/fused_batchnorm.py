@@ -5,7 +5,7 @@ normalisation): on a CPU those column reductions over [batch x height x width, c
 MobileNetV2 step. TensorFlow's FusedBatchNormV3 (oneDNN on a CPU, cuDNN on a GPU) computes the statistics,
 normalises and, in the backward pass, differentiates in one kernel each. On 2 CPU cores a MobileNetV2 step
 (α 0.5, 64 px, 256 samples, every layer trained) ran 1.9x faster, and the cpu-real bench's fed loop 1.5x
-(README: Throughput). Inference, masks, synchronized or renormalised layers, non-image inputs and Keras' other
+(docs/throughput.md). Inference, masks, synchronized or renormalised layers, non-image inputs and Keras' other
 backends take Keras' own path, so the layer computes what Keras' does and saves and loads as it does.
 """
 
