@@ -22,7 +22,7 @@ from job.context import Context, pretrained_backbone, probe_settings
 from job.errors import JobError
 from job.files import atomic_path
 from job.losses import correct, sparse_ce, weighted
-from job.pipelines import model_pixels, stratified_subset
+from job.pipelines import model_pixels, one_pass_steps, stratified_subset
 from job.precision import dtype_policy, mixed_precision, use_xla
 from job.probes import accuracy, confusion_matrix, cross_entropy, fit_logistic, predict
 from job.serving import export_classifier
@@ -413,8 +413,7 @@ def train_downstream(ctx: Context, init: str, fraction: float, seed: int, mode: 
     check_batch(ctx.cluster, batch, "finetune.batch_size")
     # A few labels still get finetune.min_steps steps, in finetune.epochs epochs that each pass over them
     # several times: per-epoch evaluation and checkpoints then cost the same at every label fraction.
-    one_pass = math.ceil(len(subset) / batch)
-    steps, epochs = max(one_pass, math.ceil(f.min_steps / f.epochs)), f.epochs
+    steps, epochs = max(one_pass_steps(len(subset), batch), math.ceil(f.min_steps / f.epochs)), f.epochs
     log.info("downstream %s: %d labelled images, %s of %s", directory.name, len(subset),
              console.count(epochs, "epoch"), console.count(steps, "step"))
 
@@ -432,7 +431,7 @@ def train_downstream(ctx: Context, init: str, fraction: float, seed: int, mode: 
         cfg.runtime, epochs=epochs, steps_per_epoch=steps, samples_per_step=batch, patience=f.early_stopping_patience,
         monitor="accuracy", xla=use_xla(cfg.runtime, ctx.cluster), fresh_batchnorm=init == SCRATCH,
     )
-    labelled = labelled_dataset_fn(cfg, images, labels, batch, steps if steps > one_pass else 0)
+    labelled = labelled_dataset_fn(cfg, images, labels, batch, steps)  # one pass (padded) or min_steps' repeats
     inputs = _s4l_dataset_fn(ctx, labelled, steps) if mode == S4L else labelled
     task = learner.task(inputs, evaluator, loop)
     trainer = task.trainer(ctx.cluster, directory, layout.tensorboard("finetune") / directory.name,
