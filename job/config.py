@@ -101,6 +101,13 @@ class PretextConfig:
     # every so many epochs and after the last: 2,080 val images in four rotations cost ~6 s on 2 CPU cores, a
     # seventh of a cpu-real epoch.
     eval_every_epochs: int = 1
+    # A second pretext task, trained with the first from the same features: which of the six orders of its R, G
+    # and B channels a sample is shown in (the colour-order head's loss weighted by this; 0 = off). Rotation needs
+    # no colour, so alone it trains the colour out of the features; telling a goldfish's orange from its
+    # channel-swapped blue needs to know what colour things are (docs/results.md).
+    colour_order_weight: float = 0.0
+    # The share of the samples shown in another order (uniform over the five); the rest keep their own colours.
+    shuffled_colour_fraction: float = 0.5
 
 
 @dataclass
@@ -377,6 +384,11 @@ def validate(config: Config) -> None:
         if not 0.0 < crops.min_crop_area <= 1.0:
             raise JobError(f"{section}.min_crop_area = {crops.min_crop_area} must be in (0, 1]: the smallest "
                            f"share of an image's area a {section} crop covers (1 = no scaling).")
+    pretext = config.pretext
+    if pretext.colour_order_weight < 0 or not 0.0 < pretext.shuffled_colour_fraction <= 1.0:
+        raise JobError(f"pretext.colour_order_weight = {pretext.colour_order_weight} must be >= 0 (0 = no colour-order "
+                       f"task) and pretext.shuffled_colour_fraction = {pretext.shuffled_colour_fraction} in (0, 1]: "
+                       "the share of the pretext's samples shown in another colour order.")
     fractions = [config.finetune.label_fraction, *config.evaluate.label_fractions]
     if any(not 0.0 < f <= 1.0 for f in fractions):
         raise JobError(f"label fractions {fractions} must each be in (0, 1].")

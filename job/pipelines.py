@@ -9,7 +9,8 @@ What makes them fast and resumable:
   RGBX words, so a flip, crop or rotation then moves one int32 per pixel instead of three separate bytes,
   which makes TF's CPU kernels ~4x faster; they stay uint8 until the model, and the train step drops the
   fourth byte on its device (`model_pixels`);
-- the crop, flip and four rotations are batched index operations on the gathered batch;
+- the crop, flip and four rotations are batched index operations on the gathered batch, and the pretext's colour
+  shuffle (`shuffle_colours`) a few bit operations on its packed pixels;
 - the order of an epoch and every random draw are functions of (seed, epoch, step), so a restarted
   process that skips the steps already done sees exactly the batches it would have seen;
 - one dataset holds all of a fit's epochs (`train_epochs`), so one iterator lives through the fit;
@@ -30,6 +31,10 @@ from models.heads import NUM_ROTATIONS
 
 SEED_STRIDE = 1_000_003  # (seed, epoch) → one stateless-RNG key component
 SCALE_STREAM = 1 << 48  # added to that key for the crop scales: a stream no (seed, epoch) reaches
+COLOUR_STREAM = 2 << 48  # the same for the colour orders
+# The six orders of an image's R, G and B channels (output channel c shows input channel order[c]); order 0 is the
+# image's own. The pretext's second task predicts which order a sample is shown in (pretext.colour_order_weight).
+COLOUR_ORDERS = ((0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0))
 RGBX = 4  # bytes per pixel in the training batches: R, G, B and one zero byte
 STORE_CHUNK = 512  # images copied into the ImageStore at once (6 MB at 64 px: 4,096 cost 128 MB more peak RSS)
 ENCODED_STORE_CHUNK = 4096  # encoded images copied into the EncodedStore at once (~10 MB of JPEGs at 64 px)
@@ -191,6 +196,32 @@ def draw_augmentation(seed: int, epoch: int | tf.Tensor, step: tf.Tensor, count:
     return flips, offsets, sides
 
 
+def draw_colour_orders(seed: int, epoch: int | tf.Tensor, step: tf.Tensor, count: int,
+                       shuffled_fraction: float) -> tf.Tensor:
+    """Colour orders (indices into COLOUR_ORDERS) [count, NUM_ROTATIONS] for one global batch in four rotations,
+    a pure function of (seed, epoch, step): each sample's own order with probability 1 - `shuffled_fraction`, else
+    one of the other five, uniformly."""
+    base = tf.cast(seed * SEED_STRIDE + epoch, tf.int64) + COLOUR_STREAM
+    draws = tf.random.stateless_uniform([count, NUM_ROTATIONS, 2], seed=tf.stack([base, tf.cast(step, tf.int64)]))
+    others = len(COLOUR_ORDERS) - 1
+    other = 1 + tf.minimum(tf.cast(draws[..., 1] * others, tf.int32), others - 1)
+    return tf.where(draws[..., 0] < shuffled_fraction, other, tf.zeros_like(other))
+
+
+def shuffle_colours(words: tf.Tensor, orders: tf.Tensor) -> tf.Tensor:
+    """Packed RGBX pixels [N, H, W] int32 (`pack_rgbx`) with sample n's channels put in COLOUR_ORDERS[orders[n]]:
+    output channel c = input channel order[c], the fourth byte still zero. Bit operations on whole words: a
+    per-byte gather would be ~10x slower in TF's CPU kernels."""
+    # input channel k moves to byte inverse[k] of the word
+    shifts = tf.constant([[8 * order.index(k) for k in range(3)] for order in COLOUR_ORDERS], tf.int32)
+    shift = tf.gather(shifts, orders)[:, None, None, :]  # [N, 1, 1, 3]
+    shuffled = tf.zeros_like(words)
+    for k in range(3):
+        channel = tf.bitwise.bitwise_and(tf.bitwise.right_shift(words, 8 * k), 0xFF)
+        shuffled = tf.bitwise.bitwise_or(shuffled, tf.bitwise.left_shift(channel, shift[..., k]))
+    return shuffled
+
+
 def pack_rgbx(images: np.ndarray) -> np.ndarray:
     """uint8 [N, H, W, 3] → int32 [N, H, W]: each pixel's R, G, B and a zero byte in one 32-bit word."""
     rgbx = np.zeros((*images.shape[:-1], RGBX), np.uint8)
@@ -321,6 +352,7 @@ def train_epochs(
     padding: int = 0,
     min_crop_area: float = 1.0,
     rotations: bool = False,
+    shuffled_colours: float = 0.0,
     sharding: Sharding = Sharding(),
     prefetch: int = 4,
 ) -> tf.data.Dataset:
@@ -337,8 +369,12 @@ def train_epochs(
     rotations in that batch (block k rotated by k*90°), `rotations` holds the angle index and `labels`
     the class label, for an online probe only. Augmentation (a flip, a crop of the image padded by `padding`,
     scaled from at least `min_crop_area` of its area: `draw_augmentation`) is drawn for the whole global batch,
-    so it does not depend on how the batch is sharded.
+    so it does not depend on how the batch is sharded. With `shuffled_colours` > 0 (rotations only), that share of
+    the samples is shown with its R, G and B channels in another order (`draw_colour_orders`, `shuffle_colours`),
+    and `colour_orders` holds each sample's order.
     """
+    if shuffled_colours and not rotations:
+        raise ValueError("shuffled colours are a pretext task: they need rotations=True")
     store = images if isinstance(images, (ImageStore, EncodedStore)) else ImageStore(images)
     steps, global_batch = plans(epochs.start).indices.shape if epochs else (0, 0)
     replicas = sharding.replicas_per_pipeline
@@ -364,25 +400,33 @@ def train_epochs(
             (tf.fill(tf.shape(step), epoch), step, tf.gather(indices, step), tf.gather(weights, step))
         )
 
-    def replica_batch(images, labels, weights, flips, offsets, sides=None) -> dict[str, tf.Tensor]:
+    def replica_batch(images, labels, weights, flips, offsets, sides=None, orders=None) -> dict[str, tf.Tensor]:
+        extra = {}
         if rotations:
             images = augment_and_rotate(images, flips, offsets, padding, sides)
             labels, weights = tf.tile(labels, [NUM_ROTATIONS]), tf.tile(weights, [NUM_ROTATIONS])
             angles = tf.repeat(tf.range(NUM_ROTATIONS, dtype=tf.int32), tf.shape(images)[0] // NUM_ROTATIONS)
+            if orders is not None:  # [images, rotation] → the samples' order: rotation blocks
+                extra["colour_orders"] = tf.reshape(tf.transpose(orders), [-1])
+                images = shuffle_colours(images, extra["colour_orders"])
         else:
             images, angles = augment_batch(images, flips, offsets, padding, sides), tf.zeros_like(labels)
         images = tf.ensure_shape(tf.bitcast(images, tf.uint8), (None, size, size, RGBX))
-        return {"images": images, "labels": labels, "weights": weights, "rotations": angles}
+        return {"images": images, "labels": labels, "weights": weights, "rotations": angles, **extra}
 
     def load(epoch, step, index, weights):
         flips, offsets, sides = draw_augmentation(seed, epoch, step, global_batch, padding, size, min_crop_area)
         index = tf.ensure_shape(index, (part.stop - part.start,))
-        mine = (store.gather(index), tf.gather(label_table, index), weights, flips[part], offsets[part])
+        mine = {"images": store.gather(index), "labels": tf.gather(label_table, index), "weights": weights,
+                "flips": flips[part], "offsets": offsets[part]}
         if sides is not None:
-            mine += (sides[part],)
+            mine["sides"] = sides[part]
+        if shuffled_colours:
+            mine["orders"] = draw_colour_orders(seed, epoch, step, global_batch, shuffled_colours)[part]
         if replicas == 1:
-            return replica_batch(*mine)
-        parts = [replica_batch(*batch) for batch in zip(*(tf.split(t, replicas) for t in mine), strict=True)]
+            return replica_batch(**mine)
+        split = {name: tf.split(t, replicas) for name, t in mine.items()}
+        parts = [replica_batch(**{name: pieces[r] for name, pieces in split.items()}) for r in range(replicas)]
         return tf.nest.map_structure(lambda *t: tf.stack(t), *parts)
 
     rows = tf.data.Dataset.range(epochs.start, epochs.stop).flat_map(epoch_rows)

@@ -1,4 +1,5 @@
-"""The rotation pretext task: model (backbone, rotation head, online probe), objective, data, and its stage."""
+"""The rotation pretext task: model (backbone, rotation head, colour-order head, online probe), objective, data, and
+its stage."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from job.data import Dataset
 from job.distribute import Cluster
 from job.files import atomic_path
 from job.losses import correct, sparse_ce, weighted
-from job.pipelines import NUM_ROTATIONS, model_pixels, one_pass_steps, random_subset, rotate_four
+from job.pipelines import COLOUR_ORDERS, NUM_ROTATIONS, model_pixels, one_pass_steps, random_subset, rotate_four
 from job.precision import dtype_policy, mixed_precision, use_xla
 from job.probes import accuracy, cross_entropy, predict
 from job.serving import export_rotation_model
@@ -29,6 +30,7 @@ from models.heads import classifier_head, rotation_head
 
 log = logging.getLogger(__name__)
 
+COLOUR_ORDER_HEAD = "colour_order_head"
 ROTATION_EXAMPLES = 4  # val images shown in four rotations in TensorBoard
 ROTATIONS_TAG, PREDICTIONS_TAG = "val/rotations", "val/rotation_predictions"
 
@@ -54,8 +56,8 @@ def pretext_task(ctx: Context) -> PretextTask:
 
 def build_pretext_task(p: PretextConfig, model_cfg: ModelConfig, data_cfg: DataConfig, runtime: RuntimeConfig,
                        data: Dataset, cluster: Cluster) -> PretextTask:
-    """Build the rotation model (backbone, rotation head, online probe) under the cluster's strategy, its
-    objective, optimizer, inputs and validation."""
+    """Build the rotation model (backbone, rotation head, colour-order head if pretext.colour_order_weight, online
+    probe) under the cluster's strategy, its objective, optimizer, inputs and validation."""
     check_batch(cluster, p.batch_images, "pretext.batch_images")
     train_indices = random_subset(len(data.train), p.max_images, runtime.seed)
     steps = p.steps_per_epoch or one_pass_steps(len(train_indices), p.batch_images)
@@ -69,7 +71,10 @@ def build_pretext_task(p: PretextConfig, model_cfg: ModelConfig, data_cfg: DataC
         features = head_input(pixels)
         rotation_logits = rotation_head(dim, model_cfg.head_hidden_units)(features)
         probe_logits = classifier_head(dim, len(data.wnids), name="online_probe")(keras.ops.stop_gradient(features))
-        model = keras.Model(pixels, [rotation_logits, probe_logits], name="pretext")
+        outputs = [rotation_logits, probe_logits]
+        if p.colour_order_weight:
+            outputs.append(classifier_head(dim, len(COLOUR_ORDERS), name=COLOUR_ORDER_HEAD)(features))
+        model = keras.Model(pixels, outputs, name="pretext")
         schedule = WarmupCosine(p.learning_rate, int(p.warmup_epochs * steps), p.epochs * steps)
         optimizer = build_optimizer(p, schedule)
         if mixed:
@@ -77,7 +82,7 @@ def build_pretext_task(p: PretextConfig, model_cfg: ModelConfig, data_cfg: DataC
     use_probe = p.online_probe
 
     def objective(batch, training):
-        rotation, probe = model(model_pixels(batch["images"]), training=training)
+        rotation, probe, *colour = model(model_pixels(batch["images"]), training=training)
         weights = batch["weights"]
         upright = weights * tf.cast(tf.equal(batch["rotations"], 0), tf.float32)
         rotation_loss = sparse_ce(batch["rotations"], rotation)
@@ -87,6 +92,9 @@ def build_pretext_task(p: PretextConfig, model_cfg: ModelConfig, data_cfg: DataC
             "loss": weighted(rotation_loss, weights),
             "rotation_accuracy": weighted(correct(batch["rotations"], rotation), weights),
         }
+        if colour:
+            per_example += p.colour_order_weight * sparse_ce(batch["colour_orders"], colour[0]) * weights
+            metrics["colour_order_accuracy"] = weighted(correct(batch["colour_orders"], colour[0]), weights)
         if use_probe:
             metrics["online_probe_accuracy"] = weighted(correct(batch["labels"], probe), upright)
         return per_example, metrics
@@ -98,7 +106,8 @@ def build_pretext_task(p: PretextConfig, model_cfg: ModelConfig, data_cfg: DataC
     )
     make_dataset = dataset_fn(train_store(data, data_cfg), data.train.labels, train_indices, p.batch_images,
                               p.steps_per_epoch, data=data_cfg, seed=runtime.seed, rotations=True,
-                              min_crop_area=p.min_crop_area)
+                              min_crop_area=p.min_crop_area,
+                              shuffled_colours=p.shuffled_colour_fraction if p.colour_order_weight else 0.0)
     rotation_model = keras.Model(pixels, rotation_logits, name="rotation_model")
     val_indices = random_subset(len(data.val), p.val_max_images, runtime.seed)
 
@@ -108,10 +117,13 @@ def build_pretext_task(p: PretextConfig, model_cfg: ModelConfig, data_cfg: DataC
 
     def evaluator(epoch: int, writer) -> dict[str, float]:
         val_images, val_labels = val_set()
-        (rotation, probe), angles = predict(model, val_images, rotations=True)
+        (rotation, probe, *_), angles = predict(model, val_images, rotations=True)
         metrics = {"rotation_accuracy": accuracy(rotation, angles), "loss": cross_entropy(rotation, angles)}
         if use_probe:
             metrics["online_probe_accuracy"] = accuracy(probe[angles == 0], val_labels)
+        if p.colour_order_weight:
+            shuffled, orders = every_colour_order(val_images)
+            metrics["colour_order_accuracy"] = accuracy(predict(model, shuffled)[2], orders)
         _rotation_summary(writer, model, val_images[:ROTATION_EXAMPLES])
         return metrics
 
@@ -131,8 +143,9 @@ def pretrain(ctx: Context) -> dict:
     started = time.perf_counter()  # the stage's wall time: timing.pretext_other_s is what training leaves
     task = pretext_task(ctx)
     log.info(
-        "pretrain: %d images x %d rotations, %d steps/epoch%s, %s, %s (%s), mixed precision %s",
-        len(task.train_indices), NUM_ROTATIONS, task.loop.steps_per_epoch, _epoch_note(p, len(task.train_indices)),
+        "pretrain: %d images x %d rotations%s, %d steps/epoch%s, %s, %s (%s), mixed precision %s",
+        len(task.train_indices), NUM_ROTATIONS, _colour_note(p), task.loop.steps_per_epoch,
+        _epoch_note(p, len(task.train_indices)),
         console.count(p.epochs, "epoch"),
         console.count(ctx.cluster.num_replicas, "replica"), ctx.cluster.kind,
         mixed_precision(ctx.config.runtime, ctx.cluster),
@@ -154,6 +167,7 @@ def pretrain(ctx: Context) -> dict:
     return ctx.finish(layout.pretext, {
         "val_rotation_accuracy": final["rotation_accuracy"],
         "online_probe_val_accuracy": final.get("online_probe_accuracy"),
+        "val_colour_order_accuracy": final.get("colour_order_accuracy"),
         "epochs": result.epochs,
         "steps": result.steps,
         "train_seconds": result.train_seconds,
@@ -163,6 +177,22 @@ def pretrain(ctx: Context) -> dict:
         "stopped_early": result.stopped_early,
         "history": result.history,
     })
+
+
+def every_colour_order(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Images [N, H, W, 3] each shown in one colour order, in turn (image i in COLOUR_ORDERS[i % 6]), and the
+    orders: the colour-order task's val set, every order equally often."""
+    orders = np.arange(len(images)) % len(COLOUR_ORDERS)
+    channels = np.asarray(COLOUR_ORDERS)[orders][:, None, None, :]
+    return np.take_along_axis(np.asarray(images), channels, axis=3), orders
+
+
+def _colour_note(p: PretextConfig) -> str:
+    """The colour-order task, when it is on."""
+    if not p.colour_order_weight:
+        return ""
+    return (f" ({p.shuffled_colour_fraction:.0%} of them in another colour order, its loss weighted "
+            f"{p.colour_order_weight:g}: pretext.colour_order_weight)")
 
 
 def _epoch_note(p: PretextConfig, images: int) -> str:
@@ -179,7 +209,7 @@ def _rotation_summary(writer, model, images: np.ndarray) -> None:
     and a text table of each one's true and predicted angle at that step (a tag keeps its first description)."""
     if not len(images):
         return
-    (rotation, _), angles = predict(model, images, rotations=True)
+    (rotation, *_), angles = predict(model, images, rotations=True)
     predicted = np.argmax(rotation, -1) * 90
     rotated, _ = rotate_four(np.asarray(images))
     count = len(images)

@@ -27,6 +27,7 @@ DOWNSTREAM_KINDS = ("pretrained", "scratch", "s4l")  # timing.downstream_<kind>_
 METRIC_KEYS = (
     "pretext.val_rotation_accuracy",
     "pretext.online_probe_val_accuracy",
+    "pretext.val_colour_order_accuracy",
     "pretext.linear_probe_200_top1",
     "pretext.random_linear_probe_200_top1",
     "pretext.linear_probe_200_by_depth",
@@ -105,6 +106,7 @@ def build_metrics(pretext: dict, evaluations: dict, data: dict, entries: dict[st
         "pretext": {
             "val_rotation_accuracy": pretext["val_rotation_accuracy"],
             "online_probe_val_accuracy": pretext.get("online_probe_val_accuracy"),
+            "val_colour_order_accuracy": pretext.get("val_colour_order_accuracy"),
             "epochs": pretext["epochs"],
             "train_seconds": pretext["train_seconds"],
             "samples_per_sec": pretext["samples_per_sec"],
@@ -226,6 +228,7 @@ def _markdown(metrics: dict, figures: list[str]) -> str:
     rows = [
         ("Pretext val rotation accuracy (4-way, chance 0.25)", _fmt(p["val_rotation_accuracy"])),
         ("Pretext online probe val accuracy (stop-gradient)", _fmt(p["online_probe_val_accuracy"])),
+        ("Pretext val colour-order accuracy (6-way, chance 0.17)", _fmt(p["val_colour_order_accuracy"])),
         ("Pretext linear probe, all classes, val top-1", _fmt(p["linear_probe_200_top1"])),
         ("Pretext epochs / train seconds / samples per s",
          f"{p['epochs']} / {p['train_seconds']:.0f} / {p['samples_per_sec']:.0f}"),

@@ -64,11 +64,13 @@ def train_store(dataset: Dataset, data: DataConfig) -> ImageStore | EncodedStore
 
 
 def dataset_fn(images: np.ndarray | ImageStore | EncodedStore, labels: np.ndarray, indices: np.ndarray, batch: int,
-               steps: int, *, data: DataConfig, seed: int, rotations: bool, min_crop_area: float = 1.0) -> DatasetFn:
+               steps: int, *, data: DataConfig, seed: int, rotations: bool, min_crop_area: float = 1.0,
+               shuffled_colours: float = 0.0) -> DatasetFn:
     """(epochs, start_step, input_context) → this pipeline's tf.data.Dataset for those epochs (the first from
     start_step), over `indices` of `images` (an array, or a store from `train_store`) in batches of `batch`
     (`steps` a epoch; 0: one pass), augmented as `data` says, with crops of at least `min_crop_area` of an image's
-    area, drawn from `seed`."""
+    area and `shuffled_colours` of the samples in another colour order (`pipelines.train_epochs`), drawn from
+    `seed`."""
     # once per task, shared by every fit's dataset
     store = images if isinstance(images, (ImageStore, EncodedStore)) else ImageStore(images)
 
@@ -79,7 +81,8 @@ def dataset_fn(images: np.ndarray | ImageStore | EncodedStore, labels: np.ndarra
     def make(epochs: range, start_step: int, context: tf.distribute.InputContext | None) -> tf.data.Dataset:
         return train_epochs(
             store, labels, plan, epochs, seed=seed, start_step=start_step, padding=data.crop_padding,
-            min_crop_area=min_crop_area, rotations=rotations, sharding=Sharding.from_input_context(context),
+            min_crop_area=min_crop_area, rotations=rotations, shuffled_colours=shuffled_colours,
+            sharding=Sharding.from_input_context(context),
             prefetch=data.prefetch_batches,
         )
 

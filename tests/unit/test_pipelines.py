@@ -11,6 +11,7 @@ import pytest
 import tensorflow as tf
 
 from job.pipelines import (
+    COLOUR_ORDERS,
     NUM_ROTATIONS,
     RGBX,
     BatchPlan,
@@ -25,6 +26,7 @@ from job.pipelines import (
     plan_epoch,
     random_subset,
     rotate_four,
+    shuffle_colours,
     stratified_subset,
     train_dataset,
     train_epochs,
@@ -344,6 +346,59 @@ def test_train_dataset_rotations(images):
             assert np.array_equal(x[i], images[index]) or np.array_equal(x[i], images[index][:, ::-1])
     upright = [int(i) for b in batches for i, w in zip(b["labels"][:4], b["weights"][:4], strict=True) if w]
     assert sorted(upright) == list(range(N))
+
+
+def test_shuffle_colours_reorders_each_packed_samples_channels(images):
+    """Every one of the six orders, on packed RGBX words: output channel c is input channel order[c], the fourth
+    byte stays zero."""
+    x = np.concatenate([images[:4]] * 3)[: 2 * len(COLOUR_ORDERS)]
+    orders = np.arange(len(x)) % len(COLOUR_ORDERS)
+    out = tf.bitcast(shuffle_colours(tf.constant(pack_rgbx(x)), tf.constant(orders, tf.int32)), tf.uint8).numpy()
+    assert not out[..., 3].any()
+    for image, shuffled, order in zip(x, out, orders, strict=True):
+        np.testing.assert_array_equal(shuffled[..., :3], image[..., list(COLOUR_ORDERS[order])])
+
+
+@pytest.mark.parametrize("fraction", [0.5, 1.0])
+def test_shuffled_colours_are_the_plain_batches_in_each_samples_colour_order(images, fraction):
+    """The same batches as without shuffled colours, each sample's channels in its drawn order: its own with
+    probability 1 - fraction, else one of the other five; the draws a function of (seed, epoch, step)."""
+    plan = plan_epoch(N, 4, seed=3, epoch=1)
+    kwargs = dict(seed=3, epoch=1, padding=2, rotations=True, min_crop_area=0.5)
+    plain = collect(train_dataset(images, np.arange(N), plan, **kwargs))
+    shuffled = collect(train_dataset(images, np.arange(N), plan, shuffled_colours=fraction, **kwargs))
+    again = collect(train_dataset(images, np.arange(N), plan, shuffled_colours=fraction, **kwargs))
+    orders = np.concatenate([b["colour_orders"] for b in shuffled])
+    for base, batch, repeat in zip(plain, shuffled, again, strict=True):
+        assert set(batch) == set(base) | {"colour_orders"}
+        for key in base.keys() - {"images"}:
+            np.testing.assert_array_equal(batch[key], base[key])
+        for image, sample, order in zip(base["images"], batch["images"], batch["colour_orders"], strict=True):
+            np.testing.assert_array_equal(sample, image[..., list(COLOUR_ORDERS[order])])
+        np.testing.assert_array_equal(repeat["colour_orders"], batch["colour_orders"])
+    shuffled_share = np.mean(orders > 0)
+    assert orders.max() < len(COLOUR_ORDERS) and set(orders[orders > 0]) == set(range(1, len(COLOUR_ORDERS)))
+    assert shuffled_share == 1.0 if fraction == 1.0 else 0.3 < shuffled_share < 0.7
+
+
+def test_shuffled_colours_of_a_replica_are_its_slice_of_the_global_batch(images):
+    """Drawn for the whole global batch: two replicas of a pipeline see the orders of their images' slice."""
+    plan = plan_epoch(N, 8, seed=0, epoch=0)
+    kwargs = dict(seed=0, epoch=0, rotations=True, shuffled_colours=0.5)
+    whole = collect(train_dataset(images, np.arange(N), plan, **kwargs))
+    parts = collect(train_dataset(images, np.arange(N), plan, **kwargs,
+                                  sharding=Sharding(pipeline_id=0, num_pipelines=1, replicas_per_pipeline=2)))
+    for step, full in enumerate(whole):
+        by_rotation = full["colour_orders"].reshape(NUM_ROTATIONS, 8)
+        for replica in range(2):
+            mine = parts[2 * step + replica]["colour_orders"].reshape(NUM_ROTATIONS, 4)
+            np.testing.assert_array_equal(mine, by_rotation[:, 4 * replica : 4 * replica + 4])
+
+
+def test_shuffled_colours_need_rotations(images):
+    with pytest.raises(ValueError, match="rotations"):
+        train_dataset(images, np.arange(N), plan_epoch(N, 4, seed=0, epoch=0), seed=0, epoch=0,
+                      shuffled_colours=0.5)
 
 
 def test_train_dataset_without_rotations(images):

@@ -188,3 +188,59 @@ def test_pretext_frozen_through_keeps_the_shallow_layers_initial_and_trains_the_
     trained = [v for v in task.backbone.trainable_variables if "kernel" in v.path and id(v) not in frozen_ids]
     assert all(not np.array_equal(v.numpy(), before[v.path]) for v in trained)
     assert statistics and all(not np.array_equal(v.numpy(), before[v.path]) for v in statistics)
+
+
+def test_the_colour_order_task_adds_its_head_its_weighted_loss_and_its_val_accuracy():
+    """pretext.colour_order_weight = 2: the batches carry each sample's colour order, a six-way head reads the
+    rotation head's features, each sample's loss is its rotation loss plus twice its colour-order loss, and the
+    validation scores the head on val images shown in every order in turn."""
+    from job.losses import sparse_ce
+    from job.pipelines import COLOUR_ORDERS, model_pixels
+    from job.pretext import COLOUR_ORDER_HEAD, build_pretext_task, every_colour_order
+
+    data = _three_class_dataset()
+    pretext = PretextConfig(epochs=1, batch_images=BATCH, warmup_epochs=0.0, online_probe=False,
+                            colour_order_weight=2.0, shuffled_colour_fraction=1.0)
+    task = build_pretext_task(pretext, ModelConfig(alpha=0.35), DataConfig(image_size=IMAGE_SIZE),
+                              RuntimeConfig(**CADENCE), data, _cluster())
+    head = task.model.get_layer(COLOUR_ORDER_HEAD)
+    assert head.output.shape[-1] == len(COLOUR_ORDERS)
+    assert head.input.shape[-1] == task.rotation_model.get_layer("rotation_head").input.shape[-1]
+    batch = next(iter(task.dataset_fn(range(1), 0, None)))
+    orders = batch["colour_orders"].numpy()
+    assert orders.shape == (NUM_ROTATIONS * BATCH,) and orders.min() >= 1  # every sample shuffled at 1.0
+
+    per_example, metrics = task.objective(batch, False)
+    rotation, _, colour = task.model(model_pixels(batch["images"]), training=False)
+    expected = (sparse_ce(batch["rotations"], rotation) + 2.0 * sparse_ce(batch["colour_orders"], colour)) \
+        * batch["weights"]
+    np.testing.assert_allclose(per_example.numpy(), expected.numpy(), rtol=1e-5, atol=1e-6)
+    hits, count = metrics["colour_order_accuracy"]
+    correct = np.argmax(colour, -1) == orders
+    assert (float(hits), float(count)) == pytest.approx((np.sum(correct * batch["weights"]), np.sum(batch["weights"])))
+
+    shuffled, val_orders = every_colour_order(data.val.images)
+    predicted = np.argmax(task.model.predict(shuffled, verbose=0)[2], -1)
+    result = task.evaluator(0, tf.summary.create_noop_writer())
+    assert result["colour_order_accuracy"] == pytest.approx(np.mean(predicted == val_orders))
+
+
+def test_every_colour_order_shows_image_i_in_order_i_mod_6():
+    from job.pipelines import COLOUR_ORDERS
+    from job.pretext import every_colour_order
+
+    images = _images()
+    shuffled, orders = every_colour_order(images)
+    assert orders.tolist() == [i % len(COLOUR_ORDERS) for i in range(IMAGES)]
+    for image, out, order in zip(images, shuffled, orders, strict=True):
+        np.testing.assert_array_equal(out, image[..., list(COLOUR_ORDERS[order])])
+
+
+def test_without_the_colour_order_task_the_pretext_has_no_colour_head_nor_shuffled_batches():
+    from job.pretext import COLOUR_ORDER_HEAD, build_pretext_task
+
+    task = build_pretext_task(PretextConfig(epochs=1, batch_images=BATCH), ModelConfig(alpha=0.35),
+                              DataConfig(image_size=IMAGE_SIZE), RuntimeConfig(**CADENCE), _three_class_dataset(),
+                              _cluster())
+    assert COLOUR_ORDER_HEAD not in [layer.name for layer in task.model.layers]
+    assert "colour_orders" not in next(iter(task.dataset_fn(range(1), 0, None)))
