@@ -97,10 +97,12 @@ def _fetch_gcs(uri: str, names: dict[str, str], cache_dir: Path) -> dict[str, Pa
 
 
 def measures(metrics: dict) -> dict[Measure, float | None]:
-    """The run's verdict as named values: rotation, each label fraction against scratch and colour, the frozen
-    features against random ones, k-NN and the wall time."""
+    """The run's verdict as named values: rotation (and colour order), each label fraction against scratch and
+    colour, the frozen features against random ones, k-NN and the wall time."""
     values: dict[Measure, float | None] = {
-        Measure("val rotation accuracy", "accuracy"): metrics["pretext"]["val_rotation_accuracy"]}
+        Measure("val rotation accuracy", "accuracy"): metrics["pretext"]["val_rotation_accuracy"],
+        # left out of a table when no run has the colour-order task (older runs lack the key)
+        Measure("val colour-order accuracy", "accuracy"): metrics["pretext"].get("val_colour_order_accuracy")}
     for row in metrics["label_efficiency"]:
         labels = f"{share(row['fraction'])} labels"
         means = {name: float(np.mean(row[key])) if row.get(key) else None

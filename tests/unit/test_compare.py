@@ -174,3 +174,19 @@ def test_the_command_compares_recipes_with_against(replicates, tmp_path):
     write_json(RunLayout(unfinished).config, {"runtime": {"seed": 3}})
     error = one_line_error(CliRunner().invoke(main, ["compare", str(longer), "--against", str(unfinished)]))
     assert str(unfinished) in error and "report/metrics.json" in error
+
+
+def test_the_colour_order_accuracy_is_a_row_when_a_run_has_the_task(tmp_path, replicates):
+    """Runs with the colour-order task against runs without it (or older runs, whose metrics.json lacks the key):
+    the row shows its accuracy and nothing for the others; with no run having it, no row."""
+    coloured = metrics(0.51, [0.9, 0.9], 0.95, 0.89, 2_700)
+    coloured["pretext"]["val_colour_order_accuracy"] = 0.75
+    older = metrics(0.52, [0.9, 0.8], 0.96, 0.89, 2_600)
+    del older["pretext"]["val_colour_order_accuracy"]
+    text = recipes_markdown([load_run(str(write_run(tmp_path / "c0", coloured, seed=0)), Path())],
+                            [load_run(str(write_run(tmp_path / "o0", older, seed=0)), Path())])
+    row = table(text)["val colour-order accuracy"]
+    assert row[0] == "0.750" and "0.750" not in row[1:]
+    plain = recipes_markdown([load_run(str(path), Path()) for path in replicates[:1]],
+                             [load_run(str(path), Path()) for path in replicates[1:]])
+    assert "colour-order" not in plain
