@@ -115,6 +115,10 @@ def build_pretext_task(p: PretextConfig, model_cfg: ModelConfig, data_cfg: DataC
     def val_set() -> tuple[np.ndarray, np.ndarray]:  # read on the first validation (the benchmark never does)
         return np.asarray(data.val.images[val_indices]), data.val.labels[val_indices]
 
+    @functools.cache
+    def colour_val_set() -> tuple[np.ndarray, np.ndarray]:  # the colour-order task's, built once like val_set
+        return every_colour_order(val_set()[0])
+
     def evaluator(epoch: int, writer) -> dict[str, float]:
         val_images, val_labels = val_set()
         (rotation, probe, *_), angles = predict(model, val_images, rotations=True)
@@ -122,7 +126,7 @@ def build_pretext_task(p: PretextConfig, model_cfg: ModelConfig, data_cfg: DataC
         if use_probe:
             metrics["online_probe_accuracy"] = accuracy(probe[angles == 0], val_labels)
         if p.colour_order_weight:
-            shuffled, orders = every_colour_order(val_images)
+            shuffled, orders = colour_val_set()
             metrics["colour_order_accuracy"] = accuracy(predict(model, shuffled)[2], orders)
         _rotation_summary(writer, model, val_images[:ROTATION_EXAMPLES])
         return metrics
