@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 # scale, 2**15, and are skipped while the scale halves), no colour baseline.
 SMALLEST = (
     "runtime.mixed_precision='on'", "runtime.xla='on'",
-    "pretext.epochs=1", "pretext.steps_per_epoch=6", "pretext.batch_images=8",
+    "pretext.epochs=1", "pretext.steps_per_epoch=6", "pretext.batch_images=8", "pretext.colour_order_weight=1.0",
     "finetune.epochs=1", "finetune.min_steps=6", "finetune.batch_size=8",
     "evaluate.label_fractions=[1.0]", "evaluate.scratch_baseline=false", "evaluate.colour_baseline=false",
     "evaluate.probe_steps=5",
@@ -57,6 +57,7 @@ def test_mixed_precision_loss_scaling_and_xla_run_end_to_end(tmp_path):
     layout = RunLayout(output)
     metrics = json.loads(layout.metrics.read_text())
     assert 0.0 <= metrics["downstream"]["val_accuracy"] <= 1.0
+    assert 0.0 <= metrics["pretext"]["val_colour_order_accuracy"] <= 1.0  # t4's colour-order head, in float16
 
     # Mixed precision in both stages: both exported models compute in float16.
     assert "mixed_float16" in _policies(layout.backbone)
