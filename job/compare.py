@@ -184,7 +184,7 @@ def comparison_markdown(runs: list[Run]) -> str:
     per_run = [_measures_of(run) for run in runs]
     rows = list(dict.fromkeys(measure for values in per_run for measure in values))
     heads = [_head(run) for run in runs]
-    lines = [f"# {len(runs)} runs side by side", "",
+    lines = [f"# {len(runs)} run{'s' * (len(runs) != 1)} side by side", "",
              "Each run is one pretext backbone; its label-fraction rows are means over its own label subsets; Δ in "
              "points; the last column is the mean ± std over runs.", "",
              "| measure | " + " | ".join(heads) + " | mean ± std |", "|---" * (len(runs) + 2) + "|"]

@@ -77,6 +77,8 @@ def test_each_run_has_its_column_and_the_last_is_the_mean_over_runs(replicates):
     assert rows["all-class: × the same layers at random init"] == ["2.00×", "2.00×", "2.00× ± 0.00"]
     assert rows["wall time (minutes)"] == ["43.3", "46.7", "45.0 ± 1.7"]
     assert "differ in more than" not in text
+    assert text.startswith("# 2 runs side by side")
+    assert comparison_markdown([load_run(str(replicates[0]), Path())]).startswith("# 1 run side by side")
 
 
 def test_runs_of_different_recipes_are_named_under_the_table(tmp_path, replicates):
