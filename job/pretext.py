@@ -93,7 +93,9 @@ def build_pretext_task(p: PretextConfig, model_cfg: ModelConfig, data_cfg: DataC
             "rotation_accuracy": weighted(correct(batch["rotations"], rotation), weights),
         }
         if colour:
-            per_example += p.colour_order_weight * sparse_ce(batch["colour_orders"], colour[0]) * weights
+            colour_loss = sparse_ce(batch["colour_orders"], colour[0])
+            per_example += p.colour_order_weight * colour_loss * weights
+            metrics["colour_order_loss"] = weighted(colour_loss, weights)
             metrics["colour_order_accuracy"] = weighted(correct(batch["colour_orders"], colour[0]), weights)
         if use_probe:
             metrics["online_probe_accuracy"] = weighted(correct(batch["labels"], probe), upright)
@@ -127,7 +129,9 @@ def build_pretext_task(p: PretextConfig, model_cfg: ModelConfig, data_cfg: DataC
             metrics["online_probe_accuracy"] = accuracy(probe[angles == 0], val_labels)
         if p.colour_order_weight:
             shuffled, orders = colour_val_set()
-            metrics["colour_order_accuracy"] = accuracy(predict(model, shuffled)[2], orders)
+            colour = predict(model, shuffled)[2]
+            metrics["colour_order_loss"] = cross_entropy(colour, orders)
+            metrics["colour_order_accuracy"] = accuracy(colour, orders)
         _rotation_summary(writer, model, val_images[:ROTATION_EXAMPLES])
         return metrics
 

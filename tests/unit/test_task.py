@@ -197,6 +197,7 @@ def test_the_colour_order_task_adds_its_head_its_weighted_loss_and_its_val_accur
     from job.losses import sparse_ce
     from job.pipelines import COLOUR_ORDERS, model_pixels
     from job.pretext import COLOUR_ORDER_HEAD, build_pretext_task, every_colour_order
+    from job.probes import cross_entropy
 
     data = _three_class_dataset()
     pretext = PretextConfig(epochs=1, batch_images=BATCH, warmup_epochs=0.0, online_probe=False,
@@ -218,11 +219,19 @@ def test_the_colour_order_task_adds_its_head_its_weighted_loss_and_its_val_accur
     hits, count = metrics["colour_order_accuracy"]
     correct = np.argmax(colour, -1) == orders
     assert (float(hits), float(count)) == pytest.approx((np.sum(correct * batch["weights"]), np.sum(batch["weights"])))
+    # The logged losses: "loss" is the rotation loss alone, "colour_order_loss" the colour-order head's, unweighted.
+    total, count = metrics["colour_order_loss"]
+    colour_loss = sparse_ce(batch["colour_orders"], colour).numpy()
+    assert float(total) / float(count) == pytest.approx(np.average(colour_loss, weights=batch["weights"]), rel=1e-5)
+    total, count = metrics["loss"]
+    assert float(total) / float(count) == pytest.approx(
+        np.average(sparse_ce(batch["rotations"], rotation).numpy(), weights=batch["weights"]), rel=1e-5)
 
     shuffled, val_orders = every_colour_order(data.val.images)
-    predicted = np.argmax(task.model.predict(shuffled, verbose=0)[2], -1)
+    logits = task.model.predict(shuffled, verbose=0)[2]
     result = task.evaluator(0, tf.summary.create_noop_writer())
-    assert result["colour_order_accuracy"] == pytest.approx(np.mean(predicted == val_orders))
+    assert result["colour_order_accuracy"] == pytest.approx(np.mean(np.argmax(logits, -1) == val_orders))
+    assert result["colour_order_loss"] == pytest.approx(cross_entropy(logits, val_orders), rel=1e-4)
 
 
 def test_every_colour_order_shows_image_i_in_order_i_mod_6():
