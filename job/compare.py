@@ -30,6 +30,9 @@ FEATURE_ROWS = {
     "fish_duck": ("fish/duck probe on the transferred features", "fish/duck: Δ the same layers at random init"),
     "all_class": ("all-class probe on the transferred features", "all-class: × the same layers at random init"),
     "fish_duck_vs_random_best": (None, "fish/duck: Δ a random network's best depth"),
+    "fish_duck_vs_random_cv_depth": (None, "fish/duck: Δ a random network at the depth its train-label CV picks"),
+    "fish_duck_cv_vs_random_best_cv": ("fish/duck probe, cross-validated on the train labels",
+                                       "fish/duck, train-label CV: Δ a random network's best depth"),
     "all_class_best_depths": (None, "all-class, best depth of each: × a random network's best depth"),
 }
 DIGITS = {"accuracy": ".3f", "points": "+.1f", "ratio": ".2f", "minutes": ".1f"}

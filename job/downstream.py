@@ -24,7 +24,16 @@ from job.files import atomic_path
 from job.losses import correct, sparse_ce, weighted
 from job.pipelines import model_pixels, one_pass_steps, stratified_subset
 from job.precision import dtype_policy, mixed_precision, use_xla
-from job.probes import accuracy, confusion_matrix, cross_entropy, fit_logistic, predict
+from job.probes import (
+    CV_FOLDS,
+    accuracy,
+    confusion_matrix,
+    cross_entropy,
+    cross_validated_accuracy,
+    fit_logistic,
+    fold_ids,
+    predict,
+)
 from job.serving import export_classifier
 from job.task import NO_WEIGHTS, Task, build_optimizer, check_batch, configured_backbone, dataset_fn, loop_config
 from job.train import DatasetFn, Evaluator, LoopConfig, ParamGroup, WarmupCosine, loss_scaled
@@ -38,7 +47,6 @@ PRETRAINED, SCRATCH = "pretrained", "scratch"
 S4L = "s4l"  # finetune.mode: fine-tuning jointly with the rotation loss on all train images
 UNLABELLED_SEED_OFFSET = 1  # S4L's unlabelled batches are shuffled apart from the labelled ones
 AUTO = "auto"  # finetune.transfer_layers = ["auto"]: the depth chosen by cross-validation on the train labels
-SELECTION_FOLDS = 4
 LAYER_JOIN = "+"  # a candidate of several transfer layers, as named in downstream.transfer_selection
 
 
@@ -262,18 +270,14 @@ def select_transfer_layers(ctx: Context) -> dict[str, float]:
     pooled = dict(zip(probed, predict(by_depth, split.train_images), strict=True))
     shallowest, *deeper = probed
     candidates = [[layer] for layer in probed] + [[shallowest, layer] for layer in deeper]
-    folds = np.random.default_rng(cfg.runtime.seed).permutation(len(split.train_labels)) % SELECTION_FOLDS
-    scores = {}
-    for layers in candidates:
-        x = np.concatenate([pooled[layer] for layer in layers], axis=1)
-        correct_count = 0
-        for fold in range(SELECTION_FOLDS):
-            train, held = folds != fold, folds == fold
-            kernel, bias = fit_logistic(x[train], split.train_labels[train], 2, seed=cfg.runtime.seed,
-                                        **probe_settings(ctx))
-            correct_count += int(np.sum(np.argmax(x[held] @ kernel + bias, -1) == split.train_labels[held]))
-        scores[LAYER_JOIN.join(layers)] = correct_count / len(split.train_labels)
-    log.info("transfer layers by %d-fold cross-validation on the train labels: %s", SELECTION_FOLDS,
+    folds = fold_ids(len(split.train_labels), CV_FOLDS, cfg.runtime.seed)
+    scores = {
+        LAYER_JOIN.join(layers): cross_validated_accuracy(
+            np.concatenate([pooled[layer] for layer in layers], axis=1), split.train_labels, 2, folds,
+            seed=cfg.runtime.seed, **probe_settings(ctx))
+        for layers in candidates
+    }
+    log.info("transfer layers by %d-fold cross-validation on the train labels: %s", CV_FOLDS,
              ", ".join(f"{name} {score:.3f}" for name, score in scores.items()))
     return scores
 

@@ -39,7 +39,16 @@ from job.downstream import (
     transfer_selection,
 )
 from job.pipelines import stratified_subset
-from job.probes import capped_knn_k, colour_histograms, knn_accuracy, linear_probe, predict
+from job.probes import (
+    CV_FOLDS,
+    capped_knn_k,
+    colour_histograms,
+    cross_validated_accuracy,
+    fold_ids,
+    knn_accuracy,
+    linear_probe,
+    predict,
+)
 from models.backbone import pooled_block_features, transfer_features
 
 log = logging.getLogger(__name__)
@@ -128,6 +137,17 @@ class Inputs:
         return linear_probe(train, self.split.train_labels, val, self.split.val_labels, 2,
                             seed=self.config.runtime.seed, **self.probe)
 
+    @cached_property
+    def folds(self) -> np.ndarray:
+        """Each downstream train image's fold for the probes cross-validated on the train labels: the folds the
+        "auto" transfer cut is chosen on (job.downstream.select_transfer_layers)."""
+        return fold_ids(len(self.split.train_labels), CV_FOLDS, self.config.runtime.seed)
+
+    def cross_validated(self, train_features: np.ndarray) -> float:
+        """The fish/duck linear probe on downstream train features, cross-validated on their labels (no val)."""
+        return cross_validated_accuracy(train_features, self.split.train_labels, 2, self.folds,
+                                        seed=self.config.runtime.seed, **self.probe)
+
 
 class Evaluation(ABC):
     """One evaluation: built from the config, it runs on the shared `Inputs` and returns its results."""
@@ -165,13 +185,19 @@ class LinearProbe(Evaluation):
 
     name, title = "linear_probe", "linear probe"
     keys = {"downstream.linear_probe_val_accuracy": "linear_probe_val_accuracy",
-            "downstream.random_linear_probe_val_accuracy": "random_linear_probe_val_accuracy"}
+            "downstream.random_linear_probe_val_accuracy": "random_linear_probe_val_accuracy",
+            "downstream.linear_probe_cv_accuracy": "linear_probe_cv_accuracy",
+            "downstream.random_linear_probe_cv_accuracy": "random_linear_probe_cv_accuracy"}
 
     def run(self, inputs: Inputs) -> dict[str, Any]:
         result = {"linear_probe_val_accuracy": inputs.probe_accuracy("pretrained"),
-                  "random_linear_probe_val_accuracy": inputs.probe_accuracy("random")}
-        log.info("evaluate: linear probe on %s %.4f (random init %.4f)", "+".join(inputs.layers),
-                 result["linear_probe_val_accuracy"], result["random_linear_probe_val_accuracy"])
+                  "random_linear_probe_val_accuracy": inputs.probe_accuracy("random"),
+                  "linear_probe_cv_accuracy": inputs.cross_validated(inputs.downstream_features["pretrained"][0]),
+                  "random_linear_probe_cv_accuracy": inputs.cross_validated(inputs.downstream_features["random"][0])}
+        log.info("evaluate: linear probe on %s %.4f (random init %.4f); %d-fold cross-validated on the train labels "
+                 "%.4f (random init %.4f)", "+".join(inputs.layers), result["linear_probe_val_accuracy"],
+                 result["random_linear_probe_val_accuracy"], CV_FOLDS, result["linear_probe_cv_accuracy"],
+                 result["random_linear_probe_cv_accuracy"])
         return result
 
 
@@ -220,10 +246,13 @@ class LinearProbeAllClasses(Evaluation):
 
 
 def _probe_by_depth(inputs: Inputs, layers: list[str], train: tuple[np.ndarray, np.ndarray],
-                    val: tuple[np.ndarray, np.ndarray], classes: int) -> list[dict[str, Any]]:
+                    val: tuple[np.ndarray, np.ndarray], classes: int,
+                    cross_validate: bool = False) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
     """A linear probe on features pooled at each of `layers`, of the pretrained and the random backbone, trained
-    on `train` (images, labels) and scored on `val`: rows {layer, pretrained, random}."""
-    scores = {}
+    on `train` (images, labels) and scored on `val`: rows {layer, pretrained, random}; with `cross_validate`
+    (the fish/duck split only), also the same rows of the probe cross-validated on the train labels (else None)."""
+    scores: dict[str, list[float]] = {}
+    cross_validated: dict[str, list[float]] = {}
     for name, net in inputs.networks.items():
         model = pooled_block_features(net, layers)
         train_features, val_features = predict(model, train[0]), predict(model, val[0])
@@ -231,7 +260,13 @@ def _probe_by_depth(inputs: Inputs, layers: list[str], train: tuple[np.ndarray, 
             linear_probe(t, train[1], v, val[1], classes, seed=inputs.config.runtime.seed, **inputs.probe)
             for t, v in zip(train_features, val_features, strict=True)
         ]
-    return [{"layer": layer, **{name: scores[name][i] for name in FROZEN}} for i, layer in enumerate(layers)]
+        if cross_validate:
+            cross_validated[name] = [inputs.cross_validated(t) for t in train_features]
+
+    def rows(by_name: dict[str, list[float]]) -> list[dict[str, Any]]:
+        return [{"layer": layer, **{name: by_name[name][i] for name in FROZEN}} for i, layer in enumerate(layers)]
+
+    return rows(scores), rows(cross_validated) if cross_validate else None
 
 
 def _log_depth_rows(what: str, rows: list[dict[str, Any]]) -> None:
@@ -245,14 +280,16 @@ class DepthProbe(Evaluation):
     random init: where the transferable information sits."""
 
     name, title, switch = "depth_probe", "linear probe by depth", "depth_probe"
-    keys = {"downstream.depth_probe": "depth_probe"}
+    keys = {"downstream.depth_probe": "depth_probe", "downstream.depth_probe_cv": "depth_probe_cv"}
 
     def run(self, inputs: Inputs) -> dict[str, Any]:
         split = inputs.split
-        rows = _probe_by_depth(inputs, self.config.evaluate.depth_probe_layers,
-                               (split.train_images, split.train_labels), (split.val_images, split.val_labels), 2)
+        rows, cross_validated = _probe_by_depth(inputs, self.config.evaluate.depth_probe_layers,
+                                                (split.train_images, split.train_labels),
+                                                (split.val_images, split.val_labels), 2, cross_validate=True)
         _log_depth_rows("probe", rows)
-        return {"depth_probe": rows}
+        _log_depth_rows(f"probe {CV_FOLDS}-fold cross-validated on the train labels", cross_validated)
+        return {"depth_probe": rows, "depth_probe_cv": cross_validated}
 
 
 @register
@@ -266,9 +303,9 @@ class DepthProbeAllClasses(Evaluation):
 
     def run(self, inputs: Inputs) -> dict[str, Any]:
         data = inputs.ctx.dataset
-        rows = _probe_by_depth(inputs, self.config.evaluate.depth_probe_layers,
-                               (data.train.images, data.train.labels), (data.val.images, data.val.labels),
-                               len(data.wnids))
+        rows, _ = _probe_by_depth(inputs, self.config.evaluate.depth_probe_layers,
+                                  (data.train.images, data.train.labels), (data.val.images, data.val.labels),
+                                  len(data.wnids))
         _log_depth_rows(f"{len(data.wnids)}-way probe", rows)
         return {"linear_probe_200_by_depth": rows}
 

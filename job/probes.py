@@ -1,4 +1,5 @@
-"""Small evaluators of a backbone: batched prediction, frozen features, logistic-regression probe, k-NN."""
+"""Small evaluators of a backbone: batched prediction, frozen features, logistic-regression probe (on val, or
+cross-validated on the train labels alone), k-NN."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import tensorflow as tf
 from job.pipelines import eval_batches
 
 EVAL_BATCH = 256
+CV_FOLDS = 4  # folds of the probes cross-validated on the train labels (the "auto" transfer cut, the depth probe)
 _compiled: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -125,6 +127,36 @@ def linear_probe(
     """Val accuracy of logistic regression fitted on frozen train features (`fit_logistic`)."""
     kernel, bias = fit_logistic(train_features, train_labels, num_classes, steps, learning_rate, weight_decay, seed)
     return accuracy(val_features @ kernel + bias, val_labels)
+
+
+def fold_ids(count: int, folds: int, seed: int) -> np.ndarray:
+    """Each of `count` examples' fold, 0 to folds - 1, in an order shuffled by `seed` (fold sizes differ by at
+    most one)."""
+    return np.random.default_rng(seed).permutation(count) % folds
+
+
+def cross_validated_accuracy(
+    features: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    folds: np.ndarray,
+    steps: int,
+    learning_rate: float,
+    weight_decay: float,
+    seed: int = 0,
+) -> float:
+    """Accuracy of `fit_logistic` over the folds of `fold_ids`: each fold scored by a probe fitted on the others.
+
+    It reads the train labels alone, so it can choose a layer without touching val, and it scores every train
+    example (nine times the 100 fish/duck val images).
+    """
+    correct = 0
+    for fold in np.unique(folds):
+        train, held = folds != fold, folds == fold
+        kernel, bias = fit_logistic(features[train], labels[train], num_classes, steps, learning_rate, weight_decay,
+                                    seed)
+        correct += int(np.sum(np.argmax(features[held] @ kernel + bias, -1) == labels[held]))
+    return correct / len(labels)
 
 
 def capped_knn_k(k: int, train_count: int) -> int:

@@ -71,6 +71,13 @@ def test_every_metrics_key_is_present_and_sane(finished_run):
     depth = metrics["downstream"]["depth_probe"]
     assert [row["layer"] for row in depth] == ["block_2_add", "out_relu"]
     assert all(0.0 <= row[init] <= 1.0 for row in depth for init in ("pretrained", "random"))
+    # The same probes cross-validated on the 48 train labels: each a whole number of the 48 right.
+    cross_validated = metrics["downstream"]["depth_probe_cv"]
+    assert [row["layer"] for row in cross_validated] == ["block_2_add", "out_relu"]
+    scores = [row[init] for row in cross_validated for init in ("pretrained", "random")]
+    downstream = metrics["downstream"]
+    scores += [downstream["linear_probe_cv_accuracy"], downstream["random_linear_probe_cv_accuracy"]]
+    assert all(0.0 <= score <= 1.0 and (48 * score) == pytest.approx(round(48 * score)) for score in scores)
     all_classes = metrics["pretext"]["linear_probe_200_by_depth"]  # 4 classes here
     assert [row["layer"] for row in all_classes] == ["block_2_add", "out_relu"]
     assert all(0.0 <= row[init] <= 1.0 for row in all_classes for init in ("pretrained", "random"))
@@ -78,6 +85,10 @@ def test_every_metrics_key_is_present_and_sane(finished_run):
     selection = metrics["downstream"]["transfer_selection"]
     assert set(selection) == {"block_2_add", "out_relu", "block_2_add+out_relu"}
     assert metrics["downstream"]["transfer_layers"] == max(selection, key=selection.get).split("+")
+    # The transferred features' cross-validated probe uses the choice's folds: it reads the chosen score (to one
+    # image: the two models pool the same layers through different graphs).
+    chosen = "+".join(metrics["downstream"]["transfer_layers"])
+    assert downstream["linear_probe_cv_accuracy"] == pytest.approx(selection[chosen], abs=1.01 / 48)
     assert metrics["downstream"]["head_init"] == "probe"
     assert 0.0 <= metrics["downstream"]["random_linear_probe_val_accuracy"] <= 1.0
     timing = metrics["timing"]
@@ -106,7 +117,8 @@ def test_metrics_json_keeps_every_key_main_wrote_for_the_demo_config(finished_ru
     main = metric_paths(json.loads((MAIN_DEMO / "metrics.json").read_text()))
     paths = metric_paths(json.loads(RunLayout(output).metrics.read_text()))
     assert main <= paths
-    by_depth = {f"{key}[].{field}" for key in ("downstream.depth_probe", "pretext.linear_probe_200_by_depth")
+    by_depth = {f"{key}[].{field}" for key in ("downstream.depth_probe", "downstream.depth_probe_cv",
+                                                "pretext.linear_probe_200_by_depth")
                 for field in ("layer", "pretrained", "random")}
     assert paths - main == NEW_KEYS | {"label_efficiency[].s4l"} | by_depth
 

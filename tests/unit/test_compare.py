@@ -63,6 +63,25 @@ def table(text: str) -> dict[str, list[str]]:
     return {cells[0].strip(): [cell.strip() for cell in cells[1:]] for cells in rows[1:]}
 
 
+def test_the_train_label_cross_validated_rows_read_n_a_for_runs_from_before_them(tmp_path, replicates):
+    """A run with the probes cross-validated on the train labels beside one from before them: its rows, the
+    older run's cells n/a and the mean over the one run that has them."""
+    newer = metrics(0.52, [0.9, 0.8], 0.96, 0.89, 2_600)
+    newer["downstream"].update(
+        linear_probe_cv_accuracy=0.95, random_linear_probe_cv_accuracy=0.7,
+        depth_probe_cv=[{"layer": "block_2_add", "pretrained": 0.8, "random": 0.9},
+                        {"layer": "block_12_add", "pretrained": 0.95, "random": 0.93}])
+    runs = [load_run(str(write_run(tmp_path / "newer", newer, seed=2)), Path()),
+            load_run(str(replicates[0]), Path())]
+    rows = table(comparison_markdown(runs))
+    # The random network's train-label CV picks block_12_add (0.93), whose val probe reads 0.7: 0.96 - 0.7.
+    assert rows["fish/duck: Δ a random network at the depth its train-label CV picks"] == ["+26.0", "n/a",
+                                                                                          "+26.0 (1 of 2)"]
+    assert rows["fish/duck probe, cross-validated on the train labels"] == ["0.950", "n/a", "0.950 (1 of 2)"]
+    assert rows["fish/duck, train-label CV: Δ a random network's best depth"] == ["+2.0", "n/a", "+2.0 (1 of 2)"]
+    assert rows["fish/duck: Δ a random network's best depth"] == ["+7.0", "+7.0", "+7.0 ± 0.0"]
+
+
 def test_each_run_has_its_column_and_the_last_is_the_mean_over_runs(replicates):
     text = comparison_markdown([load_run(str(path), Path()) for path in replicates])
     rows = table(text)

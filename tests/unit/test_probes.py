@@ -8,7 +8,9 @@ from job.probes import (
     colour_histograms,
     confusion_matrix,
     cross_entropy,
+    cross_validated_accuracy,
     fit_logistic,
+    fold_ids,
     knn_accuracy,
     linear_probe,
 )
@@ -42,6 +44,30 @@ def test_linear_probe_reads_the_informative_feature():
 
     assert probe(labels) >= 0.9
     assert probe(rng.permutation(labels)) < 0.7  # labels unrelated to the features: near chance (1/3)
+
+
+def test_folds_are_balanced_shuffled_and_seeded():
+    folds = fold_ids(10, 4, seed=0)
+    assert sorted(np.bincount(folds)) == [2, 2, 3, 3]
+    np.testing.assert_array_equal(folds, fold_ids(10, 4, seed=0))
+    assert any(not np.array_equal(fold_ids(10, 4, seed=s), folds) for s in (1, 2, 3))
+
+
+def test_cross_validated_probe_scores_every_train_example_by_a_probe_that_never_saw_it():
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1], 40)
+    features = rng.normal(size=(80, 4)).astype(np.float32)
+    features[:, 0] += 5.0 * labels
+    settings = {"steps": 200, "learning_rate": 0.05, "weight_decay": 1e-4}
+    folds = fold_ids(80, 4, seed=0)
+    score = cross_validated_accuracy(features, labels, 2, folds, **settings)
+    assert score >= 0.9 and (80 * score) == round(80 * score)  # a whole number of the 80 examples right
+    assert cross_validated_accuracy(features, rng.permutation(labels), 2, folds, **settings) < 0.75
+    # A feature that only identifies each example (its label memorised, nothing that generalises) fits every train
+    # example and scores near chance on held-out folds: fitted on the held-out fold itself, it would read 1.0.
+    memorised = np.eye(80, dtype=np.float32)
+    assert linear_probe(memorised, labels, memorised, labels, 2, **settings) == 1.0
+    assert cross_validated_accuracy(memorised, labels, 2, folds, **settings) < 0.75
 
 
 def test_knn_votes_by_cosine_similarity():

@@ -16,6 +16,7 @@ from job.report import (
     _plot_curves,
     add_report_time,
     build_metrics,
+    frozen_feature_rows,
     lookup,
     write_report,
 )
@@ -28,7 +29,9 @@ NEW_TIMING = {f"timing.{key}" for key in (
     "pretext_other_s", "downstream_pretrained_s", "downstream_scratch_s", "downstream_s4l_s", "evaluate_setup_s",
     "evaluations", "report_s", "total_s", "outside_pretext_fraction")}
 # keys added since, each documented in the README
-NEW_KEYS = NEW_TIMING | {"pretext.linear_probe_200_by_depth", "pretext.val_colour_order_accuracy"}
+NEW_KEYS = NEW_TIMING | {"pretext.linear_probe_200_by_depth", "pretext.val_colour_order_accuracy",
+                         "downstream.linear_probe_cv_accuracy", "downstream.random_linear_probe_cv_accuracy",
+                         "downstream.depth_probe_cv"}
 
 
 def metric_paths(value, prefix: str = "") -> set[str]:
@@ -102,6 +105,30 @@ def test_the_report_opens_with_the_verdict(metrics):
     by_depth = lines.index("## All-class linear probe by depth (val top-1, frozen pooled features)")
     assert lines[by_depth + 4:by_depth + 6] == ["| block_2_add | 0.0400 | 0.0500 |",
                                                 "| block_12_add | 0.0800 | 0.0300 |"]
+
+
+def test_the_random_networks_depth_is_also_picked_on_the_train_labels(metrics):
+    """The best depth on val (0.85 at block_2_add) is picked on the images it is scored on; cross-validation on the
+    train labels picks block_12_add for the random network, whose val probe reads 0.75 there."""
+    metrics["downstream"].update(
+        linear_probe_cv_accuracy=0.88, random_linear_probe_cv_accuracy=0.7,
+        depth_probe_cv=[{"layer": "block_2_add", "pretrained": 0.81, "random": 0.78},
+                        {"layer": "block_12_add", "pretrained": 0.88, "random": 0.8}])
+    lines = _markdown(metrics, []).splitlines()
+    assert "| fish/duck: transferred features vs random's best depth (block_2_add) | 0.9000 | 0.8500 | +5.0 |" in lines
+    assert ("| fish/duck: transferred features vs random at the depth its train-label cross-validation picks "
+            "(block_12_add) | 0.9000 | 0.7500 | +15.0 |") in lines
+    assert ("| fish/duck, cross-validated on the 10 train labels instead of val: transferred features vs random's "
+            "best depth (block_12_add) | 0.8800 | 0.8000 | +8.0 |") in lines
+    by_depth = lines.index("## Linear probe by depth (downstream val accuracy, all labels, frozen pooled features)")
+    assert lines[by_depth + 2:by_depth + 6] == [
+        "| layer | pretrained | random init | pretrained, train-label CV | random init, train-label CV |",
+        "|---|---|---|---|---|",
+        "| block_2_add | 0.8000 | 0.8500 | 0.8100 | 0.7800 |",
+        "| block_12_add | 0.9000 | 0.7500 | 0.8800 | 0.8000 |"]
+    keys = [row.key for row in frozen_feature_rows(metrics)]
+    assert keys == ["fish_duck", "all_class", "fish_duck_vs_random_best", "fish_duck_vs_random_cv_depth",
+                    "fish_duck_cv_vs_random_best_cv", "all_class_best_depths"]
 
 
 def test_the_transfer_layers_are_named_with_how_they_were_chosen(metrics):
