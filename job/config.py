@@ -173,7 +173,8 @@ class EvaluateConfig:
     s4l: bool = False
     linear_probe_200: bool = False  # 200-way linear probe on Tiny ImageNet val
     # Downstream linear probe on features pooled at several depths, pretrained vs random init: where the
-    # transferable information sits (and whether pretraining added any over a random network).
+    # transferable information sits (and whether pretraining added any over a random network); scored on val and,
+    # cross-validated, on the downstream train labels alone (downstream.depth_probe_cv).
     depth_probe: bool = False
     # The 200-way linear probe at each of depth_probe_layers, pretrained vs random init: the same question on every
     # class and every val image.
