@@ -86,7 +86,8 @@ class PretextConfig:
     # A MobileNetV2 layer (e.g. block_2_add): the backbone's layers up to and including it keep their initial
     # weights (model.weights) in the pretext, their BatchNorm statistics still following the data; "" = train
     # every layer. Rotation needs no colour, and on a short CPU pretext it trains the shallow layers away from
-    # the colour a random network's keep (docs/results.md).
+    # the colour a random network's keep; with the colour-order task (colour_order_weight) they learn it instead,
+    # and cpu-real trains every layer (docs/results.md).
     frozen_through: str = ""
     # The MobileNetV2 layer whose pooled output the rotation head reads: "out_relu" is the whole backbone; an
     # earlier layer (e.g. block_12_add) trains only the layers up to it, and the later ones keep their initial
