@@ -257,15 +257,15 @@ def _markdown(metrics: dict, figures: list[str]) -> str:
         (p.get("linear_probe_200_by_depth"), None, "All-class linear probe by depth (val top-1"),
     ):
         if by_depth:
-            lines += ["", f"## {title}, frozen pooled features)", ""]
-            if cross_validated:
-                lines += ["| layer | pretrained | random init | pretrained, train-label CV | random init, train-label "
-                          "CV |", "|---|---|---|---|---|"]
-                lines += [f"| {r['layer']} | {_fmt(r['pretrained'])} | {_fmt(r['random'])} | {_fmt(cv['pretrained'])} "
-                          f"| {_fmt(cv['random'])} |" for r, cv in zip(by_depth, cross_validated, strict=True)]
-            else:
-                lines += ["| layer | pretrained | random init |", "|---|---|---|"]
-                lines += [f"| {r['layer']} | {_fmt(r['pretrained'])} | {_fmt(r['random'])} |" for r in by_depth]
+            heads = ["layer", "pretrained", "random init"]
+            rows_by_depth = [[r["layer"], _fmt(r["pretrained"]), _fmt(r["random"])] for r in by_depth]
+            if cross_validated:  # runs from before the cross-validated rows lack them
+                heads += ["pretrained, train-label CV", "random init, train-label CV"]
+                for cells, cv in zip(rows_by_depth, cross_validated, strict=True):
+                    cells += [_fmt(cv["pretrained"]), _fmt(cv["random"])]
+            lines += ["", f"## {title}, frozen pooled features)", "", f"| {' | '.join(heads)} |",
+                      "|---" * len(heads) + "|"]
+            lines += [f"| {' | '.join(cells)} |" for cells in rows_by_depth]
     lines += ["", f"Downstream numbers are the mean ± standard deviation over {count(seeds, 'seed')} of the "
               "downstream stage, on the val images of the two classes.", ""]
     if data["skipped_images"]:
