@@ -80,6 +80,10 @@ class PretextConfig:
     # Decoupled: the weights shrink by learning rate x weight_decay a step, outside the momentum. PyTorch's SGD
     # decay d with momentum m is about d / (1 - m) here (RotNet's 5e-4 at momentum 0.9: 5e-3).
     weight_decay: float = 0.05
+    # Trained variables the weight decay skips, by a substring of their path: "gamma" and "beta" are BatchNorm's
+    # scales and offsets, "depthwise" the depthwise kernels (MobileNet, Howard et al. 2017, puts little or no
+    # decay on their few parameters), "bias" the heads' biases; [] = decay every one.
+    weight_decay_exempt: list[str] = field(default_factory=list)
     warmup_epochs: float = 1.0
     # Epochs without val improvement before stopping (0 = off), checked at each evaluation (eval_every_epochs).
     early_stopping_patience: int = 0
@@ -143,6 +147,7 @@ class FinetuneConfig:
     learning_rate: float = 1e-3
     backbone_lr_scale: float = 0.1  # pretrained backbone's learning rate = learning_rate * this ("finetune" mode)
     weight_decay: float = 0.05
+    weight_decay_exempt: list[str] = field(default_factory=list)  # as pretext.weight_decay_exempt
     warmup_epochs: float = 1.0
     early_stopping_patience: int = 0
     seeds: int = 1  # the downstream stage is repeated with this many seeds; mean and std reported

@@ -35,7 +35,16 @@ from job.probes import (
     predict,
 )
 from job.serving import export_classifier
-from job.task import NO_WEIGHTS, Task, build_optimizer, check_batch, configured_backbone, dataset_fn, loop_config
+from job.task import (
+    NO_WEIGHTS,
+    Task,
+    build_optimizer,
+    check_batch,
+    configured_backbone,
+    dataset_fn,
+    decay_exempt,
+    loop_config,
+)
 from job.train import DatasetFn, Evaluator, LoopConfig, ParamGroup, WarmupCosine, loss_scaled
 from models.backbone import FINAL_LAYER, load_model, pooled_block_features, transfer_features
 from models.heads import ROTATION_HEAD, classifier_head, rotation_head
@@ -322,11 +331,13 @@ def _learner(ctx: Context, init: str, mode: str) -> Learner:
                 if isinstance(layer, keras.layers.BatchNormalization):
                     layer.trainable = False  # Keras runs a non-trainable BatchNormalization in inference mode
         schedules = []
+        exempt = decay_exempt("finetune.weight_decay_exempt", f.weight_decay_exempt,
+                              nets.trained.weights)
 
         def optimizer(scale: float):
             schedule = WarmupCosine(f.learning_rate * scale, 0, 1)
             schedules.append(schedule)
-            return build_optimizer(f, schedule)
+            return build_optimizer(f, schedule, exempt)
 
         trunk = nets.features if nets.rotation is None else nets.backbone  # what the loss reaches
         heads = nets.head.trainable_variables + (nets.rotation.get_layer(ROTATION_HEAD).trainable_variables

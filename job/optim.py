@@ -39,11 +39,17 @@ class WarmupCosine(keras.optimizers.schedules.LearningRateSchedule):
                 "total_steps": int(self.total_steps.numpy())}
 
 
-def make_optimizer(name: str, schedule: WarmupCosine, weight_decay: float) -> keras.optimizers.Optimizer:
-    """AdamW, or SGD with Nesterov momentum 0.9 (weight decay applied decoupled in both)."""
+def make_optimizer(name: str, schedule: WarmupCosine, weight_decay: float,
+                   exempt: list | None = None) -> keras.optimizers.Optimizer:
+    """AdamW, or SGD with Nesterov momentum 0.9 (weight decay applied decoupled in both, to every variable but
+    those in `exempt`)."""
     if name == "sgd":
-        return keras.optimizers.SGD(schedule, momentum=0.9, nesterov=True, weight_decay=weight_decay)
-    return keras.optimizers.AdamW(schedule, weight_decay=weight_decay)
+        optimizer = keras.optimizers.SGD(schedule, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+    else:
+        optimizer = keras.optimizers.AdamW(schedule, weight_decay=weight_decay)
+    if exempt:
+        optimizer.exclude_from_weight_decay(var_list=exempt)
+    return optimizer
 
 
 @dataclass

@@ -23,7 +23,16 @@ from job.pipelines import COLOUR_ORDERS, NUM_ROTATIONS, model_pixels, one_pass_s
 from job.precision import dtype_policy, mixed_precision, use_xla
 from job.probes import accuracy, cross_entropy, predict
 from job.serving import export_rotation_model
-from job.task import Task, build_optimizer, check_batch, configured_backbone, dataset_fn, loop_config, train_store
+from job.task import (
+    Task,
+    build_optimizer,
+    check_batch,
+    configured_backbone,
+    dataset_fn,
+    decay_exempt,
+    loop_config,
+    train_store,
+)
 from job.train import ParamGroup, WarmupCosine
 from models.backbone import transfer_features, variables_through
 from models.heads import classifier_head, rotation_head
@@ -76,7 +85,8 @@ def build_pretext_task(p: PretextConfig, model_cfg: ModelConfig, data_cfg: DataC
             outputs.append(classifier_head(dim, len(COLOUR_ORDERS), name=COLOUR_ORDER_HEAD)(features))
         model = keras.Model(pixels, outputs, name="pretext")
         schedule = WarmupCosine(p.learning_rate, int(p.warmup_epochs * steps), p.epochs * steps)
-        optimizer = build_optimizer(p, schedule)
+        optimizer = build_optimizer(p, schedule, decay_exempt("pretext.weight_decay_exempt", p.weight_decay_exempt,
+                                                              model.weights))
         if mixed:
             optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     use_probe = p.online_probe

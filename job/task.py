@@ -112,9 +112,21 @@ def configured_backbone(model: ModelConfig, image_size: int, weights: str | None
                        f"model.alpha = {model.alpha}, or model.weights = 'none'.") from err
 
 
-def build_optimizer(section: PretextConfig | FinetuneConfig, schedule: WarmupCosine) -> keras.optimizers.Optimizer:
-    """The section's optimizer (`optimizer`, `weight_decay`) following `schedule`."""
-    return make_optimizer(section.optimizer, schedule, section.weight_decay)
+def build_optimizer(section: PretextConfig | FinetuneConfig, schedule: WarmupCosine,
+                    exempt: list | None = None) -> keras.optimizers.Optimizer:
+    """The section's optimizer (`optimizer`, `weight_decay`) following `schedule`, not decaying `exempt`
+    (decay_exempt's)."""
+    return make_optimizer(section.optimizer, schedule, section.weight_decay, exempt)
+
+
+def decay_exempt(key: str, patterns: list[str], variables: list) -> list:
+    """The `variables` (a model's weights) whose path holds any of `patterns` (config key `key`, a
+    weight_decay_exempt); a JobError for a pattern that matches none (a typo would decay everything silently)."""
+    for pattern in patterns:
+        if not any(pattern in v.path for v in variables):
+            raise JobError(f"{key} = {patterns} names {pattern!r}, which is in no variable's path: use "
+                           "parts of MobileNetV2's variable paths such as 'gamma', 'beta', 'depthwise' or 'bias'.")
+    return [v for v in variables if any(pattern in v.path for pattern in patterns)]
 
 
 def check_batch(cluster: Cluster, batch: int, key: str) -> None:

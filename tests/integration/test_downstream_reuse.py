@@ -138,6 +138,28 @@ def test_s4l_trains_the_classifier_and_the_rotation_task_together(synth_zip, tmp
     assert any(not np.allclose(np.asarray(v), old) for v, old in zip(rotation_only[-2:], last, strict=True))
 
 
+def test_finetune_weight_decay_exempt_reaches_every_group(synth_zip, tmp_path):
+    """finetune.weight_decay_exempt: the head's and the backbone's optimizers (two groups at their own rates)
+    both skip the decay of BatchNorm's scales and offsets, and shrink the other weights under a zero gradient."""
+    import tensorflow as tf
+
+    from job.downstream import _learner
+
+    config = load_config("demo", [*TINY, f"data.cache_dir={tmp_path / 'cache'}", "finetune.backbone_lr_scale=0.5",
+                                  "finetune.weight_decay=0.5", "finetune.weight_decay_exempt=['gamma', 'beta']"])
+    ctx = Context(config, RunLayout(tmp_path / "run"), synth_zip, make_cluster())
+    _pretrained_backbone(ctx, (ctx,))
+    learner = _learner(ctx, PRETRAINED, "finetune")
+    learner.reset(ctx, PRETRAINED, "finetune", seed=0, warmup_steps=0, total_steps=4)
+    assert len(learner.groups) == 2
+    for group in learner.groups:
+        before = [np.asarray(v).copy() for v in group.variables]
+        group.optimizer.apply_gradients([(tf.zeros_like(v), v) for v in group.variables])
+        for variable, old in zip(group.variables, before, strict=True):
+            kept = variable.path.endswith(("gamma", "beta")) or not old.any()  # zeros (biases) stay zero anyway
+            assert np.array_equal(np.asarray(variable), old) == kept, variable.path
+
+
 def test_linear_mode_trains_the_head_and_leaves_the_backbone(synth_zip, tmp_path):
     """finetune.mode = "linear": the head learns; every backbone variable, BatchNorm statistics included, is the
     pretrained one. Seed 1 (not runtime.seed): no classifier export, which this test does not need."""

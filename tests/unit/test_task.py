@@ -234,6 +234,34 @@ def test_the_colour_order_task_adds_its_head_its_weighted_loss_and_its_val_accur
     assert result["colour_order_loss"] == pytest.approx(cross_entropy(logits, val_orders), rel=1e-4)
 
 
+def test_pretext_weight_decay_exempt_spares_the_named_variables_and_names_a_typo():
+    """pretext.weight_decay_exempt: with a zero gradient only the decay moves a weight, so one step leaves
+    BatchNorm's scales and offsets and the depthwise kernels as they were, and shrinks every other kernel."""
+    from job.errors import JobError
+    from job.pretext import build_pretext_task
+
+    cluster = Cluster(tf.distribute.get_strategy(), True, 0, 1, 0, "single")  # the default: eager updates
+
+    def task(exempt: list[str]):
+        pretext = PretextConfig(epochs=1, batch_images=BATCH, optimizer="sgd", learning_rate=0.1, weight_decay=0.5,
+                                warmup_epochs=0.0, weight_decay_exempt=exempt)
+        return build_pretext_task(pretext, ModelConfig(alpha=0.35), DataConfig(image_size=IMAGE_SIZE),
+                                  RuntimeConfig(**CADENCE), _three_class_dataset(), cluster)
+
+    exempt = ["gamma", "beta", "depthwise"]
+    built = task(exempt)
+    variables = built.groups[0].variables
+    before = [np.asarray(v).copy() for v in variables]
+    built.optimizer.apply_gradients([(tf.zeros_like(v), v) for v in variables])
+    spared = [any(name in v.path for name in exempt) for v in variables]
+    assert any("depthwise" in v.path for v in variables) and any(v.path.endswith("gamma") for v in variables)
+    for variable, old, kept in zip(variables, before, spared, strict=True):
+        # Zero-initialised variables (biases, BatchNorm's offsets) stay zero either way.
+        assert np.array_equal(np.asarray(variable), old) == (kept or not old.any()), variable.path
+    with pytest.raises(JobError, match=r"pretext\.weight_decay_exempt .* 'gama'"):
+        task(["gama"])
+
+
 def test_every_colour_order_shows_image_i_in_order_i_mod_6():
     from job.pipelines import COLOUR_ORDERS
     from job.pretext import every_colour_order

@@ -94,6 +94,18 @@ def test_weight_decay_is_decoupled_one_lr_times_decay_a_step(name: str):
     assert float(variable.numpy()) == pytest.approx(2.0 * (1 - lr * decay) ** steps, rel=1e-5)
 
 
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_exempt_variables_keep_their_weights_while_the_others_decay(name: str):
+    """pretext/finetune.weight_decay_exempt: the optimizer skips the decay of the variables it is given."""
+    lr, decay = 0.1, 0.5
+    decayed, exempt = tf.Variable(2.0), tf.Variable(2.0)
+    optimizer = make_optimizer(name, WarmupCosine(lr, 0, 10**9), weight_decay=decay, exempt=[exempt])
+    optimizer.build([decayed, exempt])
+    optimizer.apply_gradients([(tf.constant(0.0), decayed), (tf.constant(0.0), exempt)])
+    assert float(decayed.numpy()) == pytest.approx(2.0 * (1 - lr * decay), rel=1e-5)
+    assert float(exempt.numpy()) == 2.0
+
+
 # -- BatchNorm debiasing ---------------------------------------------------------------------------
 MOMENTUM = 0.9
 UPDATES = 5
