@@ -23,6 +23,7 @@ from job.files import atomic_path, write_json, write_text  # noqa: E402
 log = logging.getLogger(__name__)
 
 DOWNSTREAM_KINDS = ("pretrained", "scratch", "s4l")  # timing.downstream_<kind>_s (job/evaluations.py)
+LABEL_EFFICIENCY_COLUMNS = ("pretrained", "scratch", "colour_histogram", "s4l")  # metrics.json's label_efficiency
 
 METRIC_KEYS = (
     "pretext.val_rotation_accuracy",
@@ -203,8 +204,9 @@ def write_report(directory: Path, metrics: dict, examples: Examples, started: fl
         "confusion_matrix.png": _plot_confusion(metrics, examples.class_names),
         "val_predictions.png": _plot_predictions(examples),
         "pretext_rotations.png": _plot_rotations(examples),
-        "label_efficiency.png": _plot_label_efficiency(metrics),
     }
+    if _label_efficiency_rows(metrics):  # none when evaluate.evaluations leaves the fine-tunes out
+        figures["label_efficiency.png"] = _plot_label_efficiency(metrics)
     for name, figure in figures.items():
         with atomic_path(directory / name) as tmp:
             figure.savefig(tmp, dpi=100, bbox_inches="tight")
@@ -311,15 +313,30 @@ def verdict_markdown(metrics: dict) -> str:
     return "\n".join(_verdict(metrics)).strip() + "\n"
 
 
+def _label_efficiency_rows(metrics: dict) -> list[dict]:
+    """The label fractions with any result (pretrained, scratch, colour or S4L): none when the evaluation left the
+    label-efficiency runs and the baselines out."""
+    return [row for row in metrics["label_efficiency"] if any(row.get(key) for key in LABEL_EFFICIENCY_COLUMNS)]
+
+
 def _verdict(metrics: dict) -> list[str]:
-    """The report's first table: what pretraining bought over scratch and colour, and over random features."""
-    s4l = any(row.get("s4l") for row in metrics["label_efficiency"])
+    """The report's first table: what pretraining bought over scratch and colour, and over random features; the
+    parts whose evaluations did not run are left out, and said to be."""
+    return ["## Verdict", "", *_label_efficiency_verdict(metrics), *_frozen_feature_verdict(metrics)]
+
+
+def _label_efficiency_verdict(metrics: dict) -> list[str]:
+    rows = _label_efficiency_rows(metrics)
+    if not rows:
+        return ["No fish vs duck fine-tunes or baselines ran in this evaluation (`evaluate.evaluations`, "
+                "`evaluate.label_fractions`), so nothing here says what pretraining bought over scratch or colour.",
+                ""]
+    s4l = any(row.get("s4l") for row in rows)
     extra = " S4L (pretrained) | Δ scratch (S4L) |" if s4l else ""
-    lines = ["## Verdict", "", "Fish vs duck val accuracy, mean ± std over seeds (each its own label subset); Δ in "
-             "points.", "",
+    lines = ["Fish vs duck val accuracy, mean ± std over seeds (each its own label subset); Δ in points.", "",
              f"| labels | seeds | pretrained | scratch | colour histogram | Δ scratch | Δ colour |{extra}",
              "|---|---|---|---|---|---|---|" + ("---|---|" if s4l else "")]
-    for row in metrics["label_efficiency"]:
+    for row in rows:
         ours, scratch, colour = row["pretrained"], row["scratch"], row.get("colour_histogram", [])
         seeds = max(len(ours), len(scratch), len(colour))
         line = (f"| {share(row['fraction'])} | {seeds} | {_fmt(*_mean_std(ours))} | {_fmt(*_mean_std(scratch))} | "
@@ -333,11 +350,18 @@ def _verdict(metrics: dict) -> list[str]:
                   "\"s4l\"), a row of its own beside the pure transfer numbers."]
     lines += ["", "The seeds above share one pretrained backbone, and another backbone (`--set runtime.seed=N`) can "
               "move the few-label rows by several points: `python -m job compare RUN...` puts such replicates side "
-              "by side with their mean."]
-    lines += ["", "Frozen features (linear probes; pretrained vs the same network at random init; Δ in points, and "
-              "for the all-class probes pretrained / random):", "",
-              "| probe | pretrained | random init | Δ |", "|---|---|---|---|"]
-    for row in frozen_feature_rows(metrics):
+              "by side with their mean.", ""]
+    return lines
+
+
+def _frozen_feature_verdict(metrics: dict) -> list[str]:
+    rows = [row for row in frozen_feature_rows(metrics) if row.pretrained is not None or row.random is not None]
+    if not rows:
+        return ["No frozen-feature probes in this evaluation (`evaluate.evaluations` left them out).", ""]
+    lines = ["Frozen features (linear probes; pretrained vs the same network at random init; Δ in points, and "
+             "for the all-class probes pretrained / random):", "",
+             "| probe | pretrained | random init | Δ |", "|---|---|---|---|"]
+    for row in rows:
         delta = _delta([row.pretrained], [row.random]) if row.known else "n/a"
         if row.ratio and row.known and row.random:
             delta += f" ({row.pretrained / row.random:.2f}×)"
@@ -463,7 +487,7 @@ def _plot_rotations(examples: Examples):
 def _plot_label_efficiency(metrics: dict):
     rows = metrics["label_efficiency"]
     figure, ax = plt.subplots(figsize=(5, 4))
-    for key in ("pretrained", "scratch", "colour_histogram", "s4l"):
+    for key in LABEL_EFFICIENCY_COLUMNS:
         shown = [r for r in rows if r.get(key)]
         if not shown:
             continue

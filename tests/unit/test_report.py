@@ -220,9 +220,42 @@ def test_switched_off_evaluations_keep_every_key_and_the_report_renders(tmp_path
     lines = text.splitlines()
     assert "| Scratch baseline, same recipe (mean ± std, 1 seed) | n/a |" in lines
     assert "| 100% | 1 | 0.9000 ± 0.0000 | n/a | n/a | n/a | n/a |" in lines  # no scratch nor colour scores
-    assert "| all-class (200-way) on the transferred features | n/a | n/a | n/a |" in lines
+    assert "all-class (200-way) on the transferred features" not in text  # neither probe ran: no row of n/a
     assert "Linear probe by depth" not in text and "random's best depth" not in text
     assert (tmp_path / "label_efficiency.png").stat().st_size > 0
+
+
+def test_a_report_of_the_depth_probe_alone_says_what_did_not_run(tmp_path):
+    """evaluate.evaluations = ["depth_probe"]: the verdict says no fine-tunes ran instead of a table of n/a rows,
+    keeps the frozen-feature rows with a value, and the report draws no empty label-efficiency figure (matplotlib
+    warned of a legend without entries)."""
+    import warnings
+
+    history = [{"epoch": 1, "train_loss": 1.0, "loss": 1.1}]
+    pretext = {"val_rotation_accuracy": 0.6, "epochs": 1, "train_seconds": 1.0, "samples_per_sec": 5.0,
+               "train_images": 10, "history": history}
+    data = {"train_images": 10, "val_images": 2, "skipped_images": 0, "skipped_files": []}
+    done = {"transfer_layers": ["block_12_add"], "finetune": [{**_run(0, 0.9), "history": history}],
+            "depth_probe": [{"layer": "block_2_add", "pretrained": 0.8, "random": 0.85},
+                            {"layer": "block_12_add", "pretrained": 0.9, "random": 0.75}],
+            "label_efficiency": [{"fraction": f, "pretrained": [], "scratch": [], "colour_histogram": []}
+                                 for f in (0.02, 1.0)]}
+    metrics = build_metrics(pretext, done, data, registry.metrics(done))
+    examples = Examples(
+        rotated_images=np.zeros((4, 8, 8, 3), np.uint8), rotation_true=np.array([0, 90, 180, 270]),
+        rotation_predicted=np.array([0, 90, 0, 270]), val_images=np.zeros((2, 8, 8, 3), np.uint8),
+        val_true=np.array([0, 1]), val_predicted=np.array([0, 0]), class_names=["fish", "duck"], count=2,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        text = write_report(tmp_path, metrics, examples).read_text()
+    verdict = text[text.index("## Verdict"):text.index("## Details")]
+    assert "No fish vs duck fine-tunes or baselines ran in this evaluation" in verdict
+    assert "| labels |" not in verdict and "| 2% |" not in verdict
+    assert "| fish/duck: transferred features vs random's best depth (block_2_add) | n/a | 0.8500 | n/a |" in verdict
+    assert "on the transferred features (block_12_add)" not in verdict  # the probe of its own did not run
+    assert "label_efficiency.png" not in text and not (tmp_path / "label_efficiency.png").exists()
+    assert "| block_12_add | 0.9000 | 0.7500 |" in text
 
 
 def test_mains_demo_results_give_its_metrics_json_with_timing_added():
