@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from job.config import dotted_settings
+from job.config import Config, dotted_settings
 from job.console import share
 from job.errors import JobError
 from job.files import read_json
@@ -23,6 +23,7 @@ from job.report import frozen_feature_rows
 
 GCS_SCHEME = "gs://"
 SEED_KEY = "runtime.seed"  # the one setting replicates are expected to differ in
+NOT_RECORDED = "not recorded"  # a setting added since a run was made
 SECONDS_PER_MINUTE = 60
 POINTS = 100  # accuracy differences are shown in points
 # job/report.py's frozen-feature rows by key: the pretrained probe's own row (if shown) and the comparison's.
@@ -143,12 +144,21 @@ def _delta(ours: float | None, theirs: float | None, kind: str) -> float | None:
 
 def _settings_apart(groups: list[list[Run]]) -> list[tuple[str, list[str]]]:
     """(setting, each group's values) for each setting (and the data) whose values tell the groups apart,
-    `runtime.seed` aside; a group's values are the distinct JSON values its runs hold, joined by commas."""
+    `runtime.seed` aside; a group's values are the distinct JSON values its runs hold, joined by commas.
+
+    A run from before a setting existed does not record it: where the runs that do all hold its default (what
+    the older code did), the setting tells nothing apart; otherwise the older runs read "not recorded"."""
     flat = [[dotted_settings(run.config) for run in group] for group in groups]
     keys = sorted(set().union(*(settings for group in flat for settings in group)) - {SEED_KEY})
+    defaults = dotted_settings(Config().to_dict())
     found = []
     for key in keys:
-        cells = [", ".join(sorted({json.dumps(settings.get(key), sort_keys=True) for settings in group}))
+        recorded = {json.dumps(settings[key], sort_keys=True) for group in flat for settings in group
+                    if key in settings}
+        if key in defaults and recorded == {json.dumps(defaults[key], sort_keys=True)}:
+            continue
+        cells = [", ".join(sorted({json.dumps(settings[key], sort_keys=True) if key in settings else NOT_RECORDED
+                                   for settings in group}))
                  for group in flat]
         if len(set(cells)) > 1:
             found.append((key, cells))

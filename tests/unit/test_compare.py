@@ -107,6 +107,21 @@ def test_runs_of_different_recipes_are_named_under_the_table(tmp_path, replicate
     assert "- pretext.epochs: 44 / 44 / 40" in text
 
 
+def test_a_setting_added_since_an_older_run_differs_only_off_its_default(tmp_path, replicates):
+    """A run from before pretext.weight_decay_exempt existed lacks the key: beside runs at its default ([], what
+    the older code did) nothing differs; beside a run that sets it, the older runs read "not recorded"."""
+    def newer(name: str, exempt: list[str]) -> Path:
+        path = write_run(tmp_path / name, metrics(0.52, [0.9, 0.8], 0.96, 0.89, 2_600), seed=2)
+        write_json(RunLayout(path).config, {"pretext": {"epochs": 44, "weight_decay_exempt": exempt},
+                                            "runtime": {"seed": 2}})
+        return path
+
+    at_default = comparison_markdown([load_run(str(p), Path()) for p in [*replicates, newer("plain", [])]])
+    assert "differ in more than" not in at_default
+    exempt = comparison_markdown([load_run(str(p), Path()) for p in [*replicates, newer("exempt", ["gamma"])]])
+    assert '- pretext.weight_decay_exempt: not recorded / not recorded / ["gamma"]' in exempt
+
+
 def test_a_measure_one_run_lacks_is_averaged_over_the_others(tmp_path, replicates):
     no_probe = metrics(0.5, [0.8, 0.8], 0.9, 0.9, 2_000)
     no_probe["downstream"]["knn_val_accuracy"] = None
