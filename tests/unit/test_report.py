@@ -181,6 +181,15 @@ def test_knn_k_is_the_configured_one_with_a_note_when_capped(metrics):
             "features, val accuracy | 0.8000 |") in _markdown(metrics, [])
 
 
+def _examples() -> Examples:
+    """Four rotated and two val images, blank, with their labels and predictions: what the report's grids draw."""
+    return Examples(
+        rotated_images=np.zeros((4, 8, 8, 3), np.uint8), rotation_true=np.array([0, 90, 180, 270]),
+        rotation_predicted=np.array([0, 90, 0, 270]), val_images=np.zeros((2, 8, 8, 3), np.uint8),
+        val_true=np.array([0, 1]), val_predicted=np.array([0, 0]), class_names=["fish", "duck"], count=2,
+    )
+
+
 def _evaluations_switched_off() -> dict:
     """What the evaluate stage returned (before the evaluations were plug-ins) with evaluate.linear_probe_200,
     depth_probe, scratch_baseline and colour_baseline off: None, an empty list or no colour scores."""
@@ -209,11 +218,7 @@ def test_switched_off_evaluations_keep_every_key_and_the_report_renders(tmp_path
     assert {key: lookup(metrics, key) for key in off} == dict.fromkeys(off)
     assert metrics["label_efficiency"][0]["scratch"] == metrics["label_efficiency"][0]["colour_histogram"] == []
 
-    examples = Examples(
-        rotated_images=np.zeros((4, 8, 8, 3), np.uint8), rotation_true=np.array([0, 90, 180, 270]),
-        rotation_predicted=np.array([0, 90, 0, 270]), val_images=np.zeros((2, 8, 8, 3), np.uint8),
-        val_true=np.array([0, 1]), val_predicted=np.array([0, 0]), class_names=["fish", "duck"], count=2,
-    )
+    examples = _examples()
     path = write_report(tmp_path, metrics, examples)
     assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
     text = path.read_text()
@@ -241,11 +246,7 @@ def test_a_report_of_the_depth_probe_alone_says_what_did_not_run(tmp_path):
             "label_efficiency": [{"fraction": f, "pretrained": [], "scratch": [], "colour_histogram": []}
                                  for f in (0.02, 1.0)]}
     metrics = build_metrics(pretext, done, data, registry.metrics(done))
-    examples = Examples(
-        rotated_images=np.zeros((4, 8, 8, 3), np.uint8), rotation_true=np.array([0, 90, 180, 270]),
-        rotation_predicted=np.array([0, 90, 0, 270]), val_images=np.zeros((2, 8, 8, 3), np.uint8),
-        val_true=np.array([0, 1]), val_predicted=np.array([0, 0]), class_names=["fish", "duck"], count=2,
-    )
+    examples = _examples()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         text = write_report(tmp_path, metrics, examples).read_text()
