@@ -331,8 +331,7 @@ def _learner(ctx: Context, init: str, mode: str) -> Learner:
                 if isinstance(layer, keras.layers.BatchNormalization):
                     layer.trainable = False  # Keras runs a non-trainable BatchNormalization in inference mode
         schedules = []
-        exempt = decay_exempt("finetune.weight_decay_exempt", f.weight_decay_exempt,
-                              nets.trained.weights)
+        exempt = decay_exempt("finetune.weight_decay_exempt", f.weight_decay_exempt, nets.trained.weights)
 
         def optimizer(scale: float):
             schedule = WarmupCosine(f.learning_rate * scale, 0, 1)

@@ -357,7 +357,8 @@ def _label_efficiency_verdict(metrics: dict) -> list[str]:
 def _frozen_feature_verdict(metrics: dict) -> list[str]:
     rows = [row for row in frozen_feature_rows(metrics) if row.pretrained is not None or row.random is not None]
     if not rows:
-        return ["No frozen-feature probes in this evaluation (`evaluate.evaluations` left them out).", ""]
+        return ["No frozen-feature probes ran in this evaluation (`evaluate.evaluations` and the probes' switches).",
+                ""]
     lines = ["Frozen features (linear probes; pretrained vs the same network at random init; Δ in points, and "
              "for the all-class probes pretrained / random):", "",
              "| probe | pretrained | random init | Δ |", "|---|---|---|---|"]
