@@ -151,6 +151,16 @@ def test_switched_off_evaluations_read_not_available(metrics):
     assert "random's best depth" not in text and "best depth of each" not in text and "by depth" not in text
 
 
+def test_without_any_probe_the_verdict_says_so_instead_of_a_table(metrics):
+    for key in ("linear_probe_val_accuracy", "random_linear_probe_val_accuracy", "depth_probe"):
+        metrics["downstream"][key] = None
+    for key in ("linear_probe_200_top1", "random_linear_probe_200_top1", "linear_probe_200_by_depth"):
+        metrics["pretext"][key] = None
+    text = _markdown(metrics, [])
+    assert "No frozen-feature probes ran in this evaluation" in text and "| probe | pretrained |" not in text
+    assert "| 10% | 2 |" in text  # the label-efficiency rows stay
+
+
 def test_s4l_is_a_row_of_its_own_beside_the_transfer_numbers(metrics):
     assert "S4L" not in _markdown(metrics, [])
     for row, joint in zip(metrics["label_efficiency"], ([0.7, 0.8], [1.0, 1.0]), strict=True):
