@@ -236,35 +236,6 @@ def _events_files(output: Path) -> list[Path]:
     return sorted((output / "logs").rglob("events.out.tfevents.*"))
 
 
-def test_two_tasks_train_as_one_multi_worker_job(submit):
-    started = time.monotonic()
-    job = submit(1, "two-workers")
-    info = job.wait(timeout=420)
-    log = job.log()
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info["JobState"], log[-6000:])
-    _assert_two_workers(log)
-
-    records = job.records()
-    _assert_disjoint_halves(records, {0, 1})
-    assert {r["epoch"] for r in records} == {0}
-
-    layout = RunLayout(job.output)
-    done = json.loads(RunLayout.done(layout.pretext).read_text())
-    assert done["steps"] == STEPS_PER_EPOCH and done["epochs"] == 1
-    assert [h["epoch"] for h in json.loads((layout.pretext / "history.json").read_text())] == [1]
-    # One set of shared artifacts, the chief's: its exports, its TensorBoard file, no per-worker copies.
-    assert sorted(p.name for p in layout.export.iterdir()) == [
-        "backbone.keras", "rotation_model.keras", "rotation_savedmodel"]
-    assert sorted(p.relative_to(job.output).as_posix() for p in job.output.rglob("*.keras")) == [
-        "model/backbone.keras", "model/rotation_model.keras"]
-    chief_pid = next(r["pid"] for r in records if r["procid"] == 0)
-    events = _events_files(job.output)
-    assert len(events) == 1 and f".{chief_pid}." in events[0].name, events
-    assert not [p for p in job.output.rglob("*") if "worker" in p.name], "a worker wrote into the run directory"
-    assert not (layout.root / "report").exists()  # pretrain only: the report is the evaluate stage's
-    print(f"two-worker pretrain under Slurm: {time.monotonic() - started:.0f} s")
-
-
 def test_usr1_checkpoints_requeues_and_resumes(submit):
     started = time.monotonic()
     epochs, steps_per_epoch = 2, REQUEUE_STEPS_PER_EPOCH
@@ -318,17 +289,40 @@ def test_usr1_checkpoints_requeues_and_resumes(submit):
     print(f"USR1 → checkpoint at step {step} → requeue → resume → done: {time.monotonic() - started:.0f} s")
 
 
-def test_run_through_all_stages_waits_for_the_chiefs_exports(submit):
-    """The worker reaches the end of pretraining 20 s before the chief has exported the backbone (a test hook
-    delays the chief): it waits at the stage boundary instead of failing, and the run ends cleanly."""
+def test_two_tasks_run_every_stage_as_one_multi_worker_job(submit):
+    """Two Slurm tasks train as one job through every stage: each reads its half of every global batch, only the
+    chief writes the shared artifacts, and the worker, reaching the end of pretraining 20 s before the chief has
+    exported the backbone (a test hook delays the chief), waits at the stage boundary instead of failing."""
     started = time.monotonic()
-    # The fewest downstream trainings: the fine-tuned classifier and one scratch run (label efficiency at 1.0).
+    # The fewest downstream trainings: the fine-tuned classifier, reused at label fraction 1.0, no scratch run.
     job = submit(1, "all-stages", "evaluate.scratch_baseline=false", command="run", fractions="[1.0]",
                  extra_env={"JOB_TEST_CHIEF_DELAY_S": str(CHIEF_EXPORT_DELAY_S)})
     info = job.wait(timeout=1200)
     log = job.log()
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info["JobState"], log[-6000:])
     _assert_two_workers(log)
+
+    # One pretext epoch, each worker reading its half of every batch.
+    records = job.records()
+    _assert_disjoint_halves(records, {0, 1})
+    assert {r["epoch"] for r in records} == {0}
+    layout = RunLayout(job.output)
+    done = json.loads(RunLayout.done(layout.pretext).read_text())
+    assert done["steps"] == STEPS_PER_EPOCH and done["epochs"] == 1
+    assert [h["epoch"] for h in json.loads((layout.pretext / "history.json").read_text())] == [1]
+
+    # One set of shared artifacts, the chief's: its exports, its TensorBoard files, no per-worker copies.
+    exports = {p.name for p in layout.export.iterdir()}
+    assert {"backbone.keras", "rotation_model.keras", "rotation_savedmodel"} <= exports, exports
+    keras_files = sorted(p.relative_to(job.output).as_posix() for p in job.output.rglob("*.keras"))
+    assert all(name.startswith("model/") and name.count("/") == 1 for name in keras_files), keras_files
+    chief_pid = next(r["pid"] for r in records if r["procid"] == 0)
+    events = _events_files(job.output)
+    assert events and all(f".{chief_pid}." in e.name for e in events), events
+    assert len([e for e in events if layout.tensorboard("pretext") in e.parents]) == 1, events
+    assert not [p for p in job.output.rglob("*") if "worker" in p.name], "a worker wrote into the run directory"
+
+    # The worker waited for the chief's exports, and the run ended cleanly.
     chief, worker = "\n".join(_task_lines(log, 0)), "\n".join(_task_lines(log, 1))
     assert "the chief waits 20 s before the pretrain exports" in chief, log[-6000:]
     for lines in (chief, worker):
@@ -337,7 +331,6 @@ def test_run_through_all_stages_waits_for_the_chiefs_exports(submit):
     # A clean shutdown: no task reports another as crashed or unreachable.
     for text in ("CoordinationServiceError", "have crashed", "Failed to send RPC", "Traceback"):
         assert text not in log, log[-6000:]
-    layout = RunLayout(job.output)
     assert layout.metrics.is_file() and layout.classifier.is_file()
     assert RunLayout.done(layout.evaluate).is_file()
     print(f"run, two workers, chief's export delayed {CHIEF_EXPORT_DELAY_S} s: {time.monotonic() - started:.0f} s")
